@@ -1,0 +1,37 @@
+// Table of CPU kernels, one per instruction set, picked once at run time for the CPU we run on.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include "geometry.h"
+
+namespace torchpool::cpu {
+
+// All tensors are dense in the layout given by `cl` (channels-last or contiguous); `pos` may be
+// null for the variants that write no position.
+struct Kernels {
+  const char* isa;
+  void (*max_fwd)(const at::Tensor& in, const at::Tensor& out, const at::Tensor* pos,
+                  const PoolGeometry& g, bool cl);
+  void (*max_bwd)(const at::Tensor& gout, const at::Tensor& pos, const at::Tensor& gin,
+                  const PoolGeometry& g, bool cl);
+  void (*max_indices)(const at::Tensor& pos, const at::Tensor& idx, const PoolGeometry& g, bool cl);
+  void (*avg_fwd)(const at::Tensor& in, const at::Tensor& out, const PoolGeometry& g, bool cl,
+                  bool count_include_pad, int64_t divisor_override);
+  void (*avg_bwd)(const at::Tensor& gout, const at::Tensor& gin, const PoolGeometry& g, bool cl,
+                  bool count_include_pad, int64_t divisor_override);
+  void (*global_max_fwd)(const at::Tensor& in, const at::Tensor& out, const at::Tensor* pos, bool cl);
+  void (*global_avg_fwd)(const at::Tensor& in, const at::Tensor& out, bool cl);
+  // pos null: average backward.
+  void (*global_bwd)(const at::Tensor& gout, const at::Tensor* pos, const at::Tensor& gin, bool cl);
+};
+
+const Kernels& kernels_base();
+#if defined(__x86_64__) || defined(_M_X64)
+const Kernels& kernels_avx2();
+#endif
+
+// The fastest table this CPU supports (TORCHPOOL_CPU_ISA=base forces the portable one).
+const Kernels& kernels();
+
+}  // namespace torchpool::cpu

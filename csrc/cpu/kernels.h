@@ -1,0 +1,657 @@
+// CPU pooling kernels, compiled once per instruction set (see kernels_base.cpp / kernels_avx2.cpp).
+//
+// Every function here is templated on the element type and works on the 3-d geometry of
+// geometry.h, so 1d and 2d pools run the same code with unit leading dims.
+//
+// Contiguous (N, C, D, H, W) input is processed one output row at a time: each input row the row
+// needs is copied once into a padded float buffer split into `stride` phases, after which every
+// kernel column is a unit-stride pass over the output row that the compiler vectorizes.
+// Backward works per input row the same way, so each input cell is written by exactly one
+// thread in a fixed order: deterministic, no atomics.
+//
+// Channels-last input (N, D, H, W, C) vectorizes over C: every window cell is a contiguous
+// C-vector.
+//
+// This header is included after the ATen headers and must include nothing itself: the AVX2
+// translation unit compiles it under `#pragma GCC target`, in its own namespace.
+
+namespace TORCHPOOL_CPU_NS {
+
+using at::Tensor;
+using torchpool::PoolGeometry;
+
+template <typename T>
+using acc_type = at::opmath_type<T>;
+
+template <typename acc_t>
+inline acc_t neg_inf() {
+  return -std::numeric_limits<acc_t>::infinity();
+}
+
+// Rows of `work` elements each: chunks of about 16K elements per task.
+inline int64_t grain_for(int64_t work) {
+  return std::max<int64_t>(1, 16384 / std::max<int64_t>(work, 1));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Phase buffer: one padded input row (padding filled with `fill`) stored as `s` phases so that
+// element x = j*s + p lives at buf[p*len + j]; input element iw sits at x = iw + pad.
+// Then the cell `off` (= kw*dilation) of the windows of outputs 0.. is the unit-stride run
+// starting at phase(off % s)[off / s].
+struct RowPhases {
+  int64_t s, len, width;
+  RowPhases(const PoolGeometry& g) {
+    s = g.stride[2];
+    const int64_t need = (g.out[2] - 1) * s + (g.kernel[2] - 1) * g.dilation[2] + 1;
+    width = std::max(g.pad[2] + g.in[2] + g.pad_after[2], need);
+    len = (width + s - 1) / s;
+  }
+  int64_t size() const { return s * len; }
+  int64_t index(int64_t x) const { return (x % s) * len + x / s; }
+  int64_t run(int64_t off) const { return (off % s) * len + off / s; }
+};
+
+template <typename scalar_t, typename acc_t>
+inline void load_row(const scalar_t* row, acc_t* buf, const RowPhases& ph, int64_t pad,
+                     int64_t in_w, acc_t fill) {
+  const int64_t s = ph.s;
+  if (s == 1) {
+    for (int64_t x = 0; x < pad; ++x) buf[x] = fill;
+    for (int64_t i = 0; i < in_w; ++i) buf[pad + i] = static_cast<acc_t>(row[i]);
+    for (int64_t x = pad + in_w; x < ph.len; ++x) buf[x] = fill;
+    return;
+  }
+  for (int64_t p = 0; p < s; ++p) {
+    acc_t* dst = buf + p * ph.len;
+    for (int64_t j = 0; j < ph.len; ++j) {
+      const int64_t i = j * s + p - pad;
+      dst[j] = (i >= 0 && i < in_w) ? static_cast<acc_t>(row[i]) : fill;
+    }
+  }
+}
+
+// Inverse of load_row for the in-input part: row[i] = buf[x = i + pad].
+template <typename scalar_t, typename acc_t>
+inline void store_row(const acc_t* buf, scalar_t* row, const RowPhases& ph, int64_t pad,
+                      int64_t in_w) {
+  const int64_t s = ph.s;
+  if (s == 1) {
+    for (int64_t i = 0; i < in_w; ++i) row[i] = static_cast<scalar_t>(buf[pad + i]);
+    return;
+  }
+  for (int64_t p = 0; p < s; ++p) {
+    const acc_t* src = buf + p * ph.len;
+    // i = j*s + p - pad  for j with 0 <= i < in_w
+    int64_t j0 = pad - p > 0 ? (pad - p + s - 1) / s : 0;
+    for (int64_t j = j0;; ++j) {
+      const int64_t i = j * s + p - pad;
+      if (i >= in_w) break;
+      row[i] = static_cast<scalar_t>(src[j]);
+    }
+  }
+}
+
+// Flat window position of the first in-input cell of output (od, oh, ow).
+inline int32_t first_valid_pos(const PoolGeometry& g, int64_t od, int64_t oh, int64_t ow) {
+  int64_t lo[3], hi[3];
+  const int64_t o[3] = {od, oh, ow};
+  for (int d = 0; d < 3; ++d) g.valid_cells(d, o[d], lo[d], hi[d]);
+  return static_cast<int32_t>((lo[0] * g.kernel[1] + lo[1]) * g.kernel[2] + lo[2]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Max pool forward.
+
+template <typename scalar_t, typename pos_t, bool kPos>
+void max_fwd_planar(const scalar_t* in, scalar_t* out, pos_t* pos, const PoolGeometry& g,
+                    int64_t planes) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
+  const int64_t IH = g.in[1], IW = g.in[2], KH = g.kernel[1], KW = g.kernel[2];
+  const int64_t rows = planes * OD * OH;
+  const RowPhases ph(g);
+  at::parallel_for(0, rows, grain_for(OW * g.window_cells()), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf(ph.size());
+    std::vector<acc_t> acc(OW);
+    std::vector<int32_t> best(kPos ? OW : 0);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t plane = r / (OD * OH), od = (r / OH) % OD, oh = r % OH;
+      std::fill(acc.begin(), acc.end(), neg_inf<acc_t>());
+      if (kPos) std::fill(best.begin(), best.end(), -1);
+      int64_t kd0, kd1, kh0, kh1;
+      g.valid_cells(0, od, kd0, kd1);
+      g.valid_cells(1, oh, kh0, kh1);
+      for (int64_t kd = kd0; kd < kd1; ++kd) {
+        const int64_t id = g.input_coord(0, od, kd);
+        for (int64_t kh = kh0; kh < kh1; ++kh) {
+          const int64_t ih = g.input_coord(1, oh, kh);
+          const scalar_t* row = in + ((plane * g.in[0] + id) * IH + ih) * IW;
+          load_row(row, buf.data(), ph, g.pad[2], IW, neg_inf<acc_t>());
+          const int32_t base = static_cast<int32_t>((kd * KH + kh) * KW);
+          for (int64_t kw = 0; kw < KW; ++kw) {
+            const acc_t* src = buf.data() + ph.run(kw * g.dilation[2]);
+            acc_t* a = acc.data();
+            if (kPos) {
+              int32_t* b = best.data();
+              const int32_t k = base + static_cast<int32_t>(kw);
+              for (int64_t ow = 0; ow < OW; ++ow) {
+                const acc_t v = src[ow];
+                const bool take = (v > a[ow]) || (v != v);
+                a[ow] = take ? v : a[ow];
+                b[ow] = take ? k : b[ow];
+              }
+            } else {
+              for (int64_t ow = 0; ow < OW; ++ow) {
+                const acc_t v = src[ow];
+                a[ow] = ((v > a[ow]) || (v != v)) ? v : a[ow];
+              }
+            }
+          }
+        }
+      }
+      scalar_t* o = out + r * OW;
+      for (int64_t ow = 0; ow < OW; ++ow) o[ow] = static_cast<scalar_t>(acc[ow]);
+      if (kPos) {
+        pos_t* p = pos + r * OW;
+        for (int64_t ow = 0; ow < OW; ++ow) {
+          const int32_t b = best[ow] >= 0 ? best[ow] : first_valid_pos(g, od, oh, ow);
+          p[ow] = static_cast<pos_t>(b);
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t, typename pos_t, bool kPos>
+void max_fwd_cl(const scalar_t* in, scalar_t* out, pos_t* pos, const PoolGeometry& g,
+                int64_t N, int64_t C) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
+  const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2], KH = g.kernel[1], KW = g.kernel[2];
+  const int64_t rows = N * OD * OH;
+  at::parallel_for(0, rows, grain_for(OW * C * g.window_cells()), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(C);
+    std::vector<int32_t> best(kPos ? C : 0);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = r / (OD * OH), od = (r / OH) % OD, oh = r % OH;
+      int64_t kd0, kd1, kh0, kh1;
+      g.valid_cells(0, od, kd0, kd1);
+      g.valid_cells(1, oh, kh0, kh1);
+      for (int64_t ow = 0; ow < OW; ++ow) {
+        int64_t kw0, kw1;
+        g.valid_cells(2, ow, kw0, kw1);
+        std::fill(acc.begin(), acc.end(), neg_inf<acc_t>());
+        if (kPos) {
+          std::fill(best.begin(), best.end(),
+                    static_cast<int32_t>((kd0 * KH + kh0) * KW + kw0));
+        }
+        for (int64_t kd = kd0; kd < kd1; ++kd) {
+          const int64_t id = g.input_coord(0, od, kd);
+          for (int64_t kh = kh0; kh < kh1; ++kh) {
+            const int64_t ih = g.input_coord(1, oh, kh);
+            for (int64_t kw = kw0; kw < kw1; ++kw) {
+              const int64_t iw = g.input_coord(2, ow, kw);
+              const scalar_t* src = in + (((n * ID + id) * IH + ih) * IW + iw) * C;
+              acc_t* a = acc.data();
+              if (kPos) {
+                int32_t* b = best.data();
+                const int32_t k = static_cast<int32_t>((kd * KH + kh) * KW + kw);
+                for (int64_t c = 0; c < C; ++c) {
+                  const acc_t v = static_cast<acc_t>(src[c]);
+                  const bool take = (v > a[c]) || (v != v);
+                  a[c] = take ? v : a[c];
+                  b[c] = take ? k : b[c];
+                }
+              } else {
+                for (int64_t c = 0; c < C; ++c) {
+                  const acc_t v = static_cast<acc_t>(src[c]);
+                  a[c] = ((v > a[c]) || (v != v)) ? v : a[c];
+                }
+              }
+            }
+          }
+        }
+        const int64_t o = (r * OW + ow) * C;
+        for (int64_t c = 0; c < C; ++c) out[o + c] = static_cast<scalar_t>(acc[c]);
+        if (kPos) {
+          for (int64_t c = 0; c < C; ++c) pos[o + c] = static_cast<pos_t>(best[c]);
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Max pool backward: each input row gathers from the outputs whose windows cover it.
+
+template <typename scalar_t, typename pos_t>
+void max_bwd_planar(const scalar_t* gout, const pos_t* pos, scalar_t* gin, const PoolGeometry& g,
+                    int64_t planes) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
+  const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2], KH = g.kernel[1], KW = g.kernel[2];
+  const int64_t rows = planes * ID * IH;
+  const RowPhases ph(g);
+  at::parallel_for(0, rows, grain_for(IW * 2), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf(ph.size());
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t plane = r / (ID * IH), id = (r / IH) % ID, ih = r % IH;
+      std::fill(buf.begin(), buf.end(), acc_t(0));
+      int64_t od0, od1, oh0, oh1;
+      g.covering_outputs(0, id, od0, od1);
+      g.covering_outputs(1, ih, oh0, oh1);
+      for (int64_t od = od0; od < od1; ++od) {
+        const int64_t rd = id + g.pad[0] - od * g.stride[0];
+        if (rd % g.dilation[0] != 0) continue;
+        const int64_t kd = rd / g.dilation[0];
+        for (int64_t oh = oh0; oh < oh1; ++oh) {
+          const int64_t rh = ih + g.pad[1] - oh * g.stride[1];
+          if (rh % g.dilation[1] != 0) continue;
+          const int64_t kh = rh / g.dilation[1];
+          const int64_t orow = ((plane * OD + od) * OH + oh) * OW;
+          const scalar_t* go = gout + orow;
+          const pos_t* po = pos + orow;
+          const int32_t base = static_cast<int32_t>((kd * KH + kh) * KW);
+          for (int64_t kw = 0; kw < KW; ++kw) {
+            acc_t* dst = buf.data() + ph.run(kw * g.dilation[2]);
+            const int32_t k = base + static_cast<int32_t>(kw);
+            for (int64_t ow = 0; ow < OW; ++ow) {
+              const acc_t v = static_cast<acc_t>(go[ow]);
+              dst[ow] += (static_cast<int32_t>(po[ow]) == k) ? v : acc_t(0);
+            }
+          }
+        }
+      }
+      store_row(buf.data(), gin + r * IW, ph, g.pad[2], IW);
+    }
+  });
+}
+
+template <typename scalar_t, typename pos_t>
+void max_bwd_cl(const scalar_t* gout, const pos_t* pos, scalar_t* gin, const PoolGeometry& g,
+                int64_t N, int64_t C) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
+  const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2], KH = g.kernel[1], KW = g.kernel[2];
+  const int64_t rows = N * ID * IH;
+  at::parallel_for(0, rows, grain_for(IW * C), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(C);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = r / (ID * IH), id = (r / IH) % ID, ih = r % IH;
+      int64_t od0, od1, oh0, oh1;
+      g.covering_outputs(0, id, od0, od1);
+      g.covering_outputs(1, ih, oh0, oh1);
+      for (int64_t iw = 0; iw < IW; ++iw) {
+        int64_t ow0, ow1;
+        g.covering_outputs(2, iw, ow0, ow1);
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int64_t od = od0; od < od1; ++od) {
+          const int64_t rd = id + g.pad[0] - od * g.stride[0];
+          if (rd % g.dilation[0] != 0) continue;
+          for (int64_t oh = oh0; oh < oh1; ++oh) {
+            const int64_t rh = ih + g.pad[1] - oh * g.stride[1];
+            if (rh % g.dilation[1] != 0) continue;
+            for (int64_t ow = ow0; ow < ow1; ++ow) {
+              const int64_t rw = iw + g.pad[2] - ow * g.stride[2];
+              if (rw % g.dilation[2] != 0) continue;
+              const int32_t k = static_cast<int32_t>(
+                  ((rd / g.dilation[0]) * KH + rh / g.dilation[1]) * KW + rw / g.dilation[2]);
+              const int64_t o = (((n * OD + od) * OH + oh) * OW + ow) * C;
+              const scalar_t* go = gout + o;
+              const pos_t* po = pos + o;
+              acc_t* a = acc.data();
+              for (int64_t c = 0; c < C; ++c) {
+                const acc_t v = static_cast<acc_t>(go[c]);
+                a[c] += (static_cast<int32_t>(po[c]) == k) ? v : acc_t(0);
+              }
+            }
+          }
+        }
+        scalar_t* gi = gin + (r * IW + iw) * C;
+        for (int64_t c = 0; c < C; ++c) gi[c] = static_cast<scalar_t>(acc[c]);
+      }
+    }
+  });
+}
+
+// Window position -> flat index into the input's spatial plane. `cl`: channels-last element order.
+template <typename pos_t>
+void pos_to_index(const pos_t* pos, int64_t* idx, const PoolGeometry& g, int64_t planes,
+                  int64_t C, bool cl) {
+  const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
+  const int64_t KH = g.kernel[1], KW = g.kernel[2];
+  const int64_t total = planes * g.out_plane();
+  at::parallel_for(0, total, 16384, [&](int64_t begin, int64_t end) {
+    for (int64_t e = begin; e < end; ++e) {
+      const int64_t spatial = cl ? (e / C) % (OD * OH * OW) : e % (OD * OH * OW);
+      const int64_t od = spatial / (OH * OW), oh = (spatial / OW) % OH, ow = spatial % OW;
+      const int64_t k = static_cast<int64_t>(pos[e]);
+      const int64_t id = g.input_coord(0, od, k / (KH * KW));
+      const int64_t ih = g.input_coord(1, oh, (k / KW) % KH);
+      const int64_t iw = g.input_coord(2, ow, k % KW);
+      idx[e] = (id * g.in[1] + ih) * g.in[2] + iw;
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Average pool.
+
+// Divisor of output (od, oh, ow).
+inline int64_t avg_divisor(const PoolGeometry& g, int64_t od, int64_t oh, int64_t ow,
+                           bool count_include_pad, int64_t divisor_override) {
+  if (divisor_override != 0) return divisor_override;
+  return g.avg_count(0, od, count_include_pad) * g.avg_count(1, oh, count_include_pad) *
+         g.avg_count(2, ow, count_include_pad);
+}
+
+template <typename scalar_t>
+void avg_fwd_planar(const scalar_t* in, scalar_t* out, const PoolGeometry& g, int64_t planes,
+                    bool count_include_pad, int64_t divisor_override) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
+  const int64_t IH = g.in[1], IW = g.in[2], KW = g.kernel[2];
+  const int64_t rows = planes * OD * OH;
+  const RowPhases ph(g);
+  at::parallel_for(0, rows, grain_for(OW * g.window_cells()), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf(ph.size());
+    std::vector<acc_t> acc(OW);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t plane = r / (OD * OH), od = (r / OH) % OD, oh = r % OH;
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      int64_t kd0, kd1, kh0, kh1;
+      g.valid_cells(0, od, kd0, kd1);
+      g.valid_cells(1, oh, kh0, kh1);
+      for (int64_t kd = kd0; kd < kd1; ++kd) {
+        const int64_t id = g.input_coord(0, od, kd);
+        for (int64_t kh = kh0; kh < kh1; ++kh) {
+          const int64_t ih = g.input_coord(1, oh, kh);
+          load_row(in + ((plane * g.in[0] + id) * IH + ih) * IW, buf.data(), ph, g.pad[2], IW,
+                   acc_t(0));
+          for (int64_t kw = 0; kw < KW; ++kw) {
+            const acc_t* src = buf.data() + ph.run(kw);
+            acc_t* a = acc.data();
+            for (int64_t ow = 0; ow < OW; ++ow) a[ow] += src[ow];
+          }
+        }
+      }
+      scalar_t* o = out + r * OW;
+      for (int64_t ow = 0; ow < OW; ++ow) {
+        const acc_t div = static_cast<acc_t>(
+            avg_divisor(g, od, oh, ow, count_include_pad, divisor_override));
+        o[ow] = static_cast<scalar_t>(acc[ow] / div);
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void avg_fwd_cl(const scalar_t* in, scalar_t* out, const PoolGeometry& g, int64_t N, int64_t C,
+                bool count_include_pad, int64_t divisor_override) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
+  const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2];
+  const int64_t rows = N * OD * OH;
+  at::parallel_for(0, rows, grain_for(OW * C * g.window_cells()), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(C);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = r / (OD * OH), od = (r / OH) % OD, oh = r % OH;
+      int64_t kd0, kd1, kh0, kh1;
+      g.valid_cells(0, od, kd0, kd1);
+      g.valid_cells(1, oh, kh0, kh1);
+      for (int64_t ow = 0; ow < OW; ++ow) {
+        int64_t kw0, kw1;
+        g.valid_cells(2, ow, kw0, kw1);
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int64_t kd = kd0; kd < kd1; ++kd) {
+          const int64_t id = g.input_coord(0, od, kd);
+          for (int64_t kh = kh0; kh < kh1; ++kh) {
+            const int64_t ih = g.input_coord(1, oh, kh);
+            for (int64_t kw = kw0; kw < kw1; ++kw) {
+              const int64_t iw = g.input_coord(2, ow, kw);
+              const scalar_t* src = in + (((n * ID + id) * IH + ih) * IW + iw) * C;
+              acc_t* a = acc.data();
+              for (int64_t c = 0; c < C; ++c) a[c] += static_cast<acc_t>(src[c]);
+            }
+          }
+        }
+        const acc_t div = static_cast<acc_t>(
+            avg_divisor(g, od, oh, ow, count_include_pad, divisor_override));
+        scalar_t* o = out + (r * OW + ow) * C;
+        for (int64_t c = 0; c < C; ++c) o[c] = static_cast<scalar_t>(acc[c] / div);
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void avg_bwd_planar(const scalar_t* gout, scalar_t* gin, const PoolGeometry& g, int64_t planes,
+                    bool count_include_pad, int64_t divisor_override) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
+  const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2], KW = g.kernel[2];
+  const int64_t rows = planes * ID * IH;
+  const RowPhases ph(g);
+  at::parallel_for(0, rows, grain_for(IW * 2), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf(ph.size());
+    std::vector<acc_t> scaled(OW);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t plane = r / (ID * IH), id = (r / IH) % ID, ih = r % IH;
+      std::fill(buf.begin(), buf.end(), acc_t(0));
+      int64_t od0, od1, oh0, oh1;
+      g.covering_outputs(0, id, od0, od1);
+      g.covering_outputs(1, ih, oh0, oh1);
+      for (int64_t od = od0; od < od1; ++od) {
+        for (int64_t oh = oh0; oh < oh1; ++oh) {
+          const scalar_t* go = gout + ((plane * OD + od) * OH + oh) * OW;
+          for (int64_t ow = 0; ow < OW; ++ow) {
+            scaled[ow] = static_cast<acc_t>(go[ow]) /
+                         static_cast<acc_t>(avg_divisor(g, od, oh, ow, count_include_pad,
+                                                        divisor_override));
+          }
+          for (int64_t kw = 0; kw < KW; ++kw) {
+            acc_t* dst = buf.data() + ph.run(kw);
+            for (int64_t ow = 0; ow < OW; ++ow) dst[ow] += scaled[ow];
+          }
+        }
+      }
+      store_row(buf.data(), gin + r * IW, ph, g.pad[2], IW);
+    }
+  });
+}
+
+template <typename scalar_t>
+void avg_bwd_cl(const scalar_t* gout, scalar_t* gin, const PoolGeometry& g, int64_t N, int64_t C,
+                bool count_include_pad, int64_t divisor_override) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
+  const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2];
+  const int64_t rows = N * ID * IH;
+  at::parallel_for(0, rows, grain_for(IW * C), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(C);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = r / (ID * IH), id = (r / IH) % ID, ih = r % IH;
+      int64_t od0, od1, oh0, oh1;
+      g.covering_outputs(0, id, od0, od1);
+      g.covering_outputs(1, ih, oh0, oh1);
+      for (int64_t iw = 0; iw < IW; ++iw) {
+        int64_t ow0, ow1;
+        g.covering_outputs(2, iw, ow0, ow1);
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int64_t od = od0; od < od1; ++od) {
+          for (int64_t oh = oh0; oh < oh1; ++oh) {
+            for (int64_t ow = ow0; ow < ow1; ++ow) {
+              const acc_t div = static_cast<acc_t>(
+                  avg_divisor(g, od, oh, ow, count_include_pad, divisor_override));
+              const scalar_t* go = gout + (((n * OD + od) * OH + oh) * OW + ow) * C;
+              acc_t* a = acc.data();
+              for (int64_t c = 0; c < C; ++c) a[c] += static_cast<acc_t>(go[c]) / div;
+            }
+          }
+        }
+        scalar_t* gi = gin + (r * IW + iw) * C;
+        for (int64_t c = 0; c < C; ++c) gi[c] = static_cast<scalar_t>(acc[c]);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Global pools over P spatial cells. Planar: one plane of P values per (n, c). Channels-last:
+// per n, P rows of C values.
+
+constexpr int64_t kLanes = 16;  // independent partial results: vectorizable, and more accurate
+
+template <typename scalar_t, bool kPos>
+void global_max_planar(const scalar_t* in, scalar_t* out, int64_t* pos, int64_t planes,
+                       int64_t P) {
+  using acc_t = acc_type<scalar_t>;
+  at::parallel_for(0, planes, grain_for(P), [&](int64_t begin, int64_t end) {
+    for (int64_t pl = begin; pl < end; ++pl) {
+      const scalar_t* src = in + pl * P;
+      acc_t m = neg_inf<acc_t>();
+      int64_t best = 0;
+      if (kPos) {
+        for (int64_t i = 0; i < P; ++i) {
+          const acc_t v = static_cast<acc_t>(src[i]);
+          if (v > m || v != v) { m = v; best = i; }
+        }
+        pos[pl] = best;
+      } else {
+        acc_t lane[kLanes];
+        for (int64_t j = 0; j < kLanes; ++j) lane[j] = neg_inf<acc_t>();
+        int64_t i = 0;
+        for (; i + kLanes <= P; i += kLanes) {
+          for (int64_t j = 0; j < kLanes; ++j) {
+            const acc_t v = static_cast<acc_t>(src[i + j]);
+            lane[j] = (v > lane[j] || v != v) ? v : lane[j];
+          }
+        }
+        for (; i < P; ++i) {
+          const acc_t v = static_cast<acc_t>(src[i]);
+          m = (v > m || v != v) ? v : m;
+        }
+        for (int64_t j = 0; j < kLanes; ++j) m = (lane[j] > m || lane[j] != lane[j]) ? lane[j] : m;
+      }
+      out[pl] = static_cast<scalar_t>(m);
+    }
+  });
+}
+
+template <typename scalar_t, bool kPos>
+void global_max_cl(const scalar_t* in, scalar_t* out, int64_t* pos, int64_t N, int64_t C,
+                   int64_t P) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr int64_t kBlock = 256;  // channels per task
+  const int64_t cblocks = (C + kBlock - 1) / kBlock;
+  at::parallel_for(0, N * cblocks, grain_for(P * std::min(C, kBlock)), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> m(kBlock);
+    std::vector<int64_t> best(kPos ? kBlock : 0);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / cblocks, c0 = (t % cblocks) * kBlock;
+      const int64_t cn = std::min(kBlock, C - c0);
+      std::fill(m.begin(), m.end(), neg_inf<acc_t>());
+      if (kPos) std::fill(best.begin(), best.end(), 0);
+      for (int64_t i = 0; i < P; ++i) {
+        const scalar_t* src = in + (n * P + i) * C + c0;
+        acc_t* a = m.data();
+        if (kPos) {
+          int64_t* b = best.data();
+          for (int64_t c = 0; c < cn; ++c) {
+            const acc_t v = static_cast<acc_t>(src[c]);
+            const bool take = v > a[c] || v != v;
+            a[c] = take ? v : a[c];
+            b[c] = take ? i : b[c];
+          }
+        } else {
+          for (int64_t c = 0; c < cn; ++c) {
+            const acc_t v = static_cast<acc_t>(src[c]);
+            a[c] = (v > a[c] || v != v) ? v : a[c];
+          }
+        }
+      }
+      for (int64_t c = 0; c < cn; ++c) out[n * C + c0 + c] = static_cast<scalar_t>(m[c]);
+      if (kPos) {
+        for (int64_t c = 0; c < cn; ++c) pos[n * C + c0 + c] = best[c];
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void global_avg_planar(const scalar_t* in, scalar_t* out, int64_t planes, int64_t P) {
+  using acc_t = acc_type<scalar_t>;
+  at::parallel_for(0, planes, grain_for(P), [&](int64_t begin, int64_t end) {
+    for (int64_t pl = begin; pl < end; ++pl) {
+      const scalar_t* src = in + pl * P;
+      acc_t lane[kLanes] = {};
+      int64_t i = 0;
+      for (; i + kLanes <= P; i += kLanes) {
+        for (int64_t j = 0; j < kLanes; ++j) lane[j] += static_cast<acc_t>(src[i + j]);
+      }
+      acc_t s = 0;
+      for (; i < P; ++i) s += static_cast<acc_t>(src[i]);
+      for (int64_t j = 0; j < kLanes; ++j) s += lane[j];
+      out[pl] = static_cast<scalar_t>(s / static_cast<acc_t>(P));
+    }
+  });
+}
+
+template <typename scalar_t>
+void global_avg_cl(const scalar_t* in, scalar_t* out, int64_t N, int64_t C, int64_t P) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr int64_t kBlock = 256;
+  const int64_t cblocks = (C + kBlock - 1) / kBlock;
+  at::parallel_for(0, N * cblocks, grain_for(P * std::min(C, kBlock)), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> s(kBlock);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / cblocks, c0 = (t % cblocks) * kBlock;
+      const int64_t cn = std::min(kBlock, C - c0);
+      std::fill(s.begin(), s.end(), acc_t(0));
+      for (int64_t i = 0; i < P; ++i) {
+        const scalar_t* src = in + (n * P + i) * C + c0;
+        acc_t* a = s.data();
+        for (int64_t c = 0; c < cn; ++c) a[c] += static_cast<acc_t>(src[c]);
+      }
+      for (int64_t c = 0; c < cn; ++c) {
+        out[n * C + c0 + c] = static_cast<scalar_t>(s[c] / static_cast<acc_t>(P));
+      }
+    }
+  });
+}
+
+// grad_in = 0 except grad at the saved position (max), or grad / P everywhere (avg).
+template <typename scalar_t, bool kMax>
+void global_bwd(const scalar_t* gout, const int64_t* pos, scalar_t* gin, int64_t N, int64_t C,
+                int64_t P, bool cl) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t rows = cl ? N * P : N * C;   // contiguous runs of the output
+  const int64_t run = cl ? C : P;
+  at::parallel_for(0, rows, grain_for(run), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      scalar_t* dst = gin + r * run;
+      if (kMax) {
+        std::fill(dst, dst + run, scalar_t(0));
+        if (cl) {
+          const int64_t n = r / P, i = r % P;
+          for (int64_t c = 0; c < C; ++c) {
+            if (pos[n * C + c] == i) dst[c] = gout[n * C + c];
+          }
+        } else {
+          dst[pos[r]] = gout[r];
+        }
+      } else if (cl) {
+        const scalar_t* g = gout + (r / P) * C;
+        for (int64_t c = 0; c < C; ++c) {
+          dst[c] = static_cast<scalar_t>(static_cast<acc_t>(g[c]) / static_cast<acc_t>(P));
+        }
+      } else {
+        const scalar_t v =
+            static_cast<scalar_t>(static_cast<acc_t>(gout[r]) / static_cast<acc_t>(P));
+        std::fill(dst, dst + run, v);
+      }
+    }
+  });
+}
+
+}  // namespace TORCHPOOL_CPU_NS

@@ -1,0 +1,26 @@
+// The AVX2 + FMA build of the CPU kernels, chosen at run time when the CPU has them.
+// ATen's headers come first, compiled for the baseline; only the kernels below are compiled for
+// AVX2, inside their own namespace, so no inline function of a shared header gets AVX2 code.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+#include "cpu/dispatch.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#define TORCHPOOL_CPU_NS torchpool::cpu::avx2_isa
+#include "cpu/kernels.h"
+#include "cpu/kernels_table.h"
+#pragma GCC pop_options
+
+namespace torchpool::cpu {
+const Kernels& kernels_avx2() { return avx2_isa::table("avx2"); }
+}  // namespace torchpool::cpu
+#endif

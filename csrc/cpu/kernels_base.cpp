@@ -1,0 +1,39 @@
+// The portable build of the CPU kernels (the compiler's baseline instruction set).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "cpu/dispatch.h"
+
+#define TORCHPOOL_CPU_NS torchpool::cpu::base_isa
+#include "cpu/kernels.h"
+#include "cpu/kernels_table.h"
+
+namespace torchpool::cpu {
+
+const Kernels& kernels_base() { return base_isa::table("base"); }
+
+const Kernels& kernels() {
+  static const Kernels& chosen = [&]() -> const Kernels& {
+    const char* force = std::getenv("TORCHPOOL_CPU_ISA");
+    const bool base_only = force && std::strcmp(force, "base") == 0;
+#if defined(__x86_64__) || defined(_M_X64)
+    __builtin_cpu_init();
+    if (!base_only && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+      return kernels_avx2();
+    }
+#endif
+    (void)base_only;
+    return kernels_base();
+  }();
+  return chosen;
+}
+
+}  // namespace torchpool::cpu

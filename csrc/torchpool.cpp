@@ -1,0 +1,47 @@
+// Module init and every op schema. Device kernels register in csrc/cpu and csrc/cuda; fake
+// kernels and autograd are registered from Python (torchpool/_fake.py, torchpool/autograd.py).
+//
+// Conventions shared by all ops:
+//   * `self` / `grad_output` are batched: (N, C, *spatial) with 1 to 3 spatial dims;
+//   * kernel_size, stride, pad_before, pad_after and dilation have one value per spatial dim;
+//   * `input_size` is the full shape of the pooled input;
+//   * outputs keep the layout (contiguous or channels_last) of the first tensor argument; the
+//     global backward ops take it as `channels_last`.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Makes `import torchpool._C` work; the ops register through TORCH_LIBRARY at load time.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(torchpool, m) {
+  // Max pool, inference: no window position is written.
+  m.def("max_pool(Tensor self, int[] kernel_size, int[] stride, int[] pad_before, int[] pad_after, "
+        "int[] dilation, bool ceil_mode) -> Tensor");
+  // Max pool, training: also the position of the maximum inside its window (flat over the
+  // kernel, scan order), uint8 when the window has <= 256 cells, int32 otherwise.
+  m.def("max_pool_with_pos(Tensor self, int[] kernel_size, int[] stride, int[] pad_before, "
+        "int[] pad_after, int[] dilation, bool ceil_mode) -> (Tensor, Tensor)");
+  m.def("max_pool_backward(Tensor grad_output, Tensor pos, int[] input_size, int[] kernel_size, "
+        "int[] stride, int[] pad_before, int[] pad_after, int[] dilation, bool ceil_mode) -> Tensor");
+  // Window positions -> int64 flat indices into the input's spatial plane (torch's return_indices).
+  m.def("max_pool_indices(Tensor pos, int[] input_size, int[] kernel_size, int[] stride, "
+        "int[] pad_before, int[] pad_after, int[] dilation, bool ceil_mode) -> Tensor");
+  m.def("avg_pool(Tensor self, int[] kernel_size, int[] stride, int[] pad_before, int[] pad_after, "
+        "bool ceil_mode, bool count_include_pad, int? divisor_override) -> Tensor");
+  m.def("avg_pool_backward(Tensor grad_output, int[] input_size, int[] kernel_size, int[] stride, "
+        "int[] pad_before, int[] pad_after, bool ceil_mode, bool count_include_pad, "
+        "int? divisor_override) -> Tensor");
+  // Global pools reduce every spatial dim: (N, C, *spatial) -> (N, C).
+  m.def("global_max_pool(Tensor self) -> Tensor");
+  // Also the int64 flat index of the first maximum in the spatial plane.
+  m.def("global_max_pool_with_pos(Tensor self) -> (Tensor, Tensor)");
+  m.def("global_max_pool_backward(Tensor grad_output, Tensor pos, int[] input_size, "
+        "bool channels_last) -> Tensor");
+  m.def("global_avg_pool(Tensor self) -> Tensor");
+  m.def("global_avg_pool_backward(Tensor grad_output, int[] input_size, bool channels_last) -> Tensor");
+}

@@ -1,0 +1,56 @@
+"""Builds torchpool._C: the CPU kernels always, the CUDA kernels when they can be built.
+
+CUDA is built when nvcc and a CUDA build of torch are present, or when TORCHPOOL_CUDA=1 (or
+FORCE_CUDA=1) asks for it; TORCHPOOL_CUDA=0 forces a CPU-only build. TORCH_CUDA_ARCH_LIST picks
+the GPU architectures (default: sm_80 and sm_90).
+"""
+import glob
+import os
+import shutil
+
+from setuptools import setup
+
+import torch
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, CUDA_HOME
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _want_cuda():
+    flag = os.environ.get("TORCHPOOL_CUDA", os.environ.get("FORCE_CUDA"))
+    if flag is not None and flag.strip() != "":
+        return flag.strip() not in ("0", "false", "False", "no")
+    has_nvcc = CUDA_HOME is not None or shutil.which("nvcc") is not None
+    return has_nvcc and torch.version.cuda is not None
+
+
+def _sources(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def extension():
+    with_cuda = _want_cuda()
+    sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
+    cxx = ["-O3", "-DPy_LIMITED_API=0x03090000"]
+    if with_cuda:
+        sources += _sources("csrc/cuda/*.cu")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        nvcc = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
+        print(f"torchpool: building CPU + CUDA kernels for {os.environ['TORCH_CUDA_ARCH_LIST']}")
+        return CUDAExtension(
+            "torchpool._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
+            extra_compile_args={"cxx": cxx + ["-DTORCHPOOL_WITH_CUDA"], "nvcc": nvcc},
+            py_limited_api=True,
+        )
+    print("torchpool: building CPU kernels only")
+    return CppExtension(
+        "torchpool._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args={"cxx": cxx}, py_limited_api=True,
+    )
+
+
+setup(
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+)

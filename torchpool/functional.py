@@ -1,0 +1,126 @@
+"""torch.nn.functional-style pooling: max_pool{1,2,3}d, avg_pool{1,2,3}d,
+global_max_pool{1,2,3}d and global_avg_pool{1,2,3}d.
+
+Same signatures and results as torch.nn.functional where torch defines them; ``padding`` also
+takes 'valid' and 'same' (TensorFlow/Keras rule). Training (an input that requires grad) saves a
+one-byte window position per output for max pooling; inference saves nothing.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _args
+from . import autograd as _autograd
+
+ops = torch.ops.torchpool
+
+__all__ = [f"{kind}_pool{nd}d" for kind in ("max", "avg", "global_max", "global_avg")
+           for nd in (1, 2, 3)]
+
+
+def _batched(fn: str, input: torch.Tensor, nd: int):
+    """(input as (N, C, *spatial), whether the caller's input was batched)."""
+    batched = _args.check_input(fn, input, nd)
+    return (input if batched else input.unsqueeze(0)), batched
+
+
+def _needs_grad(x: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and x.requires_grad
+
+
+def _max_pool(fn, nd, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices):
+    x, batched = _batched(fn, input, nd)
+    g = _args.geometry(fn, input.shape, nd, kernel_size, stride, padding, dilation, ceil_mode)
+    pos = None
+    if _needs_grad(x):
+        out, pos = _autograd.MaxPool.apply(x, g)
+    elif return_indices:
+        out, pos = ops.max_pool_with_pos(x, *g)
+    else:
+        out = ops.max_pool(x, *g)
+    if not return_indices:
+        return out if batched else out.squeeze(0)
+    indices = ops.max_pool_indices(pos, x.shape, *g)
+    if not batched:
+        out, indices = out.squeeze(0), indices.squeeze(0)
+    return out, indices
+
+
+def _avg_pool(fn, nd, input, kernel_size, stride, padding, ceil_mode, count_include_pad,
+              divisor_override):
+    x, batched = _batched(fn, input, nd)
+    g = _args.geometry(fn, input.shape, nd, kernel_size, stride, padding, 1, ceil_mode)
+    divisor_override = _args.check_divisor(fn, divisor_override)
+    if isinstance(padding, str):
+        count_include_pad = False  # string padding never counts padded cells
+    if _needs_grad(x):
+        out = _autograd.AvgPool.apply(x, g, bool(count_include_pad), divisor_override)
+    else:
+        out = ops.avg_pool(x, g.kernel_size, g.stride, g.pad_before, g.pad_after, g.ceil_mode,
+                           bool(count_include_pad), divisor_override)
+    return out if batched else out.squeeze(0)
+
+
+def _global_pool(fn, nd, kind, input, keepdim):
+    x, batched = _batched(fn, input, nd)
+    if kind == "max":
+        out = (_autograd.GlobalMaxPool.apply(x)[0] if _needs_grad(x) else ops.global_max_pool(x))
+    else:
+        out = _autograd.GlobalAvgPool.apply(x) if _needs_grad(x) else ops.global_avg_pool(x)
+    if keepdim:
+        out = out.reshape(tuple(out.shape) + (1,) * nd)
+    return out if batched else out.squeeze(0)
+
+
+def _make_max(nd: int):
+    fn = f"max_pool{nd}d"
+
+    def max_pool(input: torch.Tensor, kernel_size, stride=None, padding=0, dilation=1,
+                 ceil_mode: bool = False, return_indices: bool = False):
+        return _max_pool(fn, nd, input, kernel_size, stride, padding, dilation, ceil_mode,
+                         return_indices)
+
+    max_pool.__name__ = max_pool.__qualname__ = fn
+    max_pool.__doc__ = (
+        f"{nd}d max pooling, as ``torch.nn.functional.{fn}``.\n\n"
+        "``padding`` is an int, a tuple, 'valid' or 'same'. With ``return_indices=True`` also\n"
+        "returns torch-compatible int64 indices (accepted by ``max_unpool``).")
+    return max_pool
+
+
+def _make_avg(nd: int):
+    fn = f"avg_pool{nd}d"
+
+    def avg_pool(input: torch.Tensor, kernel_size, stride=None, padding=0,
+                 ceil_mode: bool = False, count_include_pad: bool = True,
+                 divisor_override: Optional[int] = None):
+        return _avg_pool(fn, nd, input, kernel_size, stride, padding, ceil_mode,
+                         count_include_pad, divisor_override)
+
+    avg_pool.__name__ = avg_pool.__qualname__ = fn
+    avg_pool.__doc__ = (
+        f"{nd}d average pooling, as ``torch.nn.functional.{fn}``.\n\n"
+        "``padding`` is an int, a tuple, 'valid' or 'same'; with a string padding the padded\n"
+        "cells are never counted (Keras's rule).")
+    return avg_pool
+
+
+def _make_global(nd: int, kind: str):
+    fn = f"global_{kind}_pool{nd}d"
+
+    def global_pool(input: torch.Tensor, keepdim: bool = False):
+        return _global_pool(fn, nd, kind, input, keepdim)
+
+    global_pool.__name__ = global_pool.__qualname__ = fn
+    global_pool.__doc__ = (
+        f"Global {kind} pooling over the {nd} spatial dims: (N, C, *spatial) -> (N, C),\n"
+        "or (N, C, 1, ...) with ``keepdim=True``; unbatched (C, *spatial) -> (C,).")
+    return global_pool
+
+
+max_pool1d, max_pool2d, max_pool3d = (_make_max(nd) for nd in (1, 2, 3))
+avg_pool1d, avg_pool2d, avg_pool3d = (_make_avg(nd) for nd in (1, 2, 3))
+global_max_pool1d, global_max_pool2d, global_max_pool3d = (_make_global(nd, "max") for nd in (1, 2, 3))
+global_avg_pool1d, global_avg_pool2d, global_avg_pool3d = (_make_global(nd, "avg") for nd in (1, 2, 3))
