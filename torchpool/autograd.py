@@ -12,6 +12,13 @@ from . import _args
 ops = torch.ops.torchpool
 
 
+def _in_layout(grad_input: torch.Tensor, layout: torch.memory_format) -> torch.Tensor:
+    """The backward ops take their layout from grad_output, which cannot tell channels_last from
+    contiguous when the output has a single channel or a single spatial cell; then the gradient
+    is converted to the input's layout here (a no-op otherwise)."""
+    return grad_input.contiguous(memory_format=layout)
+
+
 class MaxPool(torch.autograd.Function):
     """Max pool that saves the 1-byte window position of each maximum for backward.
 
@@ -35,7 +42,8 @@ class MaxPool(torch.autograd.Function):
     def backward(ctx, grad_output, _grad_pos):
         (pos,) = ctx.saved_tensors
         grad = grad_output.contiguous(memory_format=ctx.layout)
-        return ops.max_pool_backward(grad, pos, ctx.input_shape, *ctx.g), None
+        grad_input = ops.max_pool_backward(grad, pos, ctx.input_shape, *ctx.g)
+        return _in_layout(grad_input, ctx.layout), None
 
 
 class AvgPool(torch.autograd.Function):
@@ -56,7 +64,7 @@ class AvgPool(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         grad = grad_output.contiguous(memory_format=ctx.layout)
-        return ops.avg_pool_backward(grad, *ctx.args), None, None, None
+        return _in_layout(ops.avg_pool_backward(grad, *ctx.args), ctx.layout), None, None, None
 
 
 class GlobalMaxPool(torch.autograd.Function):

@@ -34,6 +34,66 @@ inline int64_t grain_for(int64_t work) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Unit-stride passes over L1-resident rows. Written so the compiler vectorizes them (no aliasing,
+// no early exits). `take` is torch's max update rule: a larger value or a NaN replaces the current
+// one, so NaN propagates and among equal maxima the first stays.
+
+template <typename T>
+inline bool takes(T v, T cur) {
+  return (v > cur) | (v != v);
+}
+
+template <typename T>
+inline void max_pass(const T* __restrict src, T* __restrict acc, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T v = src[i];
+    acc[i] = takes(v, acc[i]) ? v : acc[i];
+  }
+}
+
+template <typename T>
+inline void max_pass_pos(const T* __restrict src, T* __restrict acc, int32_t* __restrict best,
+                         int32_t k, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T v = src[i];
+    const bool t = takes(v, acc[i]);
+    acc[i] = t ? v : acc[i];
+    best[i] = t ? k : best[i];
+  }
+}
+
+template <typename T>
+inline void sum_pass(const T* __restrict src, T* __restrict acc, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) acc[i] += src[i];
+}
+
+// dst[i] += grad[i] where the saved window position equals k (max pool backward).
+template <typename scalar_t, typename pos_t, typename acc_t>
+inline void masked_add(const scalar_t* __restrict grad, const pos_t* __restrict pos, int32_t k,
+                       acc_t* __restrict dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t v = static_cast<acc_t>(grad[i]);
+    dst[i] += (static_cast<int32_t>(pos[i]) == k) ? v : acc_t(0);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline void convert(const scalar_t* __restrict src, acc_t* __restrict dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<acc_t>(src[i]);
+}
+
+// A C-vector as acc_t: the input itself when it already is, else converted into `tmp`.
+template <typename scalar_t, typename acc_t>
+inline const acc_t* src_as_acc(const scalar_t* src, acc_t* tmp, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return src;
+  } else {
+    convert(src, tmp, n);
+    return tmp;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Phase buffer: one padded input row (padding filled with `fill`) stored as `s` phases so that
 // element x = j*s + p lives at buf[p*len + j]; input element iw sits at x = iw + pad.
 // Then the cell `off` (= kw*dilation) of the windows of outputs 0.. is the unit-stride run
@@ -55,18 +115,21 @@ template <typename scalar_t, typename acc_t>
 inline void load_row(const scalar_t* row, acc_t* buf, const RowPhases& ph, int64_t pad,
                      int64_t in_w, acc_t fill) {
   const int64_t s = ph.s;
-  if (s == 1) {
-    for (int64_t x = 0; x < pad; ++x) buf[x] = fill;
-    for (int64_t i = 0; i < in_w; ++i) buf[pad + i] = static_cast<acc_t>(row[i]);
-    for (int64_t x = pad + in_w; x < ph.len; ++x) buf[x] = fill;
-    return;
-  }
   for (int64_t p = 0; p < s; ++p) {
-    acc_t* dst = buf + p * ph.len;
-    for (int64_t j = 0; j < ph.len; ++j) {
-      const int64_t i = j * s + p - pad;
-      dst[j] = (i >= 0 && i < in_w) ? static_cast<acc_t>(row[i]) : fill;
+    acc_t* __restrict dst = buf + p * ph.len;
+    // j covers input i = j*s + p - pad; valid for j in [j0, j1)
+    const int64_t j0 = std::min(ph.len, pad > p ? (pad - p + s - 1) / s : 0);
+    const int64_t j1 = std::max(j0, std::min(ph.len, (in_w + pad - p + s - 1) / s));
+    for (int64_t j = 0; j < j0; ++j) dst[j] = fill;
+    const scalar_t* __restrict src = row + (j0 * s + p - pad);
+    if (s == 1) {
+      convert(src, dst + j0, j1 - j0);
+    } else if (s == 2) {
+      for (int64_t j = 0; j < j1 - j0; ++j) dst[j0 + j] = static_cast<acc_t>(src[2 * j]);
+    } else {
+      for (int64_t j = 0; j < j1 - j0; ++j) dst[j0 + j] = static_cast<acc_t>(src[s * j]);
     }
+    for (int64_t j = j1; j < ph.len; ++j) dst[j] = fill;
   }
 }
 
@@ -75,18 +138,17 @@ template <typename scalar_t, typename acc_t>
 inline void store_row(const acc_t* buf, scalar_t* row, const RowPhases& ph, int64_t pad,
                       int64_t in_w) {
   const int64_t s = ph.s;
-  if (s == 1) {
-    for (int64_t i = 0; i < in_w; ++i) row[i] = static_cast<scalar_t>(buf[pad + i]);
-    return;
-  }
   for (int64_t p = 0; p < s; ++p) {
-    const acc_t* src = buf + p * ph.len;
-    // i = j*s + p - pad  for j with 0 <= i < in_w
-    int64_t j0 = pad - p > 0 ? (pad - p + s - 1) / s : 0;
-    for (int64_t j = j0;; ++j) {
-      const int64_t i = j * s + p - pad;
-      if (i >= in_w) break;
-      row[i] = static_cast<scalar_t>(src[j]);
+    const acc_t* __restrict src = buf + p * ph.len;
+    const int64_t j0 = std::min(ph.len, pad > p ? (pad - p + s - 1) / s : 0);
+    const int64_t j1 = std::max(j0, std::min(ph.len, (in_w + pad - p + s - 1) / s));
+    scalar_t* __restrict dst = row + (j0 * s + p - pad);
+    if (s == 1) {
+      for (int64_t j = 0; j < j1 - j0; ++j) dst[j] = static_cast<scalar_t>(src[j0 + j]);
+    } else if (s == 2) {
+      for (int64_t j = 0; j < j1 - j0; ++j) dst[2 * j] = static_cast<scalar_t>(src[j0 + j]);
+    } else {
+      for (int64_t j = 0; j < j1 - j0; ++j) dst[s * j] = static_cast<scalar_t>(src[j0 + j]);
     }
   }
 }
@@ -130,21 +192,10 @@ void max_fwd_planar(const scalar_t* in, scalar_t* out, pos_t* pos, const PoolGeo
           const int32_t base = static_cast<int32_t>((kd * KH + kh) * KW);
           for (int64_t kw = 0; kw < KW; ++kw) {
             const acc_t* src = buf.data() + ph.run(kw * g.dilation[2]);
-            acc_t* a = acc.data();
             if (kPos) {
-              int32_t* b = best.data();
-              const int32_t k = base + static_cast<int32_t>(kw);
-              for (int64_t ow = 0; ow < OW; ++ow) {
-                const acc_t v = src[ow];
-                const bool take = (v > a[ow]) || (v != v);
-                a[ow] = take ? v : a[ow];
-                b[ow] = take ? k : b[ow];
-              }
+              max_pass_pos(src, acc.data(), best.data(), base + static_cast<int32_t>(kw), OW);
             } else {
-              for (int64_t ow = 0; ow < OW; ++ow) {
-                const acc_t v = src[ow];
-                a[ow] = ((v > a[ow]) || (v != v)) ? v : a[ow];
-              }
+              max_pass(src, acc.data(), OW);
             }
           }
         }
@@ -170,7 +221,7 @@ void max_fwd_cl(const scalar_t* in, scalar_t* out, pos_t* pos, const PoolGeometr
   const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2], KH = g.kernel[1], KW = g.kernel[2];
   const int64_t rows = N * OD * OH;
   at::parallel_for(0, rows, grain_for(OW * C * g.window_cells()), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(C);
+    std::vector<acc_t> acc(C), tmp(C);
     std::vector<int32_t> best(kPos ? C : 0);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t n = r / (OD * OH), od = (r / OH) % OD, oh = r % OH;
@@ -192,21 +243,12 @@ void max_fwd_cl(const scalar_t* in, scalar_t* out, pos_t* pos, const PoolGeometr
             for (int64_t kw = kw0; kw < kw1; ++kw) {
               const int64_t iw = g.input_coord(2, ow, kw);
               const scalar_t* src = in + (((n * ID + id) * IH + ih) * IW + iw) * C;
-              acc_t* a = acc.data();
+              const acc_t* v = src_as_acc(src, tmp.data(), C);
               if (kPos) {
-                int32_t* b = best.data();
-                const int32_t k = static_cast<int32_t>((kd * KH + kh) * KW + kw);
-                for (int64_t c = 0; c < C; ++c) {
-                  const acc_t v = static_cast<acc_t>(src[c]);
-                  const bool take = (v > a[c]) || (v != v);
-                  a[c] = take ? v : a[c];
-                  b[c] = take ? k : b[c];
-                }
+                max_pass_pos(v, acc.data(), best.data(),
+                             static_cast<int32_t>((kd * KH + kh) * KW + kw), C);
               } else {
-                for (int64_t c = 0; c < C; ++c) {
-                  const acc_t v = static_cast<acc_t>(src[c]);
-                  a[c] = ((v > a[c]) || (v != v)) ? v : a[c];
-                }
+                max_pass(v, acc.data(), C);
               }
             }
           }
@@ -253,12 +295,8 @@ void max_bwd_planar(const scalar_t* gout, const pos_t* pos, scalar_t* gin, const
           const pos_t* po = pos + orow;
           const int32_t base = static_cast<int32_t>((kd * KH + kh) * KW);
           for (int64_t kw = 0; kw < KW; ++kw) {
-            acc_t* dst = buf.data() + ph.run(kw * g.dilation[2]);
-            const int32_t k = base + static_cast<int32_t>(kw);
-            for (int64_t ow = 0; ow < OW; ++ow) {
-              const acc_t v = static_cast<acc_t>(go[ow]);
-              dst[ow] += (static_cast<int32_t>(po[ow]) == k) ? v : acc_t(0);
-            }
+            masked_add(go, po, base + static_cast<int32_t>(kw),
+                       buf.data() + ph.run(kw * g.dilation[2]), OW);
           }
         }
       }
@@ -297,13 +335,7 @@ void max_bwd_cl(const scalar_t* gout, const pos_t* pos, scalar_t* gin, const Poo
               const int32_t k = static_cast<int32_t>(
                   ((rd / g.dilation[0]) * KH + rh / g.dilation[1]) * KW + rw / g.dilation[2]);
               const int64_t o = (((n * OD + od) * OH + oh) * OW + ow) * C;
-              const scalar_t* go = gout + o;
-              const pos_t* po = pos + o;
-              acc_t* a = acc.data();
-              for (int64_t c = 0; c < C; ++c) {
-                const acc_t v = static_cast<acc_t>(go[c]);
-                a[c] += (static_cast<int32_t>(po[c]) == k) ? v : acc_t(0);
-              }
+              masked_add(gout + o, pos + o, k, acc.data(), C);
             }
           }
         }
@@ -369,9 +401,7 @@ void avg_fwd_planar(const scalar_t* in, scalar_t* out, const PoolGeometry& g, in
           load_row(in + ((plane * g.in[0] + id) * IH + ih) * IW, buf.data(), ph, g.pad[2], IW,
                    acc_t(0));
           for (int64_t kw = 0; kw < KW; ++kw) {
-            const acc_t* src = buf.data() + ph.run(kw);
-            acc_t* a = acc.data();
-            for (int64_t ow = 0; ow < OW; ++ow) a[ow] += src[ow];
+            sum_pass(buf.data() + ph.run(kw), acc.data(), OW);
           }
         }
       }
@@ -393,7 +423,7 @@ void avg_fwd_cl(const scalar_t* in, scalar_t* out, const PoolGeometry& g, int64_
   const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2];
   const int64_t rows = N * OD * OH;
   at::parallel_for(0, rows, grain_for(OW * C * g.window_cells()), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(C);
+    std::vector<acc_t> acc(C), tmp(C);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t n = r / (OD * OH), od = (r / OH) % OD, oh = r % OH;
       int64_t kd0, kd1, kh0, kh1;
@@ -410,8 +440,7 @@ void avg_fwd_cl(const scalar_t* in, scalar_t* out, const PoolGeometry& g, int64_
             for (int64_t kw = kw0; kw < kw1; ++kw) {
               const int64_t iw = g.input_coord(2, ow, kw);
               const scalar_t* src = in + (((n * ID + id) * IH + ih) * IW + iw) * C;
-              acc_t* a = acc.data();
-              for (int64_t c = 0; c < C; ++c) a[c] += static_cast<acc_t>(src[c]);
+              sum_pass(src_as_acc(src, tmp.data(), C), acc.data(), C);
             }
           }
         }
@@ -507,32 +536,41 @@ void global_max_planar(const scalar_t* in, scalar_t* out, int64_t* pos, int64_t 
                        int64_t P) {
   using acc_t = acc_type<scalar_t>;
   at::parallel_for(0, planes, grain_for(P), [&](int64_t begin, int64_t end) {
+    acc_t lane[kLanes], tmp[kLanes];
+    int32_t lane_best[kLanes];
     for (int64_t pl = begin; pl < end; ++pl) {
       const scalar_t* src = in + pl * P;
+      // Lane j scans cells j, j + kLanes, ... in order; the lanes are then merged so that the
+      // result is the sequential scan's: the last NaN if any, else the first maximum.
+      for (int64_t j = 0; j < kLanes; ++j) { lane[j] = neg_inf<acc_t>(); lane_best[j] = -1; }
+      int64_t i = 0;
+      for (; i + kLanes <= P; i += kLanes) {
+        const acc_t* v = src_as_acc(src + i, tmp, kLanes);
+        if (kPos) {
+          max_pass_pos(v, lane, lane_best, static_cast<int32_t>(i / kLanes), kLanes);
+        } else {
+          max_pass(v, lane, kLanes);
+        }
+      }
       acc_t m = neg_inf<acc_t>();
       int64_t best = 0;
-      if (kPos) {
-        for (int64_t i = 0; i < P; ++i) {
-          const acc_t v = static_cast<acc_t>(src[i]);
-          if (v > m || v != v) { m = v; best = i; }
+      bool nan = false;
+      for (int64_t j = 0; j < kLanes; ++j) {
+        if (lane_best[j] < 0 && kPos) continue;
+        const int64_t at = static_cast<int64_t>(lane_best[j]) * kLanes + j;
+        const acc_t v = lane[j];
+        if (v != v) {
+          if (!nan || at > best) { m = v; best = at; }
+          nan = true;
+        } else if (!nan && (v > m || (v == m && at < best))) {
+          m = v; best = at;
         }
-        pos[pl] = best;
-      } else {
-        acc_t lane[kLanes];
-        for (int64_t j = 0; j < kLanes; ++j) lane[j] = neg_inf<acc_t>();
-        int64_t i = 0;
-        for (; i + kLanes <= P; i += kLanes) {
-          for (int64_t j = 0; j < kLanes; ++j) {
-            const acc_t v = static_cast<acc_t>(src[i + j]);
-            lane[j] = (v > lane[j] || v != v) ? v : lane[j];
-          }
-        }
-        for (; i < P; ++i) {
-          const acc_t v = static_cast<acc_t>(src[i]);
-          m = (v > m || v != v) ? v : m;
-        }
-        for (int64_t j = 0; j < kLanes; ++j) m = (lane[j] > m || lane[j] != lane[j]) ? lane[j] : m;
       }
+      for (; i < P; ++i) {
+        const acc_t v = static_cast<acc_t>(src[i]);
+        if (takes(v, m)) { m = v; best = i; }
+      }
+      if (kPos) pos[pl] = best;
       out[pl] = static_cast<scalar_t>(m);
     }
   });
@@ -545,29 +583,19 @@ void global_max_cl(const scalar_t* in, scalar_t* out, int64_t* pos, int64_t N, i
   constexpr int64_t kBlock = 256;  // channels per task
   const int64_t cblocks = (C + kBlock - 1) / kBlock;
   at::parallel_for(0, N * cblocks, grain_for(P * std::min(C, kBlock)), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> m(kBlock);
-    std::vector<int64_t> best(kPos ? kBlock : 0);
+    std::vector<acc_t> m(kBlock), tmp(kBlock);
+    std::vector<int32_t> best(kPos ? kBlock : 0);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / cblocks, c0 = (t % cblocks) * kBlock;
       const int64_t cn = std::min(kBlock, C - c0);
       std::fill(m.begin(), m.end(), neg_inf<acc_t>());
       if (kPos) std::fill(best.begin(), best.end(), 0);
       for (int64_t i = 0; i < P; ++i) {
-        const scalar_t* src = in + (n * P + i) * C + c0;
-        acc_t* a = m.data();
+        const acc_t* v = src_as_acc(in + (n * P + i) * C + c0, tmp.data(), cn);
         if (kPos) {
-          int64_t* b = best.data();
-          for (int64_t c = 0; c < cn; ++c) {
-            const acc_t v = static_cast<acc_t>(src[c]);
-            const bool take = v > a[c] || v != v;
-            a[c] = take ? v : a[c];
-            b[c] = take ? i : b[c];
-          }
+          max_pass_pos(v, m.data(), best.data(), static_cast<int32_t>(i), cn);
         } else {
-          for (int64_t c = 0; c < cn; ++c) {
-            const acc_t v = static_cast<acc_t>(src[c]);
-            a[c] = (v > a[c] || v != v) ? v : a[c];
-          }
+          max_pass(v, m.data(), cn);
         }
       }
       for (int64_t c = 0; c < cn; ++c) out[n * C + c0 + c] = static_cast<scalar_t>(m[c]);
@@ -584,11 +612,9 @@ void global_avg_planar(const scalar_t* in, scalar_t* out, int64_t planes, int64_
   at::parallel_for(0, planes, grain_for(P), [&](int64_t begin, int64_t end) {
     for (int64_t pl = begin; pl < end; ++pl) {
       const scalar_t* src = in + pl * P;
-      acc_t lane[kLanes] = {};
+      acc_t lane[kLanes] = {}, tmp[kLanes];
       int64_t i = 0;
-      for (; i + kLanes <= P; i += kLanes) {
-        for (int64_t j = 0; j < kLanes; ++j) lane[j] += static_cast<acc_t>(src[i + j]);
-      }
+      for (; i + kLanes <= P; i += kLanes) sum_pass(src_as_acc(src + i, tmp, kLanes), lane, kLanes);
       acc_t s = 0;
       for (; i < P; ++i) s += static_cast<acc_t>(src[i]);
       for (int64_t j = 0; j < kLanes; ++j) s += lane[j];
@@ -603,15 +629,13 @@ void global_avg_cl(const scalar_t* in, scalar_t* out, int64_t N, int64_t C, int6
   constexpr int64_t kBlock = 256;
   const int64_t cblocks = (C + kBlock - 1) / kBlock;
   at::parallel_for(0, N * cblocks, grain_for(P * std::min(C, kBlock)), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> s(kBlock);
+    std::vector<acc_t> s(kBlock), tmp(kBlock);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / cblocks, c0 = (t % cblocks) * kBlock;
       const int64_t cn = std::min(kBlock, C - c0);
       std::fill(s.begin(), s.end(), acc_t(0));
       for (int64_t i = 0; i < P; ++i) {
-        const scalar_t* src = in + (n * P + i) * C + c0;
-        acc_t* a = s.data();
-        for (int64_t c = 0; c < cn; ++c) a[c] += static_cast<acc_t>(src[c]);
+        sum_pass(src_as_acc(in + (n * P + i) * C + c0, tmp.data(), cn), s.data(), cn);
       }
       for (int64_t c = 0; c < cn; ++c) {
         out[n * C + c0 + c] = static_cast<scalar_t>(s[c] / static_cast<acc_t>(P));

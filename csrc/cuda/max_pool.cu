@@ -1,0 +1,400 @@
+// CUDA max pool ops: forward (with or without window positions), gather backward, positions to
+// int64 indices.
+//
+// One thread per output element (forward) or input element (backward). Contiguous tensors are
+// (N*C, D, H, W) planes; channels-last tensors are (N, D, H, W, C) and a thread handles VEC
+// consecutive channels with 16-byte loads when C and the pointers allow it. The window scan order
+// (kd, kh, kw) and the update rule match torch and the CPU kernels, so values, positions and the
+// fixed-order backward sums are reproducible.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "cuda/cuda_utils.cuh"
+
+namespace torchpool::cuda {
+namespace {
+
+using at::Tensor;
+using c10::IntArrayRef;
+
+// ---------------------------------------------------------------------------------------------
+// Forward: max over the in-input cells of each window; padded cells never win. Starts at -inf
+// with the position of the first in-input cell, takes v when v > max or v is NaN.
+
+template <typename scalar_t, typename index_t, bool CL, int VEC, typename pos_t, bool kPos>
+__global__ void __launch_bounds__(kThreads)
+    max_fwd_kernel(const scalar_t* __restrict__ in, scalar_t* __restrict__ out,
+                   pos_t* __restrict__ pos, const PoolGeometry g, const index_t C,
+                   const index_t items) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t t64 = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t64 >= items) return;
+  const index_t t = static_cast<index_t>(t64);
+
+  const index_t IH = g.in[1], IW = g.in[2];
+  const Cell<index_t, CL, VEC> o(t, g.out[0], g.out[1], g.out[2], C, g.in_plane());
+  int64_t lo0, hi0, lo1, hi1, lo2, hi2;
+  g.valid_cells(0, o.d, lo0, hi0);
+  g.valid_cells(1, o.h, lo1, hi1);
+  g.valid_cells(2, o.w, lo2, hi2);
+  const int KH = static_cast<int>(g.kernel[1]), KW = static_cast<int>(g.kernel[2]);
+  const index_t dil0 = g.dilation[0], dil1 = g.dilation[1], dil2 = g.dilation[2];
+  const index_t d0 = o.d * static_cast<index_t>(g.stride[0]) - static_cast<index_t>(g.pad[0]);
+  const index_t h0 = o.h * static_cast<index_t>(g.stride[1]) - static_cast<index_t>(g.pad[1]);
+  const index_t w0 = o.w * static_cast<index_t>(g.stride[2]) - static_cast<index_t>(g.pad[2]);
+
+  acc_t best[VEC];
+  int where[VEC];
+  const int first = (static_cast<int>(lo0) * KH + static_cast<int>(lo1)) * KW + static_cast<int>(lo2);
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    best[j] = neg_inf<acc_t>();
+    where[j] = first;
+  }
+  for (int kd = static_cast<int>(lo0); kd < static_cast<int>(hi0); ++kd) {
+    const index_t id = d0 + kd * dil0;
+    for (int kh = static_cast<int>(lo1); kh < static_cast<int>(hi1); ++kh) {
+      const index_t ih = h0 + kh * dil1;
+      const scalar_t* row = in + o.base + (id * IH + ih) * IW * o.step;
+      const int kbase = (kd * KH + kh) * KW;
+      for (int kw = static_cast<int>(lo2); kw < static_cast<int>(hi2); ++kw) {
+        const index_t iw = w0 + kw * dil2;
+        scalar_t v[VEC];
+        load_vec<VEC>(row + iw * o.step, v);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          const acc_t a = static_cast<acc_t>(v[j]);
+          if (a > best[j] || at::_isnan(a)) {
+            best[j] = a;
+            where[j] = kbase + kw;
+          }
+        }
+      }
+    }
+  }
+  const index_t dst = CL ? t * VEC : t;
+  scalar_t res[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) res[j] = static_cast<scalar_t>(best[j]);
+  store_vec<VEC>(out + dst, res);
+  if constexpr (kPos) {
+    pos_t p[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) p[j] = static_cast<pos_t>(where[j]);
+    store_vec<VEC>(pos + dst, p);
+  }
+}
+
+template <typename scalar_t, typename index_t, typename pos_t, bool kPos>
+struct MaxFwd {
+  const scalar_t* in;
+  scalar_t* out;
+  pos_t* pos;
+  const PoolGeometry& g;
+  int64_t N, C;
+  cudaStream_t stream;
+
+  template <bool CL, int VEC>
+  void run() const {
+    const int64_t items = N * C * g.out_plane() / VEC;
+    max_fwd_kernel<scalar_t, index_t, CL, VEC, pos_t, kPos>
+        <<<blocks_for(items), kThreads, 0, stream>>>(in, out, pos, g, static_cast<index_t>(C),
+                                                      static_cast<index_t>(items));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
+template <typename scalar_t, typename pos_t, bool kPos>
+void max_fwd(const Tensor& x, const Tensor& out, const Tensor* pos, const PoolGeometry& g,
+             bool cl) {
+  const scalar_t* in = x.const_data_ptr<scalar_t>();
+  scalar_t* o = out.mutable_data_ptr<scalar_t>();
+  pos_t* p = kPos ? pos->mutable_data_ptr<pos_t>() : nullptr;
+  const int64_t N = x.size(0), C = x.size(1);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (needs_int64({x.numel(), out.numel()})) {
+    dispatch_layout<scalar_t, int64_t>(cl, 1, MaxFwd<scalar_t, int64_t, pos_t, kPos>{in, o, p, g, N, C, stream});
+  } else {
+    const int vec = cl ? channel_vec<scalar_t>(C, {{in, sizeof(scalar_t)}, {o, sizeof(scalar_t)},
+                                                   {p, sizeof(pos_t)}})
+                       : 1;
+    dispatch_layout<scalar_t, int32_t>(cl, vec, MaxFwd<scalar_t, int32_t, pos_t, kPos>{in, o, p, g, N, C, stream});
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward: each thread owns input cells and sums, in (od, oh, ow) order, the gradients of the
+// covering outputs whose saved position is this cell. No atomics: bit-identical across runs.
+
+template <typename scalar_t, typename index_t, bool CL, int VEC, typename pos_t>
+__global__ void __launch_bounds__(kThreads)
+    max_bwd_kernel(const scalar_t* __restrict__ gout, const pos_t* __restrict__ pos,
+                   scalar_t* __restrict__ gin, const PoolGeometry g, const index_t C,
+                   const index_t items) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t t64 = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t64 >= items) return;
+  const index_t t = static_cast<index_t>(t64);
+
+  const index_t OH = g.out[1], OW = g.out[2];
+  // Input cell of this thread; `base`/`step` address the output tensor (out_plane cells).
+  const Cell<index_t, CL, VEC> i(t, g.in[0], g.in[1], g.in[2], C, g.out_plane());
+  int64_t lo0, hi0, lo1, hi1, lo2, hi2;
+  g.covering_outputs(0, i.d, lo0, hi0);
+  g.covering_outputs(1, i.h, lo1, hi1);
+  g.covering_outputs(2, i.w, lo2, hi2);
+  const int KH = static_cast<int>(g.kernel[1]), KW = static_cast<int>(g.kernel[2]);
+  const index_t s0 = g.stride[0], s1 = g.stride[1], s2 = g.stride[2];
+  const index_t dil0 = g.dilation[0], dil1 = g.dilation[1], dil2 = g.dilation[2];
+  const index_t rd0 = i.d + static_cast<index_t>(g.pad[0]);
+  const index_t rh0 = i.h + static_cast<index_t>(g.pad[1]);
+  const index_t rw0 = i.w + static_cast<index_t>(g.pad[2]);
+
+  acc_t acc[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) acc[j] = acc_t(0);
+  const index_t od1 = hi0, oh1 = hi1, ow1 = hi2;
+  for (index_t od = lo0; od < od1; ++od) {
+    index_t kd = rd0 - od * s0;  // kd * dilation: offset of this cell in the window of od
+    if (dil0 != 1) {
+      if (kd % dil0 != 0) continue;
+      kd /= dil0;
+    }
+    for (index_t oh = lo1; oh < oh1; ++oh) {
+      index_t kh = rh0 - oh * s1;
+      if (dil1 != 1) {
+        if (kh % dil1 != 0) continue;
+        kh /= dil1;
+      }
+      const index_t orow = i.base + (od * OH + oh) * OW * i.step;
+      const int kbase = (static_cast<int>(kd) * KH + static_cast<int>(kh)) * KW;
+      for (index_t ow = lo2; ow < ow1; ++ow) {
+        index_t kw = rw0 - ow * s2;
+        if (dil2 != 1) {
+          if (kw % dil2 != 0) continue;
+          kw /= dil2;
+        }
+        const int k = kbase + static_cast<int>(kw);
+        const index_t off = orow + ow * i.step;
+        pos_t p[VEC];
+        load_vec<VEC>(pos + off, p);
+        bool any = false;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) any |= static_cast<int>(p[j]) == k;
+        if (any) {
+          scalar_t gv[VEC];
+          load_vec<VEC>(gout + off, gv);
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) {
+            if (static_cast<int>(p[j]) == k) acc[j] += static_cast<acc_t>(gv[j]);
+          }
+        }
+      }
+    }
+  }
+  scalar_t res[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) res[j] = static_cast<scalar_t>(acc[j]);
+  store_vec<VEC>(gin + (CL ? t * VEC : t), res);
+}
+
+template <typename scalar_t, typename index_t, typename pos_t>
+struct MaxBwd {
+  const scalar_t* gout;
+  const pos_t* pos;
+  scalar_t* gin;
+  const PoolGeometry& g;
+  int64_t N, C;
+  cudaStream_t stream;
+
+  template <bool CL, int VEC>
+  void run() const {
+    const int64_t items = N * C * g.in_plane() / VEC;
+    max_bwd_kernel<scalar_t, index_t, CL, VEC, pos_t>
+        <<<blocks_for(items), kThreads, 0, stream>>>(gout, pos, gin, g, static_cast<index_t>(C),
+                                                      static_cast<index_t>(items));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
+template <typename scalar_t, typename pos_t>
+void max_bwd(const Tensor& go, const Tensor& pos, const Tensor& gin, const PoolGeometry& g,
+             bool cl) {
+  const scalar_t* gout = go.const_data_ptr<scalar_t>();
+  const pos_t* p = pos.const_data_ptr<pos_t>();
+  scalar_t* gi = gin.mutable_data_ptr<scalar_t>();
+  const int64_t N = gin.size(0), C = gin.size(1);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (needs_int64({gin.numel(), go.numel()})) {
+    dispatch_layout<scalar_t, int64_t>(cl, 1, MaxBwd<scalar_t, int64_t, pos_t>{gout, p, gi, g, N, C, stream});
+  } else {
+    const int vec = cl ? channel_vec<scalar_t>(C, {{gout, sizeof(scalar_t)}, {gi, sizeof(scalar_t)},
+                                                   {p, sizeof(pos_t)}})
+                       : 1;
+    dispatch_layout<scalar_t, int32_t>(cl, vec, MaxBwd<scalar_t, int32_t, pos_t>{gout, p, gi, g, N, C, stream});
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Window position -> flat index (id*IH + ih)*IW + iw into the input's spatial plane.
+
+template <typename index_t, bool CL, typename pos_t>
+__global__ void __launch_bounds__(kThreads)
+    max_indices_kernel(const pos_t* __restrict__ pos, int64_t* __restrict__ idx,
+                       const PoolGeometry g, const index_t C, const index_t items) {
+  const int64_t t64 = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t64 >= items) return;
+  const index_t t = static_cast<index_t>(t64);
+  const Cell<index_t, CL, 1> o(t, g.out[0], g.out[1], g.out[2], C, 1);
+  const int k = static_cast<int>(pos[t]);
+  const int KH = static_cast<int>(g.kernel[1]), KW = static_cast<int>(g.kernel[2]);
+  const int kw = k % KW, kh = (k / KW) % KH, kd = k / (KW * KH);
+  const int64_t id = g.input_coord(0, o.d, kd);
+  const int64_t ih = g.input_coord(1, o.h, kh);
+  const int64_t iw = g.input_coord(2, o.w, kw);
+  idx[t] = (id * g.in[1] + ih) * g.in[2] + iw;
+}
+
+template <typename pos_t>
+void max_indices(const Tensor& pos, const Tensor& idx, const PoolGeometry& g, bool cl) {
+  const pos_t* p = pos.const_data_ptr<pos_t>();
+  int64_t* out = idx.mutable_data_ptr<int64_t>();
+  const int64_t C = pos.size(1), items = pos.numel();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const unsigned int blocks = blocks_for(items);
+  if (needs_int64({items})) {
+    if (cl) {
+      max_indices_kernel<int64_t, true, pos_t><<<blocks, kThreads, 0, stream>>>(p, out, g, C, items);
+    } else {
+      max_indices_kernel<int64_t, false, pos_t><<<blocks, kThreads, 0, stream>>>(p, out, g, C, items);
+    }
+  } else {
+    const auto c32 = static_cast<int32_t>(C), n32 = static_cast<int32_t>(items);
+    if (cl) {
+      max_indices_kernel<int32_t, true, pos_t><<<blocks, kThreads, 0, stream>>>(p, out, g, c32, n32);
+    } else {
+      max_indices_kernel<int32_t, false, pos_t><<<blocks, kThreads, 0, stream>>>(p, out, g, c32, n32);
+    }
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ops: argument checks, layout and allocation (the same rules as the CPU ops).
+
+void check_window(const char* op, const PoolGeometry& g) {
+  TORCH_CHECK(g.window_cells() <= std::numeric_limits<int32_t>::max(), op, ": a window of ",
+              g.window_cells(), " cells is too large");
+}
+
+std::tuple<Tensor, Tensor> max_pool_impl(const Tensor& self, IntArrayRef kernel, IntArrayRef stride,
+                                         IntArrayRef pad_before, IntArrayRef pad_after,
+                                         IntArrayRef dilation, bool ceil_mode, bool with_pos) {
+  const char* op = "max_pool";
+  check_floating(op, "input", self);
+  const PoolGeometry g =
+      make_geometry(op, self.sizes(), kernel, stride, pad_before, pad_after, dilation, ceil_mode);
+  check_window(op, g);
+  const c10::cuda::CUDAGuard guard(self.device());
+  const auto fmt = layout_of(self);
+  const Tensor x = self.contiguous(fmt);
+  const auto shape = output_shape(g, self.sizes());
+  Tensor out = at::empty(shape, self.options().memory_format(fmt));
+  Tensor pos;
+  if (with_pos) pos = at::empty(shape, self.options().dtype(position_dtype(g)).memory_format(fmt));
+  if (out.numel() == 0) return {out, pos};
+  const bool cl = is_channels_last(fmt);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "max_pool_cuda", [&] {
+    if (!with_pos) {
+      max_fwd<scalar_t, uint8_t, false>(x, out, nullptr, g, cl);
+    } else if (pos.scalar_type() == at::kByte) {
+      max_fwd<scalar_t, uint8_t, true>(x, out, &pos, g, cl);
+    } else {
+      max_fwd<scalar_t, int32_t, true>(x, out, &pos, g, cl);
+    }
+  });
+  return {out, pos};
+}
+
+Tensor max_pool(const Tensor& self, IntArrayRef kernel, IntArrayRef stride, IntArrayRef pad_before,
+                IntArrayRef pad_after, IntArrayRef dilation, bool ceil_mode) {
+  return std::get<0>(
+      max_pool_impl(self, kernel, stride, pad_before, pad_after, dilation, ceil_mode, false));
+}
+
+std::tuple<Tensor, Tensor> max_pool_with_pos(const Tensor& self, IntArrayRef kernel,
+                                             IntArrayRef stride, IntArrayRef pad_before,
+                                             IntArrayRef pad_after, IntArrayRef dilation,
+                                             bool ceil_mode) {
+  return max_pool_impl(self, kernel, stride, pad_before, pad_after, dilation, ceil_mode, true);
+}
+
+// Checks a saved position tensor against the geometry; returns it dense in `fmt`.
+Tensor checked_pos(const char* op, const Tensor& pos, const PoolGeometry& g, IntArrayRef input_size,
+                   at::MemoryFormat fmt) {
+  TORCH_CHECK(pos.scalar_type() == position_dtype(g), op, ": pos must have dtype ",
+              position_dtype(g), " for a window of ", g.window_cells(), " cells, got ",
+              pos.scalar_type());
+  check_output_shape(op, "pos", pos, g, input_size);
+  return pos.contiguous(fmt);
+}
+
+Tensor max_pool_backward(const Tensor& grad_output, const Tensor& pos, IntArrayRef input_size,
+                         IntArrayRef kernel, IntArrayRef stride, IntArrayRef pad_before,
+                         IntArrayRef pad_after, IntArrayRef dilation, bool ceil_mode) {
+  const char* op = "max_pool_backward";
+  check_floating(op, "grad_output", grad_output);
+  check_same_device(op, grad_output, "grad_output", pos, "pos");
+  const PoolGeometry g =
+      make_geometry(op, input_size, kernel, stride, pad_before, pad_after, dilation, ceil_mode);
+  check_window(op, g);
+  check_output_shape(op, "grad_output", grad_output, g, input_size);
+  const c10::cuda::CUDAGuard guard(grad_output.device());
+  const auto fmt = layout_of(grad_output);
+  const Tensor go = grad_output.contiguous(fmt);
+  const Tensor p = checked_pos(op, pos, g, input_size, fmt);
+  Tensor gin = at::empty(input_size, grad_output.options().memory_format(fmt));
+  if (gin.numel() == 0) return gin;
+  const bool cl = is_channels_last(fmt);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, go.scalar_type(), "max_pool_backward_cuda", [&] {
+    if (p.scalar_type() == at::kByte) {
+      max_bwd<scalar_t, uint8_t>(go, p, gin, g, cl);
+    } else {
+      max_bwd<scalar_t, int32_t>(go, p, gin, g, cl);
+    }
+  });
+  return gin;
+}
+
+Tensor max_pool_indices(const Tensor& pos, IntArrayRef input_size, IntArrayRef kernel,
+                        IntArrayRef stride, IntArrayRef pad_before, IntArrayRef pad_after,
+                        IntArrayRef dilation, bool ceil_mode) {
+  const char* op = "max_pool_indices";
+  const PoolGeometry g =
+      make_geometry(op, input_size, kernel, stride, pad_before, pad_after, dilation, ceil_mode);
+  check_window(op, g);
+  const c10::cuda::CUDAGuard guard(pos.device());
+  const auto fmt = layout_of(pos);
+  const Tensor p = checked_pos(op, pos, g, input_size, fmt);
+  Tensor idx = at::empty(p.sizes(), p.options().dtype(at::kLong).memory_format(fmt));
+  if (idx.numel() == 0) return idx;
+  const bool cl = is_channels_last(fmt);
+  if (p.scalar_type() == at::kByte) {
+    max_indices<uint8_t>(p, idx, g, cl);
+  } else {
+    max_indices<int32_t>(p, idx, g, cl);
+  }
+  return idx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchpool, CUDA, m) {
+  m.impl("max_pool", &max_pool);
+  m.impl("max_pool_with_pos", &max_pool_with_pos);
+  m.impl("max_pool_backward", &max_pool_backward);
+  m.impl("max_pool_indices", &max_pool_indices);
+}
+
+}  // namespace torchpool::cuda
