@@ -82,6 +82,107 @@ inline void convert(const scalar_t* __restrict src, acc_t* __restrict dst, int64
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<acc_t>(src[i]);
 }
 
+#if defined(TORCHPOOL_AVX2)
+// AVX2 versions of the passes for float (and the half-type conversions): the compiler does not
+// vectorize the generic ones reliably. Overloads, so they win over the templates above.
+
+inline __m256 take_mask(__m256 v, __m256 cur) {
+  return _mm256_or_ps(_mm256_cmp_ps(v, cur, _CMP_GT_OQ), _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+}
+
+inline void max_pass(const float* __restrict src, float* __restrict acc, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(src + i), a = _mm256_loadu_ps(acc + i);
+    _mm256_storeu_ps(acc + i, _mm256_blendv_ps(a, v, take_mask(v, a)));
+  }
+  for (; i < n; ++i) acc[i] = takes(src[i], acc[i]) ? src[i] : acc[i];
+}
+
+inline void max_pass_pos(const float* __restrict src, float* __restrict acc,
+                         int32_t* __restrict best, int32_t k, int64_t n) {
+  const __m256 kv = _mm256_castsi256_ps(_mm256_set1_epi32(k));
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(src + i), a = _mm256_loadu_ps(acc + i);
+    const __m256 m = take_mask(v, a);
+    const __m256 b = _mm256_loadu_ps(reinterpret_cast<const float*>(best + i));
+    _mm256_storeu_ps(acc + i, _mm256_blendv_ps(a, v, m));
+    _mm256_storeu_ps(reinterpret_cast<float*>(best + i), _mm256_blendv_ps(b, kv, m));
+  }
+  for (; i < n; ++i) {
+    const bool t = takes(src[i], acc[i]);
+    acc[i] = t ? src[i] : acc[i];
+    best[i] = t ? k : best[i];
+  }
+}
+
+inline void sum_pass(const float* __restrict src, float* __restrict acc, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(acc + i, _mm256_add_ps(_mm256_loadu_ps(acc + i), _mm256_loadu_ps(src + i)));
+  }
+  for (; i < n; ++i) acc[i] += src[i];
+}
+
+inline void masked_add(const float* __restrict grad, const uint8_t* __restrict pos, int32_t k,
+                       float* __restrict dst, int64_t n) {
+  const __m256i kv = _mm256_set1_epi32(k);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i p = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(pos + i)));
+    const __m256 m = _mm256_castsi256_ps(_mm256_cmpeq_epi32(p, kv));
+    const __m256 g = _mm256_and_ps(m, _mm256_loadu_ps(grad + i));
+    _mm256_storeu_ps(dst + i, _mm256_add_ps(_mm256_loadu_ps(dst + i), g));
+  }
+  for (; i < n; ++i) dst[i] += (static_cast<int32_t>(pos[i]) == k) ? grad[i] : 0.f;
+}
+
+inline void convert(const c10::Half* __restrict src, float* __restrict dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  }
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+inline void convert(const c10::BFloat16* __restrict src, float* __restrict dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
+    _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
+  }
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+// a[j] = src[2j], b[j] = src[2j + 1] for j < m (reads exactly src[0, 2m)).
+inline void deinterleave2(const float* __restrict src, float* __restrict a, float* __restrict b,
+                          int64_t m) {
+  int64_t j = 0;
+  for (; j + 8 <= m; j += 8) {
+    const __m256 lo = _mm256_loadu_ps(src + 2 * j), hi = _mm256_loadu_ps(src + 2 * j + 8);
+    const __m256 even = _mm256_shuffle_ps(lo, hi, 0x88), odd = _mm256_shuffle_ps(lo, hi, 0xDD);
+    _mm256_storeu_ps(a + j, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(even), 0xD8)));
+    _mm256_storeu_ps(b + j, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(odd), 0xD8)));
+  }
+  for (; j < m; ++j) { a[j] = src[2 * j]; b[j] = src[2 * j + 1]; }
+}
+
+// dst[2j] = a[j], dst[2j + 1] = b[j] for j < m.
+inline void interleave2(const float* __restrict a, const float* __restrict b,
+                        float* __restrict dst, int64_t m) {
+  int64_t j = 0;
+  for (; j + 8 <= m; j += 8) {
+    const __m256 va = _mm256_loadu_ps(a + j), vb = _mm256_loadu_ps(b + j);
+    const __m256 lo = _mm256_unpacklo_ps(va, vb), hi = _mm256_unpackhi_ps(va, vb);
+    _mm256_storeu_ps(dst + 2 * j, _mm256_permute2f128_ps(lo, hi, 0x20));
+    _mm256_storeu_ps(dst + 2 * j + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+  }
+  for (; j < m; ++j) { dst[2 * j] = a[j]; dst[2 * j + 1] = b[j]; }
+}
+#define TORCHPOOL_HAS_STRIDE2 1
+#endif  // TORCHPOOL_AVX2
+
 // A C-vector as acc_t: the input itself when it already is, else converted into `tmp`.
 template <typename scalar_t, typename acc_t>
 inline const acc_t* src_as_acc(const scalar_t* src, acc_t* tmp, int64_t n) {
@@ -111,46 +212,70 @@ struct RowPhases {
   int64_t run(int64_t off) const { return (off % s) * len + off / s; }
 };
 
+// Moves row[0, n) to / from its place x = i + pad in the phases. The generic version goes phase by
+// phase with strided accesses; float rows of stride 2 use the SIMD (de)interleave.
+template <typename scalar_t, typename acc_t, bool kLoad>
+inline void move_row(std::conditional_t<kLoad, const scalar_t*, scalar_t*> row, acc_t* buf,
+                     const RowPhases& ph, int64_t pad, int64_t n) {
+  const int64_t s = ph.s;
+#if defined(TORCHPOOL_HAS_STRIDE2)
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+    if (s == 2) {
+      int64_t i = 0;
+      if (pad & 1) {  // row[0] is alone at the start of phase 1
+        if constexpr (kLoad) buf[ph.index(pad)] = row[0]; else row[0] = buf[ph.index(pad)];
+        i = 1;
+      }
+      const int64_t pairs = (n - i) / 2, j = (i + pad) / 2;
+      if constexpr (kLoad) {
+        deinterleave2(row + i, buf + j, buf + ph.len + j, pairs);
+      } else {
+        interleave2(buf + j, buf + ph.len + j, row + i, pairs);
+      }
+      i += 2 * pairs;
+      if (i < n) {
+        if constexpr (kLoad) buf[ph.index(i + pad)] = row[i]; else row[i] = buf[ph.index(i + pad)];
+      }
+      return;
+    }
+  }
+#endif
+  for (int64_t p = 0; p < s; ++p) {
+    acc_t* ph_p = buf + p * ph.len;
+    // Phase p holds the elements i = j*s + p - pad, j in [j0, j1).
+    const int64_t j0 = std::min(ph.len, pad > p ? (pad - p + s - 1) / s : 0);
+    const int64_t j1 = std::max(j0, std::min(ph.len, (n + pad - p + s - 1) / s));
+    const int64_t cnt = j1 - j0, first = j0 * s + p - pad;
+    if constexpr (kLoad) {
+      const scalar_t* __restrict src = row + first;
+      acc_t* __restrict dst = ph_p + j0;
+      if (s == 1) {
+        convert(src, dst, cnt);
+      } else {
+        for (int64_t j = 0; j < cnt; ++j) dst[j] = static_cast<acc_t>(src[s * j]);
+      }
+    } else {
+      scalar_t* __restrict dst = row + first;
+      const acc_t* __restrict src = ph_p + j0;
+      for (int64_t j = 0; j < cnt; ++j) dst[s * j] = static_cast<scalar_t>(src[j]);
+    }
+  }
+}
+
+// Fills the phases with one input row: padding (and the slack past the padded width) = `fill`.
 template <typename scalar_t, typename acc_t>
 inline void load_row(const scalar_t* row, acc_t* buf, const RowPhases& ph, int64_t pad,
                      int64_t in_w, acc_t fill) {
-  const int64_t s = ph.s;
-  for (int64_t p = 0; p < s; ++p) {
-    acc_t* __restrict dst = buf + p * ph.len;
-    // j covers input i = j*s + p - pad; valid for j in [j0, j1)
-    const int64_t j0 = std::min(ph.len, pad > p ? (pad - p + s - 1) / s : 0);
-    const int64_t j1 = std::max(j0, std::min(ph.len, (in_w + pad - p + s - 1) / s));
-    for (int64_t j = 0; j < j0; ++j) dst[j] = fill;
-    const scalar_t* __restrict src = row + (j0 * s + p - pad);
-    if (s == 1) {
-      convert(src, dst + j0, j1 - j0);
-    } else if (s == 2) {
-      for (int64_t j = 0; j < j1 - j0; ++j) dst[j0 + j] = static_cast<acc_t>(src[2 * j]);
-    } else {
-      for (int64_t j = 0; j < j1 - j0; ++j) dst[j0 + j] = static_cast<acc_t>(src[s * j]);
-    }
-    for (int64_t j = j1; j < ph.len; ++j) dst[j] = fill;
-  }
+  for (int64_t x = 0; x < pad; ++x) buf[ph.index(x)] = fill;
+  for (int64_t x = pad + in_w; x < ph.s * ph.len; ++x) buf[ph.index(x)] = fill;
+  move_row<scalar_t, acc_t, true>(row, buf, ph, pad, in_w);
 }
 
 // Inverse of load_row for the in-input part: row[i] = buf[x = i + pad].
 template <typename scalar_t, typename acc_t>
 inline void store_row(const acc_t* buf, scalar_t* row, const RowPhases& ph, int64_t pad,
                       int64_t in_w) {
-  const int64_t s = ph.s;
-  for (int64_t p = 0; p < s; ++p) {
-    const acc_t* __restrict src = buf + p * ph.len;
-    const int64_t j0 = std::min(ph.len, pad > p ? (pad - p + s - 1) / s : 0);
-    const int64_t j1 = std::max(j0, std::min(ph.len, (in_w + pad - p + s - 1) / s));
-    scalar_t* __restrict dst = row + (j0 * s + p - pad);
-    if (s == 1) {
-      for (int64_t j = 0; j < j1 - j0; ++j) dst[j] = static_cast<scalar_t>(src[j0 + j]);
-    } else if (s == 2) {
-      for (int64_t j = 0; j < j1 - j0; ++j) dst[2 * j] = static_cast<scalar_t>(src[j0 + j]);
-    } else {
-      for (int64_t j = 0; j < j1 - j0; ++j) dst[s * j] = static_cast<scalar_t>(src[j0 + j]);
-    }
-  }
+  move_row<scalar_t, acc_t, false>(row, const_cast<acc_t*>(buf), ph, pad, in_w);
 }
 
 // Flat window position of the first in-input cell of output (od, oh, ow).
@@ -377,6 +502,24 @@ inline int64_t avg_divisor(const PoolGeometry& g, int64_t od, int64_t oh, int64_
          g.avg_count(2, ow, count_include_pad);
 }
 
+// Divisors of the outputs (od, oh, 0..OW) of one output row.
+template <typename acc_t>
+inline void row_divisors(const PoolGeometry& g, int64_t od, int64_t oh, bool count_include_pad,
+                         int64_t divisor_override, acc_t* div) {
+  const int64_t dh = divisor_override != 0 ? 1 : g.avg_count(0, od, count_include_pad) *
+                                                     g.avg_count(1, oh, count_include_pad);
+  for (int64_t ow = 0; ow < g.out[2]; ++ow) {
+    div[ow] = static_cast<acc_t>(divisor_override != 0 ? divisor_override
+                                                       : dh * g.avg_count(2, ow, count_include_pad));
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline void divide(const acc_t* __restrict a, const acc_t* __restrict div,
+                   scalar_t* __restrict out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(a[i] / div[i]);
+}
+
 template <typename scalar_t>
 void avg_fwd_planar(const scalar_t* in, scalar_t* out, const PoolGeometry& g, int64_t planes,
                     bool count_include_pad, int64_t divisor_override) {
@@ -387,7 +530,7 @@ void avg_fwd_planar(const scalar_t* in, scalar_t* out, const PoolGeometry& g, in
   const RowPhases ph(g);
   at::parallel_for(0, rows, grain_for(OW * g.window_cells()), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buf(ph.size());
-    std::vector<acc_t> acc(OW);
+    std::vector<acc_t> acc(OW), div(OW);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t plane = r / (OD * OH), od = (r / OH) % OD, oh = r % OH;
       std::fill(acc.begin(), acc.end(), acc_t(0));
@@ -405,12 +548,8 @@ void avg_fwd_planar(const scalar_t* in, scalar_t* out, const PoolGeometry& g, in
           }
         }
       }
-      scalar_t* o = out + r * OW;
-      for (int64_t ow = 0; ow < OW; ++ow) {
-        const acc_t div = static_cast<acc_t>(
-            avg_divisor(g, od, oh, ow, count_include_pad, divisor_override));
-        o[ow] = static_cast<scalar_t>(acc[ow] / div);
-      }
+      row_divisors(g, od, oh, count_include_pad, divisor_override, div.data());
+      divide(acc.data(), div.data(), out + r * OW, OW);
     }
   });
 }
@@ -463,7 +602,7 @@ void avg_bwd_planar(const scalar_t* gout, scalar_t* gin, const PoolGeometry& g, 
   const RowPhases ph(g);
   at::parallel_for(0, rows, grain_for(IW * 2), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buf(ph.size());
-    std::vector<acc_t> scaled(OW);
+    std::vector<acc_t> grad(OW), scaled(OW), div(OW);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t plane = r / (ID * IH), id = (r / IH) % ID, ih = r % IH;
       std::fill(buf.begin(), buf.end(), acc_t(0));
@@ -472,16 +611,10 @@ void avg_bwd_planar(const scalar_t* gout, scalar_t* gin, const PoolGeometry& g, 
       g.covering_outputs(1, ih, oh0, oh1);
       for (int64_t od = od0; od < od1; ++od) {
         for (int64_t oh = oh0; oh < oh1; ++oh) {
-          const scalar_t* go = gout + ((plane * OD + od) * OH + oh) * OW;
-          for (int64_t ow = 0; ow < OW; ++ow) {
-            scaled[ow] = static_cast<acc_t>(go[ow]) /
-                         static_cast<acc_t>(avg_divisor(g, od, oh, ow, count_include_pad,
-                                                        divisor_override));
-          }
-          for (int64_t kw = 0; kw < KW; ++kw) {
-            acc_t* dst = buf.data() + ph.run(kw);
-            for (int64_t ow = 0; ow < OW; ++ow) dst[ow] += scaled[ow];
-          }
+          convert(gout + ((plane * OD + od) * OH + oh) * OW, grad.data(), OW);
+          row_divisors(g, od, oh, count_include_pad, divisor_override, div.data());
+          divide(grad.data(), div.data(), scaled.data(), OW);
+          for (int64_t kw = 0; kw < KW; ++kw) sum_pass(scaled.data(), buf.data() + ph.run(kw), OW);
         }
       }
       store_row(buf.data(), gin + r * IW, ph, g.pad[2], IW);

@@ -8,14 +8,18 @@
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/dispatch.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 #define TORCHPOOL_CPU_NS torchpool::cpu::avx2_isa
+#define TORCHPOOL_AVX2 1
 #include "cpu/kernels.h"
 #include "cpu/kernels_table.h"
 #pragma GCC pop_options
