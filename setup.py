@@ -31,7 +31,7 @@ def _sources(pattern):
 def extension():
     with_cuda = _want_cuda()
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
-    cxx = ["-O3", "-DPy_LIMITED_API=0x03090000"]
+    cxx = ["-O3", "-g0", "-DPy_LIMITED_API=0x03090000"]
     if with_cuda:
         sources += _sources("csrc/cuda/*.cu")
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")

@@ -1,0 +1,1 @@
+"""torchpool benchmarks: the suite (`benchmarks.suite`) and its runner (`python -m benchmarks.run`)."""
