@@ -278,12 +278,60 @@ inline void store_row(const acc_t* buf, scalar_t* row, const RowPhases& ph, int6
   move_row<scalar_t, acc_t, false>(row, const_cast<acc_t*>(buf), ph, pad, in_w);
 }
 
-// Flat window position of the first in-input cell of output (od, oh, ow).
-inline int32_t first_valid_pos(const PoolGeometry& g, int64_t od, int64_t oh, int64_t ow) {
-  int64_t lo[3], hi[3];
-  const int64_t o[3] = {od, oh, ow};
-  for (int d = 0; d < 3; ++d) g.valid_cells(d, o[d], lo[d], hi[d]);
-  return static_cast<int32_t>((lo[0] * g.kernel[1] + lo[1]) * g.kernel[2] + lo[2]);
+// ---------------------------------------------------------------------------------------------
+// Per-dim window tables, built once per call so that the row loops divide nothing.
+
+struct DimTable {
+  std::vector<int64_t> lo, hi;       // per output: window cells [lo, hi) that lie in the input
+  std::vector<int64_t> count;        // per output: average divisor factor (avg pools)
+  std::vector<int64_t> first;        // per input coordinate: its run in `cover`
+  std::vector<int64_t> cover_o, cover_k;  // (output, window cell) pairs covering it, o ascending
+
+  DimTable(const PoolGeometry& g, int d, bool with_cover, bool count_include_pad = true)
+      : lo(g.out[d]), hi(g.out[d]), count(g.out[d]) {
+    for (int64_t o = 0; o < g.out[d]; ++o) {
+      g.valid_cells(d, o, lo[o], hi[o]);
+      count[o] = g.avg_count(d, o, count_include_pad);
+    }
+    if (!with_cover) return;
+    first.assign(g.in[d] + 1, 0);
+    for (int64_t i = 0; i < g.in[d]; ++i) {
+      first[i] = static_cast<int64_t>(cover_o.size());
+      int64_t o0, o1;
+      g.covering_outputs(d, i, o0, o1);
+      for (int64_t o = o0; o < o1; ++o) {
+        const int64_t rel = i + g.pad[d] - o * g.stride[d];
+        if (rel % g.dilation[d] != 0 || rel / g.dilation[d] >= g.kernel[d]) continue;
+        cover_o.push_back(o);
+        cover_k.push_back(rel / g.dilation[d]);
+      }
+    }
+    first[g.in[d]] = static_cast<int64_t>(cover_o.size());
+  }
+};
+
+// Row index r = (a * B + b) * C + c, advanced without division.
+struct RowCounter {
+  int64_t a, b, c;
+  const int64_t B, C;
+  RowCounter(int64_t r, int64_t B_, int64_t C_) : a(r / (B_ * C_)), b((r / C_) % B_), c(r % C_), B(B_), C(C_) {}
+  void next() {
+    if (++c == C) {
+      c = 0;
+      if (++b == B) { b = 0; ++a; }
+    }
+  }
+};
+
+// Saved positions: int32 window cells -> pos_t; a window whose values never replaced -inf
+// reports its first in-input cell, as torch does.
+template <typename pos_t>
+inline void store_positions(int32_t* best, pos_t* __restrict out, int32_t first_dh,
+                            const DimTable& tw, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (best[i] < 0) best[i] = first_dh + static_cast<int32_t>(tw.lo[i]);
+  }
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<pos_t>(best[i]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -295,25 +343,22 @@ void max_fwd_planar(const scalar_t* in, scalar_t* out, pos_t* pos, const PoolGeo
   using acc_t = acc_type<scalar_t>;
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t IH = g.in[1], IW = g.in[2], KH = g.kernel[1], KW = g.kernel[2];
-  const int64_t rows = planes * OD * OH;
+  const DimTable td(g, 0, false), th(g, 1, false), tw(g, 2, false);
   const RowPhases ph(g);
-  at::parallel_for(0, rows, grain_for(OW * g.window_cells()), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buf(ph.size());
-    std::vector<acc_t> acc(OW);
+  at::parallel_for(0, planes * OD * OH, grain_for(OW * g.window_cells()), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf(ph.size()), acc(OW);
     std::vector<int32_t> best(kPos ? OW : 0);
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t plane = r / (OD * OH), od = (r / OH) % OD, oh = r % OH;
+    RowCounter it(begin, OD, OH);
+    for (int64_t r = begin; r < end; ++r, it.next()) {
+      const int64_t plane = it.a, od = it.b, oh = it.c;
       std::fill(acc.begin(), acc.end(), neg_inf<acc_t>());
       if (kPos) std::fill(best.begin(), best.end(), -1);
-      int64_t kd0, kd1, kh0, kh1;
-      g.valid_cells(0, od, kd0, kd1);
-      g.valid_cells(1, oh, kh0, kh1);
-      for (int64_t kd = kd0; kd < kd1; ++kd) {
+      for (int64_t kd = td.lo[od]; kd < td.hi[od]; ++kd) {
         const int64_t id = g.input_coord(0, od, kd);
-        for (int64_t kh = kh0; kh < kh1; ++kh) {
+        for (int64_t kh = th.lo[oh]; kh < th.hi[oh]; ++kh) {
           const int64_t ih = g.input_coord(1, oh, kh);
-          const scalar_t* row = in + ((plane * g.in[0] + id) * IH + ih) * IW;
-          load_row(row, buf.data(), ph, g.pad[2], IW, neg_inf<acc_t>());
+          load_row(in + ((plane * g.in[0] + id) * IH + ih) * IW, buf.data(), ph, g.pad[2], IW,
+                   neg_inf<acc_t>());
           const int32_t base = static_cast<int32_t>((kd * KH + kh) * KW);
           for (int64_t kw = 0; kw < KW; ++kw) {
             const acc_t* src = buf.data() + ph.run(kw * g.dilation[2]);
@@ -325,14 +370,10 @@ void max_fwd_planar(const scalar_t* in, scalar_t* out, pos_t* pos, const PoolGeo
           }
         }
       }
-      scalar_t* o = out + r * OW;
-      for (int64_t ow = 0; ow < OW; ++ow) o[ow] = static_cast<scalar_t>(acc[ow]);
+      convert(acc.data(), out + r * OW, OW);
       if (kPos) {
-        pos_t* p = pos + r * OW;
-        for (int64_t ow = 0; ow < OW; ++ow) {
-          const int32_t b = best[ow] >= 0 ? best[ow] : first_valid_pos(g, od, oh, ow);
-          p[ow] = static_cast<pos_t>(b);
-        }
+        const int32_t first_dh = static_cast<int32_t>((td.lo[od] * KH + th.lo[oh]) * KW);
+        store_positions(best.data(), pos + r * OW, first_dh, tw, OW);
       }
     }
   });
@@ -344,31 +385,27 @@ void max_fwd_cl(const scalar_t* in, scalar_t* out, pos_t* pos, const PoolGeometr
   using acc_t = acc_type<scalar_t>;
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2], KH = g.kernel[1], KW = g.kernel[2];
-  const int64_t rows = N * OD * OH;
-  at::parallel_for(0, rows, grain_for(OW * C * g.window_cells()), [&](int64_t begin, int64_t end) {
+  const DimTable td(g, 0, false), th(g, 1, false), tw(g, 2, false);
+  at::parallel_for(0, N * OD * OH, grain_for(OW * C * g.window_cells()), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(C), tmp(C);
     std::vector<int32_t> best(kPos ? C : 0);
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t n = r / (OD * OH), od = (r / OH) % OD, oh = r % OH;
-      int64_t kd0, kd1, kh0, kh1;
-      g.valid_cells(0, od, kd0, kd1);
-      g.valid_cells(1, oh, kh0, kh1);
+    RowCounter it(begin, OD, OH);
+    for (int64_t r = begin; r < end; ++r, it.next()) {
+      const int64_t n = it.a, od = it.b, oh = it.c;
       for (int64_t ow = 0; ow < OW; ++ow) {
-        int64_t kw0, kw1;
-        g.valid_cells(2, ow, kw0, kw1);
         std::fill(acc.begin(), acc.end(), neg_inf<acc_t>());
         if (kPos) {
           std::fill(best.begin(), best.end(),
-                    static_cast<int32_t>((kd0 * KH + kh0) * KW + kw0));
+                    static_cast<int32_t>((td.lo[od] * KH + th.lo[oh]) * KW + tw.lo[ow]));
         }
-        for (int64_t kd = kd0; kd < kd1; ++kd) {
+        for (int64_t kd = td.lo[od]; kd < td.hi[od]; ++kd) {
           const int64_t id = g.input_coord(0, od, kd);
-          for (int64_t kh = kh0; kh < kh1; ++kh) {
+          for (int64_t kh = th.lo[oh]; kh < th.hi[oh]; ++kh) {
             const int64_t ih = g.input_coord(1, oh, kh);
-            for (int64_t kw = kw0; kw < kw1; ++kw) {
+            for (int64_t kw = tw.lo[ow]; kw < tw.hi[ow]; ++kw) {
               const int64_t iw = g.input_coord(2, ow, kw);
-              const scalar_t* src = in + (((n * ID + id) * IH + ih) * IW + iw) * C;
-              const acc_t* v = src_as_acc(src, tmp.data(), C);
+              const acc_t* v =
+                  src_as_acc(in + (((n * ID + id) * IH + ih) * IW + iw) * C, tmp.data(), C);
               if (kPos) {
                 max_pass_pos(v, acc.data(), best.data(),
                              static_cast<int32_t>((kd * KH + kh) * KW + kw), C);
@@ -379,17 +416,16 @@ void max_fwd_cl(const scalar_t* in, scalar_t* out, pos_t* pos, const PoolGeometr
           }
         }
         const int64_t o = (r * OW + ow) * C;
-        for (int64_t c = 0; c < C; ++c) out[o + c] = static_cast<scalar_t>(acc[c]);
-        if (kPos) {
-          for (int64_t c = 0; c < C; ++c) pos[o + c] = static_cast<pos_t>(best[c]);
-        }
+        convert(acc.data(), out + o, C);
+        if (kPos) convert(best.data(), pos + o, C);
       }
     }
   });
 }
 
 // ---------------------------------------------------------------------------------------------
-// Max pool backward: each input row gathers from the outputs whose windows cover it.
+// Max pool backward: each input row gathers from the outputs whose windows cover it, in a fixed
+// order, so every input cell is written once by one thread.
 
 template <typename scalar_t, typename pos_t>
 void max_bwd_planar(const scalar_t* gout, const pos_t* pos, scalar_t* gin, const PoolGeometry& g,
@@ -397,30 +433,22 @@ void max_bwd_planar(const scalar_t* gout, const pos_t* pos, scalar_t* gin, const
   using acc_t = acc_type<scalar_t>;
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2], KH = g.kernel[1], KW = g.kernel[2];
-  const int64_t rows = planes * ID * IH;
+  const DimTable td(g, 0, true), th(g, 1, true);
   const RowPhases ph(g);
-  at::parallel_for(0, rows, grain_for(IW * 2), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, planes * ID * IH, grain_for(IW * 2), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buf(ph.size());
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t plane = r / (ID * IH), id = (r / IH) % ID, ih = r % IH;
+    RowCounter it(begin, ID, IH);
+    for (int64_t r = begin; r < end; ++r, it.next()) {
+      const int64_t plane = it.a, id = it.b, ih = it.c;
       std::fill(buf.begin(), buf.end(), acc_t(0));
-      int64_t od0, od1, oh0, oh1;
-      g.covering_outputs(0, id, od0, od1);
-      g.covering_outputs(1, ih, oh0, oh1);
-      for (int64_t od = od0; od < od1; ++od) {
-        const int64_t rd = id + g.pad[0] - od * g.stride[0];
-        if (rd % g.dilation[0] != 0) continue;
-        const int64_t kd = rd / g.dilation[0];
-        for (int64_t oh = oh0; oh < oh1; ++oh) {
-          const int64_t rh = ih + g.pad[1] - oh * g.stride[1];
-          if (rh % g.dilation[1] != 0) continue;
-          const int64_t kh = rh / g.dilation[1];
+      for (int64_t cd = td.first[id]; cd < td.first[id + 1]; ++cd) {
+        const int64_t od = td.cover_o[cd], kd = td.cover_k[cd];
+        for (int64_t ch = th.first[ih]; ch < th.first[ih + 1]; ++ch) {
+          const int64_t oh = th.cover_o[ch], kh = th.cover_k[ch];
           const int64_t orow = ((plane * OD + od) * OH + oh) * OW;
-          const scalar_t* go = gout + orow;
-          const pos_t* po = pos + orow;
           const int32_t base = static_cast<int32_t>((kd * KH + kh) * KW);
           for (int64_t kw = 0; kw < KW; ++kw) {
-            masked_add(go, po, base + static_cast<int32_t>(kw),
+            masked_add(gout + orow, pos + orow, base + static_cast<int32_t>(kw),
                        buf.data() + ph.run(kw * g.dilation[2]), OW);
           }
         }
@@ -436,36 +464,26 @@ void max_bwd_cl(const scalar_t* gout, const pos_t* pos, scalar_t* gin, const Poo
   using acc_t = acc_type<scalar_t>;
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2], KH = g.kernel[1], KW = g.kernel[2];
-  const int64_t rows = N * ID * IH;
-  at::parallel_for(0, rows, grain_for(IW * C), [&](int64_t begin, int64_t end) {
+  const DimTable td(g, 0, true), th(g, 1, true), tw(g, 2, true);
+  at::parallel_for(0, N * ID * IH, grain_for(IW * C), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(C);
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t n = r / (ID * IH), id = (r / IH) % ID, ih = r % IH;
-      int64_t od0, od1, oh0, oh1;
-      g.covering_outputs(0, id, od0, od1);
-      g.covering_outputs(1, ih, oh0, oh1);
+    RowCounter it(begin, ID, IH);
+    for (int64_t r = begin; r < end; ++r, it.next()) {
+      const int64_t n = it.a, id = it.b, ih = it.c;
       for (int64_t iw = 0; iw < IW; ++iw) {
-        int64_t ow0, ow1;
-        g.covering_outputs(2, iw, ow0, ow1);
         std::fill(acc.begin(), acc.end(), acc_t(0));
-        for (int64_t od = od0; od < od1; ++od) {
-          const int64_t rd = id + g.pad[0] - od * g.stride[0];
-          if (rd % g.dilation[0] != 0) continue;
-          for (int64_t oh = oh0; oh < oh1; ++oh) {
-            const int64_t rh = ih + g.pad[1] - oh * g.stride[1];
-            if (rh % g.dilation[1] != 0) continue;
-            for (int64_t ow = ow0; ow < ow1; ++ow) {
-              const int64_t rw = iw + g.pad[2] - ow * g.stride[2];
-              if (rw % g.dilation[2] != 0) continue;
+        for (int64_t cd = td.first[id]; cd < td.first[id + 1]; ++cd) {
+          for (int64_t ch = th.first[ih]; ch < th.first[ih + 1]; ++ch) {
+            for (int64_t cw = tw.first[iw]; cw < tw.first[iw + 1]; ++cw) {
               const int32_t k = static_cast<int32_t>(
-                  ((rd / g.dilation[0]) * KH + rh / g.dilation[1]) * KW + rw / g.dilation[2]);
-              const int64_t o = (((n * OD + od) * OH + oh) * OW + ow) * C;
+                  (td.cover_k[cd] * KH + th.cover_k[ch]) * KW + tw.cover_k[cw]);
+              const int64_t o =
+                  (((n * OD + td.cover_o[cd]) * OH + th.cover_o[ch]) * OW + tw.cover_o[cw]) * C;
               masked_add(gout + o, pos + o, k, acc.data(), C);
             }
           }
         }
-        scalar_t* gi = gin + (r * IW + iw) * C;
-        for (int64_t c = 0; c < C; ++c) gi[c] = static_cast<scalar_t>(acc[c]);
+        convert(acc.data(), gin + (r * IW + iw) * C, C);
       }
     }
   });
@@ -492,27 +510,27 @@ void pos_to_index(const pos_t* pos, int64_t* idx, const PoolGeometry& g, int64_t
 }
 
 // ---------------------------------------------------------------------------------------------
-// Average pool.
+// Average pool (no dilation). The divisor of output (od, oh, ow) is divisor_override, or the
+// product of the per-dim counts (torch's rule).
 
-// Divisor of output (od, oh, ow).
-inline int64_t avg_divisor(const PoolGeometry& g, int64_t od, int64_t oh, int64_t ow,
-                           bool count_include_pad, int64_t divisor_override) {
-  if (divisor_override != 0) return divisor_override;
-  return g.avg_count(0, od, count_include_pad) * g.avg_count(1, oh, count_include_pad) *
-         g.avg_count(2, ow, count_include_pad);
-}
+struct AvgTables {
+  DimTable d, h, w;
+  int64_t divisor_override;
+  AvgTables(const PoolGeometry& g, bool cover, bool count_include_pad, int64_t divisor_override_)
+      : d(g, 0, cover, count_include_pad), h(g, 1, cover, count_include_pad),
+        w(g, 2, cover, count_include_pad), divisor_override(divisor_override_) {}
 
-// Divisors of the outputs (od, oh, 0..OW) of one output row.
-template <typename acc_t>
-inline void row_divisors(const PoolGeometry& g, int64_t od, int64_t oh, bool count_include_pad,
-                         int64_t divisor_override, acc_t* div) {
-  const int64_t dh = divisor_override != 0 ? 1 : g.avg_count(0, od, count_include_pad) *
-                                                     g.avg_count(1, oh, count_include_pad);
-  for (int64_t ow = 0; ow < g.out[2]; ++ow) {
-    div[ow] = static_cast<acc_t>(divisor_override != 0 ? divisor_override
-                                                       : dh * g.avg_count(2, ow, count_include_pad));
+  template <typename acc_t>
+  void row_divisors(int64_t od, int64_t oh, acc_t* div) const {
+    const int64_t dh = d.count[od] * h.count[oh];
+    for (size_t ow = 0; ow < w.count.size(); ++ow) {
+      div[ow] = static_cast<acc_t>(divisor_override != 0 ? divisor_override : dh * w.count[ow]);
+    }
   }
-}
+  int64_t divisor(int64_t od, int64_t oh, int64_t ow) const {
+    return divisor_override != 0 ? divisor_override : d.count[od] * h.count[oh] * w.count[ow];
+  }
+};
 
 template <typename scalar_t, typename acc_t>
 inline void divide(const acc_t* __restrict a, const acc_t* __restrict div,
@@ -526,29 +544,24 @@ void avg_fwd_planar(const scalar_t* in, scalar_t* out, const PoolGeometry& g, in
   using acc_t = acc_type<scalar_t>;
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t IH = g.in[1], IW = g.in[2], KW = g.kernel[2];
-  const int64_t rows = planes * OD * OH;
+  const AvgTables t(g, false, count_include_pad, divisor_override);
   const RowPhases ph(g);
-  at::parallel_for(0, rows, grain_for(OW * g.window_cells()), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buf(ph.size());
-    std::vector<acc_t> acc(OW), div(OW);
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t plane = r / (OD * OH), od = (r / OH) % OD, oh = r % OH;
+  at::parallel_for(0, planes * OD * OH, grain_for(OW * g.window_cells()), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf(ph.size()), acc(OW), div(OW);
+    RowCounter it(begin, OD, OH);
+    for (int64_t r = begin; r < end; ++r, it.next()) {
+      const int64_t plane = it.a, od = it.b, oh = it.c;
       std::fill(acc.begin(), acc.end(), acc_t(0));
-      int64_t kd0, kd1, kh0, kh1;
-      g.valid_cells(0, od, kd0, kd1);
-      g.valid_cells(1, oh, kh0, kh1);
-      for (int64_t kd = kd0; kd < kd1; ++kd) {
+      for (int64_t kd = t.d.lo[od]; kd < t.d.hi[od]; ++kd) {
         const int64_t id = g.input_coord(0, od, kd);
-        for (int64_t kh = kh0; kh < kh1; ++kh) {
+        for (int64_t kh = t.h.lo[oh]; kh < t.h.hi[oh]; ++kh) {
           const int64_t ih = g.input_coord(1, oh, kh);
           load_row(in + ((plane * g.in[0] + id) * IH + ih) * IW, buf.data(), ph, g.pad[2], IW,
                    acc_t(0));
-          for (int64_t kw = 0; kw < KW; ++kw) {
-            sum_pass(buf.data() + ph.run(kw), acc.data(), OW);
-          }
+          for (int64_t kw = 0; kw < KW; ++kw) sum_pass(buf.data() + ph.run(kw), acc.data(), OW);
         }
       }
-      row_divisors(g, od, oh, count_include_pad, divisor_override, div.data());
+      t.row_divisors(od, oh, div.data());
       divide(acc.data(), div.data(), out + r * OW, OW);
     }
   });
@@ -560,33 +573,27 @@ void avg_fwd_cl(const scalar_t* in, scalar_t* out, const PoolGeometry& g, int64_
   using acc_t = acc_type<scalar_t>;
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2];
-  const int64_t rows = N * OD * OH;
-  at::parallel_for(0, rows, grain_for(OW * C * g.window_cells()), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(C), tmp(C);
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t n = r / (OD * OH), od = (r / OH) % OD, oh = r % OH;
-      int64_t kd0, kd1, kh0, kh1;
-      g.valid_cells(0, od, kd0, kd1);
-      g.valid_cells(1, oh, kh0, kh1);
+  const AvgTables t(g, false, count_include_pad, divisor_override);
+  at::parallel_for(0, N * OD * OH, grain_for(OW * C * g.window_cells()), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(C), tmp(C), div(C);
+    RowCounter it(begin, OD, OH);
+    for (int64_t r = begin; r < end; ++r, it.next()) {
+      const int64_t n = it.a, od = it.b, oh = it.c;
       for (int64_t ow = 0; ow < OW; ++ow) {
-        int64_t kw0, kw1;
-        g.valid_cells(2, ow, kw0, kw1);
         std::fill(acc.begin(), acc.end(), acc_t(0));
-        for (int64_t kd = kd0; kd < kd1; ++kd) {
+        for (int64_t kd = t.d.lo[od]; kd < t.d.hi[od]; ++kd) {
           const int64_t id = g.input_coord(0, od, kd);
-          for (int64_t kh = kh0; kh < kh1; ++kh) {
+          for (int64_t kh = t.h.lo[oh]; kh < t.h.hi[oh]; ++kh) {
             const int64_t ih = g.input_coord(1, oh, kh);
-            for (int64_t kw = kw0; kw < kw1; ++kw) {
+            for (int64_t kw = t.w.lo[ow]; kw < t.w.hi[ow]; ++kw) {
               const int64_t iw = g.input_coord(2, ow, kw);
               const scalar_t* src = in + (((n * ID + id) * IH + ih) * IW + iw) * C;
               sum_pass(src_as_acc(src, tmp.data(), C), acc.data(), C);
             }
           }
         }
-        const acc_t div = static_cast<acc_t>(
-            avg_divisor(g, od, oh, ow, count_include_pad, divisor_override));
-        scalar_t* o = out + (r * OW + ow) * C;
-        for (int64_t c = 0; c < C; ++c) o[c] = static_cast<scalar_t>(acc[c] / div);
+        std::fill(div.begin(), div.end(), static_cast<acc_t>(t.divisor(od, oh, ow)));
+        divide(acc.data(), div.data(), out + (r * OW + ow) * C, C);
       }
     }
   });
@@ -598,21 +605,20 @@ void avg_bwd_planar(const scalar_t* gout, scalar_t* gin, const PoolGeometry& g, 
   using acc_t = acc_type<scalar_t>;
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2], KW = g.kernel[2];
-  const int64_t rows = planes * ID * IH;
+  const AvgTables t(g, true, count_include_pad, divisor_override);
   const RowPhases ph(g);
-  at::parallel_for(0, rows, grain_for(IW * 2), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buf(ph.size());
-    std::vector<acc_t> grad(OW), scaled(OW), div(OW);
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t plane = r / (ID * IH), id = (r / IH) % ID, ih = r % IH;
+  at::parallel_for(0, planes * ID * IH, grain_for(IW * 2), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf(ph.size()), grad(OW), scaled(OW), div(OW);
+    RowCounter it(begin, ID, IH);
+    for (int64_t r = begin; r < end; ++r, it.next()) {
+      const int64_t plane = it.a, id = it.b, ih = it.c;
       std::fill(buf.begin(), buf.end(), acc_t(0));
-      int64_t od0, od1, oh0, oh1;
-      g.covering_outputs(0, id, od0, od1);
-      g.covering_outputs(1, ih, oh0, oh1);
-      for (int64_t od = od0; od < od1; ++od) {
-        for (int64_t oh = oh0; oh < oh1; ++oh) {
+      for (int64_t cd = t.d.first[id]; cd < t.d.first[id + 1]; ++cd) {
+        const int64_t od = t.d.cover_o[cd];
+        for (int64_t ch = t.h.first[ih]; ch < t.h.first[ih + 1]; ++ch) {
+          const int64_t oh = t.h.cover_o[ch];
           convert(gout + ((plane * OD + od) * OH + oh) * OW, grad.data(), OW);
-          row_divisors(g, od, oh, count_include_pad, divisor_override, div.data());
+          t.row_divisors(od, oh, div.data());
           divide(grad.data(), div.data(), scaled.data(), OW);
           for (int64_t kw = 0; kw < KW; ++kw) sum_pass(scaled.data(), buf.data() + ph.run(kw), OW);
         }
@@ -628,31 +634,28 @@ void avg_bwd_cl(const scalar_t* gout, scalar_t* gin, const PoolGeometry& g, int6
   using acc_t = acc_type<scalar_t>;
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2];
-  const int64_t rows = N * ID * IH;
-  at::parallel_for(0, rows, grain_for(IW * C), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(C);
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t n = r / (ID * IH), id = (r / IH) % ID, ih = r % IH;
-      int64_t od0, od1, oh0, oh1;
-      g.covering_outputs(0, id, od0, od1);
-      g.covering_outputs(1, ih, oh0, oh1);
+  const AvgTables t(g, true, count_include_pad, divisor_override);
+  at::parallel_for(0, N * ID * IH, grain_for(IW * C), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(C), grad(C), scaled(C), div(C);
+    RowCounter it(begin, ID, IH);
+    for (int64_t r = begin; r < end; ++r, it.next()) {
+      const int64_t n = it.a, id = it.b, ih = it.c;
       for (int64_t iw = 0; iw < IW; ++iw) {
-        int64_t ow0, ow1;
-        g.covering_outputs(2, iw, ow0, ow1);
         std::fill(acc.begin(), acc.end(), acc_t(0));
-        for (int64_t od = od0; od < od1; ++od) {
-          for (int64_t oh = oh0; oh < oh1; ++oh) {
-            for (int64_t ow = ow0; ow < ow1; ++ow) {
-              const acc_t div = static_cast<acc_t>(
-                  avg_divisor(g, od, oh, ow, count_include_pad, divisor_override));
-              const scalar_t* go = gout + (((n * OD + od) * OH + oh) * OW + ow) * C;
-              acc_t* a = acc.data();
-              for (int64_t c = 0; c < C; ++c) a[c] += static_cast<acc_t>(go[c]) / div;
+        for (int64_t cd = t.d.first[id]; cd < t.d.first[id + 1]; ++cd) {
+          const int64_t od = t.d.cover_o[cd];
+          for (int64_t ch = t.h.first[ih]; ch < t.h.first[ih + 1]; ++ch) {
+            const int64_t oh = t.h.cover_o[ch];
+            for (int64_t cw = t.w.first[iw]; cw < t.w.first[iw + 1]; ++cw) {
+              const int64_t ow = t.w.cover_o[cw];
+              convert(gout + (((n * OD + od) * OH + oh) * OW + ow) * C, grad.data(), C);
+              std::fill(div.begin(), div.end(), static_cast<acc_t>(t.divisor(od, oh, ow)));
+              divide(grad.data(), div.data(), scaled.data(), C);
+              sum_pass(scaled.data(), acc.data(), C);
             }
           }
         }
-        scalar_t* gi = gin + (r * IW + iw) * C;
-        for (int64_t c = 0; c < C; ++c) gi[c] = static_cast<scalar_t>(acc[c]);
+        convert(acc.data(), gin + (r * IW + iw) * C, C);
       }
     }
   });
