@@ -153,9 +153,13 @@ inline PoolGeometry make_geometry(const char* op, c10::IntArrayRef sizes, c10::I
                                 dilation[d], ceil_mode);
     outs.push_back(g.out[t]);
   }
+  bool dilated = false;
+  for (int64_t d = 0; d < nd; ++d) dilated = dilated || dilation[d] != 1;
   for (int64_t d = 0; d < nd; ++d) {
     TORCH_CHECK(outs[d] >= 1, op, ": input of shape ", fmt(sizes), " is too small for kernel_size ",
-                fmt(kernel), " with padding ", fmt(pad_before), ": output would be ", fmt(outs));
+                fmt(kernel), " with padding ", fmt(pad_before),
+                dilated ? " and dilation " + fmt(dilation) : std::string(), ": output would be ",
+                fmt(outs));
   }
   return g;
 }

@@ -125,9 +125,10 @@ def geometry(fn: str, input_shape: Sequence[int], nd: int, kernel_size: IntOrTup
     outs = tuple(output_size(n, k, s, pb, pa, d, ceil_mode)
                  for n, k, s, pb, pa, d in zip(spatial, kernel, strides, before, after, dil))
     if any(o < 1 for o in outs):
+        dilated = f" and dilation {fmt(dil)}" if any(d != 1 for d in dil) else ""
         raise ValueError(
             f"{fn}: input of shape {fmt(input_shape)} is too small for kernel_size {fmt(kernel)} "
-            f"with padding {fmt(before)}: output would be {fmt(outs)}")
+            f"with padding {fmt(before)}{dilated}: output would be {fmt(outs)}")
     return Geometry(kernel, strides, before, after, dil, ceil_mode)
 
 

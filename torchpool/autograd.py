@@ -2,6 +2,10 @@
 
 The inputs here are batched (N, C, *spatial) and the geometry explicit; torchpool.functional
 does the argument handling. Backward produces the gradient in the input's layout.
+
+Each backward is itself a Function, so gradients of gradients work (gradient penalties,
+double backward): a pooling backward is linear in grad_output, and its own derivative is a
+gather at the saved positions (max) or the forward pool again (average).
 """
 from __future__ import annotations
 
@@ -17,6 +21,13 @@ def _in_layout(grad_input: torch.Tensor, layout: torch.memory_format) -> torch.T
     contiguous when the output has a single channel or a single spatial cell; then the gradient
     is converted to the input's layout here (a no-op otherwise)."""
     return grad_input.contiguous(memory_format=layout)
+
+
+def _gather(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """values[n, c, index[n, c, ...]] over the flattened spatial dims of `values`."""
+    n, c = index.shape[:2]
+    flat = index.reshape(n, c, -1)
+    return values.reshape(n, c, -1).gather(2, flat).reshape(index.shape)
 
 
 class MaxPool(torch.autograd.Function):
@@ -42,8 +53,25 @@ class MaxPool(torch.autograd.Function):
     def backward(ctx, grad_output, _grad_pos):
         (pos,) = ctx.saved_tensors
         grad = grad_output.contiguous(memory_format=ctx.layout)
-        grad_input = ops.max_pool_backward(grad, pos, ctx.input_shape, *ctx.g)
-        return _in_layout(grad_input, ctx.layout), None
+        return MaxPoolBackward.apply(grad, pos, ctx.input_shape, ctx.g, ctx.layout), None
+
+
+class MaxPoolBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(grad, pos, input_shape, g, layout):
+        return _in_layout(ops.max_pool_backward(grad, pos, input_shape, *g), layout)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, pos, input_shape, g, _ = inputs
+        ctx.input_shape, ctx.g = input_shape, g
+        ctx.save_for_backward(pos)
+
+    @staticmethod
+    def backward(ctx, grad_grad_input):
+        (pos,) = ctx.saved_tensors
+        index = ops.max_pool_indices(pos, ctx.input_shape, *ctx.g)
+        return _gather(grad_grad_input, index), None, None, None, None
 
 
 class AvgPool(torch.autograd.Function):
@@ -56,15 +84,38 @@ class AvgPool(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        input, g, count_include_pad, divisor_override = inputs
-        ctx.args = (tuple(input.shape), g.kernel_size, g.stride, g.pad_before, g.pad_after,
-                    g.ceil_mode, count_include_pad, divisor_override)
+        input, *ctx.pool_args = inputs
+        ctx.input_shape = tuple(input.shape)
         ctx.layout = _args.layout_of(input)
 
     @staticmethod
     def backward(ctx, grad_output):
         grad = grad_output.contiguous(memory_format=ctx.layout)
-        return _in_layout(ops.avg_pool_backward(grad, *ctx.args), ctx.layout), None, None, None
+        grad_input = AvgPoolBackward.apply(grad, ctx.input_shape, ctx.layout, *ctx.pool_args)
+        return grad_input, None, None, None
+
+
+class AvgPoolBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(grad, input_shape, layout, g, count_include_pad, divisor_override):
+        grad_input = ops.avg_pool_backward(grad, input_shape, g.kernel_size, g.stride,
+                                           g.pad_before, g.pad_after, g.ceil_mode,
+                                           count_include_pad, divisor_override)
+        return _in_layout(grad_input, layout)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, _, ctx.layout, *ctx.pool_args = inputs
+
+    @staticmethod
+    def backward(ctx, grad_grad_input):
+        grad_grad = AvgPool.apply(grad_grad_input.contiguous(memory_format=ctx.layout),
+                                  *ctx.pool_args)
+        return grad_grad, None, None, None, None, None
+
+
+def _global_layout(input: torch.Tensor) -> bool:
+    return _args.layout_of(input) != torch.contiguous_format
 
 
 class GlobalMaxPool(torch.autograd.Function):
@@ -76,16 +127,30 @@ class GlobalMaxPool(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        (input,) = inputs
-        ctx.input_shape = tuple(input.shape)
-        ctx.channels_last = _args.layout_of(input) != torch.contiguous_format
+        ctx.input_shape = tuple(inputs[0].shape)
+        ctx.channels_last = _global_layout(inputs[0])
         ctx.save_for_backward(output[1])
         ctx.mark_non_differentiable(output[1])
 
     @staticmethod
     def backward(ctx, grad_output, _grad_pos):
         (pos,) = ctx.saved_tensors
-        return ops.global_max_pool_backward(grad_output, pos, ctx.input_shape, ctx.channels_last)
+        return GlobalMaxPoolBackward.apply(grad_output, pos, ctx.input_shape, ctx.channels_last)
+
+
+class GlobalMaxPoolBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(grad, pos, input_shape, channels_last):
+        return ops.global_max_pool_backward(grad, pos, input_shape, channels_last)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
+
+    @staticmethod
+    def backward(ctx, grad_grad_input):
+        (pos,) = ctx.saved_tensors
+        return _gather(grad_grad_input, pos.unsqueeze(-1)).squeeze(-1), None, None, None
 
 
 class GlobalAvgPool(torch.autograd.Function):
@@ -97,10 +162,23 @@ class GlobalAvgPool(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        (input,) = inputs
-        ctx.input_shape = tuple(input.shape)
-        ctx.channels_last = _args.layout_of(input) != torch.contiguous_format
+        ctx.input_shape = tuple(inputs[0].shape)
+        ctx.channels_last = _global_layout(inputs[0])
 
     @staticmethod
     def backward(ctx, grad_output):
-        return ops.global_avg_pool_backward(grad_output, ctx.input_shape, ctx.channels_last)
+        return GlobalAvgPoolBackward.apply(grad_output, ctx.input_shape, ctx.channels_last)
+
+
+class GlobalAvgPoolBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(grad, input_shape, channels_last):
+        return ops.global_avg_pool_backward(grad, input_shape, channels_last)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad_grad_input):
+        return GlobalAvgPool.apply(grad_grad_input), None, None

@@ -1,0 +1,247 @@
+"""Average pooling: parity with torch.nn.functional (values and gradients) for padding,
+ceil_mode, count_include_pad and divisor_override; layouts, unbatched, empty batches,
+determinism, gradcheck."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+
+import torchpool.functional as tpf
+from conftest import (
+    DTYPES,
+    HYPOTHESIS,
+    assert_close,
+    assert_layout_follows,
+    channels_last_format,
+    layouts_for,
+    make_input,
+    pool_cases,
+    ref_dtype,
+    run_fwd_bwd,
+)
+
+OURS = {1: tpf.avg_pool1d, 2: tpf.avg_pool2d, 3: tpf.avg_pool3d}
+
+
+def _lift(v):
+    """1d argument -> the 2d argument of the equivalent pool over a unit leading dim."""
+    if isinstance(v, int):
+        return (1, v)
+    return (1, *v)
+
+
+def torch_avg_pool1d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
+                     divisor_override=None):
+    """F.avg_pool1d has no divisor_override: run the same pool as a 2d pool with a unit height."""
+    out = F.avg_pool2d(
+        x.unsqueeze(-2),
+        _lift(kernel_size),
+        None if stride is None else _lift(stride),
+        (0, padding) if isinstance(padding, int) else (0, *padding),
+        ceil_mode,
+        count_include_pad,
+        divisor_override,
+    )
+    return out.squeeze(-2)
+
+
+TORCH = {1: torch_avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
+
+SHAPES = {1: (2, 3, 17), 2: (2, 3, 11, 13), 3: (2, 3, 7, 8, 9)}
+CONFIGS = {
+    1: [
+        dict(kernel_size=2),
+        dict(kernel_size=3, stride=1, padding=1),
+        dict(kernel_size=3, stride=2, padding=1, ceil_mode=True, count_include_pad=False),
+        dict(kernel_size=4, stride=3, padding=2, ceil_mode=True),
+        dict(kernel_size=2, stride=2, padding=1, ceil_mode=True),  # last window dropped by torch's rule
+        dict(kernel_size=3, stride=1, padding=1, divisor_override=5),
+        dict(kernel_size=5, stride=2, padding=2, ceil_mode=True, count_include_pad=False, divisor_override=2),
+    ],
+    2: [
+        dict(kernel_size=2),
+        dict(kernel_size=3, stride=2, padding=1),
+        dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 1), ceil_mode=True, count_include_pad=False),
+        dict(kernel_size=3, stride=1, padding=1, divisor_override=4),
+        dict(kernel_size=(2, 4), stride=(3, 2), padding=(1, 2), ceil_mode=True),
+    ],
+    3: [
+        dict(kernel_size=2),
+        dict(kernel_size=3, stride=2, padding=1, count_include_pad=False),
+        dict(kernel_size=(2, 3, 1), stride=(1, 2, 2), padding=(1, 1, 0), ceil_mode=True),
+        dict(kernel_size=3, stride=2, padding=1, ceil_mode=True, divisor_override=9),
+    ],
+}
+GRID = [
+    (nd, i, dtype, layout)
+    for nd in (1, 2, 3)
+    for i in range(len(CONFIGS[nd]))
+    for dtype in DTYPES
+    for layout in layouts_for(nd + 2)
+]
+
+
+def check_parity(x, nd, kw, gen):
+    """Ours vs torch (half types: torch in float32 on the upcast input, then cast)."""
+    dtype = x.dtype
+    rd = ref_dtype(dtype)
+    with torch.no_grad():
+        out_inf = OURS[nd](x, **kw)
+    out, grad, g = run_fwd_bwd(lambda t: OURS[nd](t, **kw), x, gen=gen)
+    rout, rgrad, _ = run_fwd_bwd(lambda t: TORCH[nd](t, **kw), x.to(rd), g=g.to(rd))
+    assert out.device == x.device
+    assert_close(out_inf, rout.to(dtype), dtype)
+    assert_close(out, rout.to(dtype), dtype)
+    assert_close(grad, rgrad.to(dtype), dtype)
+    assert_layout_follows(x, out_inf, out, grad)
+
+
+@pytest.mark.parametrize("nd,cfg,dtype,layout", GRID)
+def test_matches_torch_grid(device, rng, nd, cfg, dtype, layout):
+    x = make_input(SHAPES[nd], dtype, device, layout, rng)
+    check_parity(x, nd, CONFIGS[nd][cfg], rng)
+
+
+@HYPOTHESIS
+@given(case=pool_cases("avg"))
+def test_matches_torch_hypothesis(device, case):
+    gen = torch.Generator().manual_seed(case["seed"])
+    x = make_input(case["shape"], case["dtype"], device, case["layout"], gen)
+    check_parity(x, case["nd"], case["kw"], gen)
+
+
+@pytest.mark.parametrize("nd", [1, 2, 3])
+def test_negative_divisor_override(device, rng, nd):
+    x = make_input(SHAPES[nd], torch.float32, device, "contiguous", rng)
+    check_parity(x, nd, dict(kernel_size=3, stride=2, padding=1, divisor_override=-2), rng)
+
+
+@pytest.mark.parametrize("nd", [1, 2, 3])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_unbatched(device, rng, nd, dtype):
+    x = make_input(SHAPES[nd][1:], dtype, device, "contiguous", rng)
+    check_parity(x, nd, dict(kernel_size=3, stride=2, padding=1, count_include_pad=False), rng)
+
+
+@pytest.mark.parametrize("nd", [1, 2, 3])
+def test_empty_batch(device, nd):
+    x = torch.randn((0,) + SHAPES[nd][1:], device=device, requires_grad=True)
+    kw = dict(kernel_size=3, stride=2, padding=1)
+    out = OURS[nd](x, **kw)
+    assert out.shape == TORCH[nd](x.detach(), **kw).shape and out.dtype == x.dtype
+    out.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("nd", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_layout_preserved(device, rng, nd, dtype, layout):
+    fmt = torch.contiguous_format if layout == "contiguous" else channels_last_format(nd + 2)
+    x = make_input((2, 3) + SHAPES[nd][2:], dtype, device, layout, rng)
+    with torch.no_grad():
+        assert OURS[nd](x, 2).is_contiguous(memory_format=fmt)
+    out, grad, _ = run_fwd_bwd(lambda t: OURS[nd](t, 3, 2, 1), x, gen=rng)
+    assert out.is_contiguous(memory_format=fmt)
+    assert grad.is_contiguous(memory_format=fmt)
+
+
+def test_keras_worked_example(device):
+    x = torch.tensor([[1, 3, 2, 9], [5, 6, 1, 7], [4, 2, 8, 6], [3, 5, 7, 2]], dtype=torch.float32, device=device)
+    out = tpf.avg_pool2d(x[None, None], kernel_size=2, stride=2)
+    assert out.tolist() == [[[[3.75, 4.75], [3.5, 5.75]]]]
+    out = tpf.avg_pool2d(x[None], kernel_size=2, stride=2)  # unbatched
+    assert out.tolist() == [[[3.75, 4.75], [3.5, 5.75]]]
+
+
+def test_explicit_divisors(device):
+    """count_include_pad / divisor_override on a hand-computed 1d case."""
+    x = torch.tensor([[[1.0, 2.0, 3.0, 4.0, 5.0]]], device=device)
+    # windows over [0, 1, 2, 3, 4, 5, 0] (padding 1): [0,1,2], [2,3,4], [4,5,0]
+    assert tpf.avg_pool1d(x, 3, 2, 1).tolist() == [[[1.0, 3.0, 3.0]]]
+    assert tpf.avg_pool1d(x, 3, 2, 1, count_include_pad=False).tolist() == [[[1.5, 3.0, 4.5]]]
+    assert tpf.avg_pool1d(x, 3, 2, 1, divisor_override=2).tolist() == [[[1.5, 4.5, 4.5]]]
+    # ceil_mode: the window that starts at 4 holds only 5 (and no padding after the input).
+    assert tpf.avg_pool1d(x, 2, 2, ceil_mode=True).tolist() == [[[1.5, 3.5, 5.0]]]
+
+
+@pytest.mark.parametrize("nd", [2, 3])
+@pytest.mark.parametrize("kw", [dict(kernel_size=3, stride=1, padding=1), dict(kernel_size=4, stride=2, padding=2, count_include_pad=False, ceil_mode=True)])
+def test_backward_deterministic(device, rng, nd, kw):
+    """Overlapping windows: two backward runs are bit-identical (and match torch)."""
+    shape = (2, 8, 48, 48) if nd == 2 else (2, 4, 12, 24, 24)
+    x = make_input(shape, torch.float32, device, "contiguous", rng)
+    _, g1, g = run_fwd_bwd(lambda t: OURS[nd](t, **kw), x, gen=rng)
+    _, g2, _ = run_fwd_bwd(lambda t: OURS[nd](t, **kw), x, g=g)
+    assert torch.equal(g1, g2)
+    _, gr, _ = run_fwd_bwd(lambda t: TORCH[nd](t, **kw), x, g=g)
+    assert_close(g1, gr)
+
+
+@pytest.mark.parametrize(
+    "nd,kw,layout",
+    [
+        (1, dict(kernel_size=3, stride=2, padding=1, ceil_mode=True), "contiguous"),
+        (1, dict(kernel_size=4, stride=1, padding=2, count_include_pad=False, divisor_override=3), "contiguous"),
+        (2, dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 1), count_include_pad=False), "contiguous"),
+        (2, dict(kernel_size=3, stride=2, padding=1, ceil_mode=True), "channels_last"),
+        (3, dict(kernel_size=2, stride=1, ceil_mode=True, divisor_override=5), "contiguous"),
+        (3, dict(kernel_size=3, stride=2, padding=1, count_include_pad=False), "channels_last"),
+    ],
+)
+def test_gradcheck(device, rng, nd, kw, layout):
+    shape = {1: (2, 2, 9), 2: (2, 2, 7, 6), 3: (1, 2, 5, 4, 5)}[nd]
+    x = make_input(shape, torch.float64, device, layout, rng).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: OURS[nd](t, **kw), (x,))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "permuted", "sliced"])
+@pytest.mark.parametrize(
+    "kw",
+    [dict(kernel_size=3, stride=2, padding=1, count_include_pad=False), dict(kernel_size=2, ceil_mode=True),
+     dict(kernel_size=5, stride=1, padding=2, divisor_override=7)],
+)
+def test_larger_inputs(device, rng, layout, kw):
+    """Sizes that do not divide evenly into the kernels' work chunks; many channels."""
+    for shape in ((3, 37, 29, 31), (2, 19, 9, 13, 11)):
+        x = make_input(shape, torch.float32, device, layout, rng)
+        check_parity(x, len(shape) - 2, kw, rng)
+
+
+def test_wide_window(device, rng):
+    x = make_input((2, 3, 40, 37), torch.float32, device, "contiguous", rng)
+    check_parity(x, 2, dict(kernel_size=(20, 17), stride=3, padding=(10, 8), ceil_mode=True, count_include_pad=False), rng)
+
+
+@pytest.mark.parametrize("nd", [1, 2, 3])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_backward_with_strided_grad_output(device, rng, nd, layout):
+    """out.sum().backward() passes an expanded (stride 0) gradient; a transposed one is not dense."""
+    if layout == "channels_last" and nd == 1:
+        layout = "permuted"
+    x = make_input(SHAPES[nd], torch.float32, device, layout, rng)
+    kw = dict(kernel_size=3, stride=2, padding=1, count_include_pad=False)
+    for make_grad in (
+        lambda out: None,
+        lambda out: torch.randn(tuple(reversed(out.shape)), generator=rng).to(device).permute(
+            *reversed(range(out.dim()))),
+        lambda out: torch.randn(*out.shape[:-1], 2 * out.shape[-1], generator=rng).to(device)[..., ::2],
+    ):
+        leaf, ref_leaf = x.detach().requires_grad_(), x.detach().requires_grad_()
+        out, rout = OURS[nd](leaf, **kw), TORCH[nd](ref_leaf, **kw)
+        g = make_grad(out)
+        if g is None:
+            out.sum().backward()
+            rout.sum().backward()
+        else:
+            out.backward(g)
+            rout.backward(g)
+        assert_close(leaf.grad, ref_leaf.grad)
+
+
+@pytest.mark.parametrize("nd", [1, 2, 3])
+def test_inference_mode(device, rng, nd):
+    x = make_input(SHAPES[nd], torch.float32, device, "contiguous", rng)
+    with torch.inference_mode():
+        out = OURS[nd](x, 3, 2, 1)
+    assert_close(out, TORCH[nd](x, 3, 2, 1))

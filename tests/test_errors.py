@@ -1,0 +1,241 @@
+"""Every invalid argument raises one clear error that names the function, the argument, the value
+and the rule: ValueError for bad values, TypeError for bad types, RuntimeError from the raw ops."""
+import re
+
+import pytest
+import torch
+
+import torchpool.functional as tpf
+import torchpool.nn as tpnn
+
+MAX = [("max_pool1d", 1), ("max_pool2d", 2), ("max_pool3d", 3)]
+AVG = [("avg_pool1d", 1), ("avg_pool2d", 2), ("avg_pool3d", 3)]
+POOLS = MAX + AVG
+GLOBAL = [(f"global_{k}_pool{nd}d", nd) for k in ("max", "avg") for nd in (1, 2, 3)]
+
+
+def fn(name):
+    return getattr(tpf, name)
+
+
+def spelled(value, nd):
+    """Regex for a per-dim value as the message spells it: '(0, 0)' for 2d; '(0,)' or '0' for 1d."""
+    if nd == 1:
+        return rf"(\({re.escape(str(value))},?\)|{re.escape(str(value))})"
+    return re.escape(str((value,) * nd))
+
+
+def shape_re(shape):
+    return re.escape(str(tuple(shape)))
+
+
+def inp(nd, device, shape=None, dtype=torch.float32):
+    return torch.randn(shape or (2, 3) + (8,) * nd, device=device).to(dtype)
+
+
+@pytest.mark.parametrize("name,nd", POOLS)
+@pytest.mark.parametrize("bad", [0, -1])
+def test_kernel_size_not_positive(device, name, nd, bad):
+    with pytest.raises(ValueError, match=rf"{name}\b.*kernel_size.*positive.*{spelled(bad, nd)}"):
+        fn(name)(inp(nd, device), bad)
+
+
+def test_kernel_size_message_exact(device):
+    with pytest.raises(ValueError, match=re.escape("max_pool2d: kernel_size must be positive, got (0, 0)")):
+        tpf.max_pool2d(inp(2, device), 0)
+
+
+@pytest.mark.parametrize("name,nd", POOLS)
+@pytest.mark.parametrize("bad", [0, -2])
+def test_stride_not_positive(device, name, nd, bad):
+    with pytest.raises(ValueError, match=rf"{name}\b.*stride.*positive.*{spelled(bad, nd)}"):
+        fn(name)(inp(nd, device), 2, bad)
+
+
+@pytest.mark.parametrize("name,nd", MAX)
+@pytest.mark.parametrize("bad", [0, -1])
+def test_dilation_not_positive(device, name, nd, bad):
+    with pytest.raises(ValueError, match=rf"{name}\b.*dilation.*positive.*{spelled(bad, nd)}"):
+        fn(name)(inp(nd, device), 3, 1, 0, dilation=bad)
+
+
+@pytest.mark.parametrize("name,nd", POOLS)
+def test_negative_padding(device, name, nd):
+    with pytest.raises(ValueError, match=rf"{name}\b.*padding.*negative.*{spelled(-1, nd)}"):
+        fn(name)(inp(nd, device), 3, 1, -1)
+
+
+@pytest.mark.parametrize("name,nd", POOLS)
+def test_padding_more_than_half_kernel(device, name, nd):
+    pattern = rf"{name}\b.*padding {spelled(2, nd)} must be at most half of kernel_size {spelled(2, nd)}"
+    with pytest.raises(ValueError, match=pattern):
+        fn(name)(inp(nd, device), 2, 2, 2)
+
+
+def test_padding_more_than_half_kernel_per_dim(device):
+    with pytest.raises(ValueError, match=r"max_pool2d\b.*padding \(1, 2\).*half of kernel_size \(3, 3\)"):
+        tpf.max_pool2d(inp(2, device), 3, 1, (1, 2))
+
+
+@pytest.mark.parametrize("name,nd", POOLS)
+def test_output_too_small(device, name, nd):
+    shape = (2, 3) + (8,) * nd
+    pattern = rf"{name}\b.*input of shape {shape_re(shape)} is too small for kernel_size {spelled(9, nd)}.*output would be"
+    with pytest.raises(ValueError, match=pattern):
+        fn(name)(inp(nd, device), 9)
+
+
+def test_output_too_small_message_exact(device):
+    expected = ("max_pool2d: input of shape (2, 3, 8, 8) is too small for kernel_size (9, 9) with "
+                "padding (0, 0): output would be (0, 0)")
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        tpf.max_pool2d(inp(2, device), 9)
+
+
+@pytest.mark.parametrize("name,nd", MAX)
+def test_output_too_small_through_dilation(device, name, nd):
+    with pytest.raises(ValueError, match=rf"{name}\b.*too small"):
+        fn(name)(inp(nd, device), 3, 1, 0, dilation=4)
+
+
+@pytest.mark.parametrize("name,nd", POOLS + GLOBAL)
+@pytest.mark.parametrize("delta", [-2, 1])
+def test_wrong_number_of_dims(device, name, nd, delta):
+    shape = (2, 3) + (8,) * nd
+    shape = shape[-(len(shape) + delta):] if delta < 0 else (1,) * delta + shape
+    x = torch.randn(shape, device=device)
+    with pytest.raises(ValueError, match=rf"{name}\b.*expected.*got shape {shape_re(shape)}"):
+        if "global" in name:
+            fn(name)(x)
+        else:
+            fn(name)(x, 2)
+
+
+def test_wrong_number_of_dims_message_exact(device):
+    expected = "max_pool2d: expected a 3d (C, H, W) or 4d (N, C, H, W) input, got shape (8, 8)"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        tpf.max_pool2d(torch.randn(8, 8, device=device), 2)
+
+
+@pytest.mark.parametrize("name,nd", POOLS + GLOBAL)
+@pytest.mark.parametrize("where", ["channels", "spatial", "unbatched_channels"])
+def test_zero_size_non_batch_dim(device, name, nd, where):
+    shape = [2, 3] + [8] * nd
+    if where == "channels":
+        shape[1] = 0
+    elif where == "spatial":
+        shape[-1] = 0
+    else:
+        shape = [0] + [8] * nd
+    x = torch.randn(shape, device=device)
+    with pytest.raises(ValueError, match=rf"{name}\b.*{shape_re(shape)}"):
+        if "global" in name:
+            fn(name)(x)
+        else:
+            fn(name)(x, 2)
+
+
+@pytest.mark.parametrize(
+    "name,nd,arg",
+    [(name, nd, arg) for name, nd in [("max_pool2d", 2), ("avg_pool3d", 3), ("max_pool1d", 1)]
+     for arg in ("kernel_size", "stride", "padding", "dilation") if not (arg == "dilation" and name.startswith("avg"))],
+)
+def test_wrong_tuple_length(device, name, nd, arg):
+    kw = dict(kernel_size=2)
+    bad = (1,) * (nd + 1)
+    kw[arg] = bad
+    with pytest.raises(ValueError, match=rf"{name}\b.*{arg}.*{re.escape(str(bad))}"):
+        fn(name)(inp(nd, device), **kw)
+
+
+@pytest.mark.parametrize("name,nd", POOLS)
+def test_unknown_padding_string(device, name, nd):
+    with pytest.raises(ValueError, match=r"padding must be an int, a tuple, 'same' or 'valid', got 'bogus'"):
+        fn(name)(inp(nd, device), 2, padding="bogus")
+
+
+@pytest.mark.parametrize("name,nd", AVG)
+def test_divisor_override_zero(device, name, nd):
+    with pytest.raises(ValueError, match=rf"{name}: divisor_override must be non-zero"):
+        fn(name)(inp(nd, device), 2, divisor_override=0)
+
+
+@pytest.mark.parametrize("name,nd", POOLS + GLOBAL)
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool, torch.complex64])
+def test_bad_dtype(device, name, nd, dtype):
+    x = torch.ones((2, 3) + (8,) * nd, device=device, dtype=dtype)
+    dname = str(dtype).replace("torch.", "")
+    with pytest.raises(TypeError, match=rf"{name}\b.*input.*{dname}"):
+        if "global" in name:
+            fn(name)(x)
+        else:
+            fn(name)(x, 2)
+
+
+@pytest.mark.parametrize("name,nd", MAX)
+def test_same_with_dilation(device, name, nd):
+    with pytest.raises(ValueError, match=rf"{name}\b.*'same'.*dilation|{name}\b.*dilation.*'same'"):
+        fn(name)(inp(nd, device), 3, 1, padding="same", dilation=2)
+
+
+@pytest.mark.parametrize("name,nd", POOLS)
+@pytest.mark.parametrize("arg", ["kernel_size", "stride"])
+def test_non_int_kernel_and_stride(device, name, nd, arg):
+    kw = dict(kernel_size=2)
+    kw[arg] = 2.5
+    with pytest.raises(TypeError, match=rf"{name}\b.*{arg}.*2\.5"):
+        fn(name)(inp(nd, device), **kw)
+
+
+@pytest.mark.parametrize("name,nd", POOLS)
+def test_non_int_padding(device, name, nd):
+    with pytest.raises(TypeError, match=r"padding.*1\.5"):
+        fn(name)(inp(nd, device), 3, padding=1.5)
+
+
+def test_modules_report_errors(device):
+    x = inp(2, device)
+    with pytest.raises(ValueError, match=r"kernel_size.*positive"):
+        tpnn.MaxPool2d(0)(x)
+    with pytest.raises(ValueError, match=r"padding must be an int, a tuple, 'same' or 'valid', got 'bogus'"):
+        tpnn.AvgPool2d(2, padding="bogus")(x)
+    with pytest.raises(ValueError, match=r"divisor_override must be non-zero"):
+        tpnn.AvgPool2d(2, divisor_override=0)(x)
+    with pytest.raises(ValueError, match=r"expected.*got shape \(8, 8\)"):
+        tpnn.GlobalAvgPool2d()(torch.randn(8, 8, device=device))
+
+
+# The raw ops check their arguments too (a clear RuntimeError, never a crash).
+def test_raw_ops_check_arguments(device):
+    ops = torch.ops.torchpool
+    x = inp(2, device)
+    one = [1, 1]
+    with pytest.raises(RuntimeError, match=r"kernel_size must be positive"):
+        ops.max_pool(x, [0, 2], [1, 1], [0, 0], [0, 0], one, False)
+    with pytest.raises(RuntimeError, match=r"stride must be positive"):
+        ops.avg_pool(x, [2, 2], [0, 1], [0, 0], [0, 0], False, True, None)
+    with pytest.raises(RuntimeError, match=r"dilation must be positive"):
+        ops.max_pool_with_pos(x, [2, 2], [1, 1], [0, 0], [0, 0], [1, 0], False)
+    with pytest.raises(RuntimeError, match=r"kernel_size"):
+        ops.max_pool(x, [2, 2, 2], [1, 1], [0, 0], [0, 0], one, False)
+    with pytest.raises(RuntimeError, match=r"too small"):
+        ops.avg_pool(x, [9, 9], [1, 1], [0, 0], [0, 0], False, True, None)
+    with pytest.raises(RuntimeError, match=r"float16, bfloat16, float32 or float64"):
+        ops.max_pool(x.to(torch.int32), [2, 2], [2, 2], [0, 0], [0, 0], one, False)
+    with pytest.raises(RuntimeError, match=r"spatial"):
+        ops.global_avg_pool(torch.randn(8, device=device))
+    with pytest.raises(RuntimeError, match=r"zero-size"):
+        ops.global_max_pool(torch.randn(2, 0, 4, device=device))
+
+
+def test_raw_backward_ops_check_shapes(device):
+    ops = torch.ops.torchpool
+    x = inp(2, device)
+    out, pos = ops.max_pool_with_pos(x, [2, 2], [2, 2], [0, 0], [0, 0], [1, 1], False)
+    bad = torch.randn(2, 3, 3, 4, device=device)
+    with pytest.raises(RuntimeError, match=r"shape"):
+        ops.max_pool_backward(bad, pos, list(x.shape), [2, 2], [2, 2], [0, 0], [0, 0], [1, 1], False)
+    with pytest.raises(RuntimeError, match=r"shape"):
+        ops.avg_pool_backward(bad, list(x.shape), [2, 2], [2, 2], [0, 0], [0, 0], False, True, None)
+    with pytest.raises(RuntimeError, match=r"shape"):
+        ops.global_avg_pool_backward(torch.randn(2, 4, device=device), list(x.shape), False)

@@ -1,0 +1,226 @@
+"""Global max / average pooling: parity with torch reductions (values and gradients), keepdim,
+unbatched, empty batches, layouts, NaN, ties (gradient to the first maximum), gradcheck."""
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import torchpool.functional as tpf
+from conftest import (
+    DTYPES,
+    HYPOTHESIS,
+    assert_close,
+    channels_last_format,
+    layouts_for,
+    make_input,
+    ref_dtype,
+    run_fwd_bwd,
+)
+
+GMAX = {1: tpf.global_max_pool1d, 2: tpf.global_max_pool2d, 3: tpf.global_max_pool3d}
+GAVG = {1: tpf.global_avg_pool1d, 2: tpf.global_avg_pool2d, 3: tpf.global_avg_pool3d}
+ND_LAYOUTS = [(1, "contiguous"), (2, "contiguous"), (2, "channels_last"), (3, "contiguous"), (3, "channels_last")]
+SHAPES = {1: (2, 3, 50), 2: (2, 3, 7, 9), 3: (2, 3, 4, 5, 6)}
+
+
+def spatial_dims(x, nd):
+    return tuple(range(x.dim() - nd, x.dim()))
+
+
+def ref_max(x, nd, keepdim):
+    return x.amax(dim=spatial_dims(x, nd), keepdim=keepdim)
+
+
+def ref_avg(x, nd, keepdim):
+    return x.mean(dim=spatial_dims(x, nd), keepdim=keepdim)
+
+
+def ref_max_grad(x, g, nd):
+    """Gradient of a global max that sends everything to the first maximum in scan order."""
+    flat = x.reshape(*x.shape[: x.dim() - nd], -1)
+    idx = flat.argmax(-1, keepdim=True)
+    g = g.reshape(*flat.shape[:-1], 1)
+    return torch.zeros_like(flat).scatter(-1, idx, g).reshape(x.shape)
+
+
+def check_max(x, nd, keepdim, gen):
+    dtype, rd = x.dtype, ref_dtype(x.dtype)
+    with torch.no_grad():
+        out_inf = GMAX[nd](x, keepdim=keepdim)
+    out, grad, g = run_fwd_bwd(lambda t: GMAX[nd](t, keepdim=keepdim), x, gen=gen)
+    xr = x.detach().to(device="cpu", dtype=rd)
+    rout = ref_max(xr, nd, keepdim).to(dtype)
+    rgrad = ref_max_grad(xr, g.detach().cpu().to(rd), nd).to(dtype)
+    assert out.device == x.device
+    assert_close(out_inf.cpu(), rout, exact=True, equal_nan=True)
+    assert_close(out.cpu(), rout, exact=True, equal_nan=True)
+    assert_close(grad.cpu(), rgrad, exact=True)
+    return out, grad
+
+
+def check_avg(x, nd, keepdim, gen):
+    dtype, rd = x.dtype, ref_dtype(x.dtype)
+    with torch.no_grad():
+        out_inf = GAVG[nd](x, keepdim=keepdim)
+    out, grad, g = run_fwd_bwd(lambda t: GAVG[nd](t, keepdim=keepdim), x, gen=gen)
+    rout, rgrad, _ = run_fwd_bwd(lambda t: ref_avg(t, nd, keepdim), x.to(rd), g=g.to(rd))
+    assert out.device == x.device
+    assert_close(out_inf, rout.to(dtype), dtype)
+    assert_close(out, rout.to(dtype), dtype)
+    assert_close(grad, rgrad.to(dtype), dtype)
+    return out, grad
+
+
+GRID = [(nd, dtype, layout) for nd in (1, 2, 3) for dtype in DTYPES for layout in layouts_for(nd + 2)]
+
+
+@pytest.mark.parametrize("keepdim", [False, True])
+@pytest.mark.parametrize("nd,dtype,layout", GRID)
+def test_global_max_matches_torch(device, rng, nd, dtype, layout, keepdim):
+    x = make_input(SHAPES[nd], dtype, device, layout, rng, kind="distinct")
+    out, _ = check_max(x, nd, keepdim, rng)
+    assert out.shape == ((2, 3) + (1,) * nd if keepdim else (2, 3))
+
+
+@pytest.mark.parametrize("keepdim", [False, True])
+@pytest.mark.parametrize("nd,dtype,layout", GRID)
+def test_global_avg_matches_torch(device, rng, nd, dtype, layout, keepdim):
+    x = make_input(SHAPES[nd], dtype, device, layout, rng, kind="positive")
+    out, _ = check_avg(x, nd, keepdim, rng)
+    assert out.shape == ((2, 3) + (1,) * nd if keepdim else (2, 3))
+
+
+@st.composite
+def global_cases(draw):
+    nd = draw(st.integers(1, 3))
+    sizes = tuple(draw(st.integers(1, {1: 40, 2: 12, 3: 6}[nd])) for _ in range(nd))
+    batched = draw(st.sampled_from([True, True, True, False]))
+    n, c = draw(st.integers(1, 3)), draw(st.integers(1, 5))
+    shape = ((n, c) if batched else (c,)) + sizes
+    layouts = layouts_for(len(shape)) if batched else layouts_for(0)
+    return dict(
+        nd=nd,
+        shape=shape,
+        dtype=draw(st.sampled_from(DTYPES)),
+        layout=draw(st.sampled_from(layouts)),
+        keepdim=draw(st.booleans()),
+        kind=draw(st.sampled_from(["distinct", "ties", "randn"])),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+@HYPOTHESIS
+@given(case=global_cases())
+def test_global_pools_hypothesis(device, case):
+    gen = torch.Generator().manual_seed(case["seed"])
+    x = make_input(case["shape"], case["dtype"], device, case["layout"], gen, kind=case["kind"])
+    check_max(x, case["nd"], case["keepdim"], gen)
+    avg_kind = "randn" if case["kind"] == "randn" else "positive"
+    x = make_input(case["shape"], case["dtype"], device, case["layout"], gen, kind=avg_kind)
+    check_avg(x, case["nd"], case["keepdim"], gen)
+
+
+@pytest.mark.parametrize("nd", [1, 2, 3])
+@pytest.mark.parametrize("keepdim", [False, True])
+def test_unbatched(device, rng, nd, keepdim):
+    x = make_input(SHAPES[nd][1:], torch.float32, device, "contiguous", rng, kind="distinct")
+    out, _ = check_max(x, nd, keepdim, rng)
+    assert out.shape == ((3,) + (1,) * nd if keepdim else (3,))
+    out, _ = check_avg(x, nd, keepdim, rng)
+    assert out.shape == ((3,) + (1,) * nd if keepdim else (3,))
+
+
+@pytest.mark.parametrize("nd", [1, 2, 3])
+@pytest.mark.parametrize("keepdim", [False, True])
+def test_empty_batch(device, nd, keepdim):
+    for fn in (GMAX[nd], GAVG[nd]):
+        x = torch.randn((0,) + SHAPES[nd][1:], device=device, requires_grad=True)
+        out = fn(x, keepdim=keepdim)
+        assert out.shape == ((0, 3) + (1,) * nd if keepdim else (0, 3))
+        out.sum().backward()
+        assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("nd", [2, 3])
+def test_large_plane(device, rng, nd):
+    shape = (2, 4, 96, 96) if nd == 2 else (2, 4, 16, 24, 24)
+    x = make_input(shape, torch.float32, device, "contiguous", rng, kind="positive")
+    check_avg(x, nd, False, rng)
+    check_max(x, nd, False, rng)
+
+
+@pytest.mark.parametrize("nd", [2, 3])
+def test_grad_layout_preserved(device, rng, nd):
+    fmt = channels_last_format(nd + 2)
+    x = make_input(SHAPES[nd], torch.float32, device, "channels_last", rng, kind="distinct")
+    for fn in (GMAX[nd], GAVG[nd]):
+        _, grad, _ = run_fwd_bwd(fn, x, gen=rng)
+        assert grad.is_contiguous(memory_format=fmt)
+
+
+def test_keras_worked_example(device):
+    x = torch.tensor([[1, 3, 2, 9], [5, 6, 1, 7], [4, 2, 8, 6], [3, 5, 7, 2]], dtype=torch.float32, device=device)
+    assert tpf.global_max_pool2d(x[None, None]).tolist() == [[9.0]]
+    assert tpf.global_avg_pool2d(x[None, None]).tolist() == [[4.4375]]
+    assert tpf.global_max_pool2d(x[None, None], keepdim=True).tolist() == [[[[9.0]]]]
+    assert tpf.global_avg_pool2d(x[None], keepdim=True).tolist() == [[[4.4375]]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nan_propagates(device, dtype):
+    x = torch.randn(2, 3, 5, 6, generator=torch.Generator().manual_seed(0)).to(dtype)
+    x[0, 1, 4, 5] = float("nan")
+    x[1, 2, 0, 0] = float("nan")
+    x = x.to(device)
+    out = tpf.global_max_pool2d(x)
+    expected = torch.zeros(2, 3, dtype=torch.bool)
+    expected[0, 1] = expected[1, 2] = True
+    assert torch.equal(torch.isnan(out).cpu(), expected)
+    assert_close(out.cpu(), x.float().amax(dim=(2, 3)).to(dtype).cpu(), exact=True, equal_nan=True)
+    assert bool(torch.isnan(tpf.global_avg_pool2d(x)).cpu().eq(expected).all())
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_ties_gradient_to_first_maximum(device, layout):
+    x = torch.tensor([[[[1.0, 4.0, 2.0], [4.0, 0.0, 4.0]], [[-1.0, -1.0, -3.0], [-1.0, -2.0, -1.0]]]])
+    x = x.to(device).contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+    out, grad, _ = run_fwd_bwd(tpf.global_max_pool2d, x, g=torch.tensor([[2.0, 3.0]], device=device))
+    assert out.tolist() == [[4.0, -1.0]]
+    assert grad.tolist() == [[[[0.0, 2.0, 0.0], [0.0, 0.0, 0.0]], [[3.0, 0.0, 0.0], [0.0, 0.0, 0.0]]]]
+
+
+@pytest.mark.parametrize("keepdim", [False, True])
+@pytest.mark.parametrize("nd,layout", ND_LAYOUTS)
+def test_gradcheck(device, rng, nd, keepdim, layout):
+    shape = {1: (2, 3, 7), 2: (2, 3, 4, 5), 3: (2, 2, 3, 4, 3)}[nd]
+    x = make_input(shape, torch.float64, device, layout, rng, kind="distinct").requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: GMAX[nd](t, keepdim=keepdim), (x,))
+    assert torch.autograd.gradcheck(lambda t: GAVG[nd](t, keepdim=keepdim), (x,))
+
+
+@pytest.mark.parametrize("nd,layout", ND_LAYOUTS)
+def test_backward_with_strided_grad_output(device, rng, nd, layout):
+    """out.sum().backward() passes an expanded (stride 0) gradient; a sliced one is not dense."""
+    x = make_input(SHAPES[nd], torch.float32, device, layout, rng, kind="distinct")
+    for ours, ref in ((GMAX[nd], lambda t: ref_max(t, nd, False)), (GAVG[nd], lambda t: ref_avg(t, nd, False))):
+        for make_grad in (lambda: None, lambda: torch.randn(2, 6, generator=rng).to(device)[:, ::2],
+                          lambda: torch.randn(3, 2, generator=rng).to(device).t()):
+            leaf, ref_leaf = x.detach().requires_grad_(), x.detach().requires_grad_()
+            out, rout = ours(leaf), ref(ref_leaf)
+            g = make_grad()
+            if g is None:
+                out.sum().backward()
+                rout.sum().backward()
+            else:
+                out.backward(g)
+                rout.backward(g)
+            assert_close(leaf.grad, ref_leaf.grad)
+
+
+@pytest.mark.parametrize("nd", [1, 2, 3])
+def test_inference_mode(device, rng, nd):
+    x = make_input(SHAPES[nd], torch.float32, device, "contiguous", rng, kind="distinct")
+    with torch.inference_mode():
+        out_max, out_avg = GMAX[nd](x), GAVG[nd](x, keepdim=True)
+    assert_close(out_max, ref_max(x, nd, False), exact=True)
+    assert_close(out_avg, ref_avg(x, nd, True))

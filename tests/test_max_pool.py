@@ -1,0 +1,331 @@
+"""Max pooling: parity with torch.nn.functional (values, return_indices, gradients), layouts,
+unbatched and empty batches, NaN/inf, ties, determinism, gradcheck."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+
+import torchpool.functional as tpf
+from conftest import (
+    DTYPES,
+    HALF_DTYPES,
+    HYPOTHESIS,
+    LAYOUTS,
+    assert_close,
+    assert_layout_follows,
+    channels_last_format,
+    layouts_for,
+    make_input,
+    pool_cases,
+    ref_dtype,
+    run_fwd_bwd,
+)
+
+OURS = {1: tpf.max_pool1d, 2: tpf.max_pool2d, 3: tpf.max_pool3d}
+TORCH = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+UNPOOL = {1: F.max_unpool1d, 2: F.max_unpool2d, 3: F.max_unpool3d}
+
+ND_LAYOUTS = [(1, "contiguous"), (2, "contiguous"), (2, "channels_last"), (3, "contiguous"), (3, "channels_last")]
+SHAPES = {1: (2, 3, 17), 2: (2, 3, 11, 13), 3: (2, 3, 7, 8, 9)}
+CONFIGS = {
+    1: [
+        dict(kernel_size=2),
+        dict(kernel_size=1, stride=1),
+        dict(kernel_size=3, stride=1, padding=1),
+        dict(kernel_size=2, stride=2, padding=1, ceil_mode=True),  # last window dropped by torch's rule
+        dict(kernel_size=4, stride=3, padding=2, dilation=2, ceil_mode=True),
+        dict(kernel_size=5, stride=2, dilation=3),
+    ],
+    2: [
+        dict(kernel_size=2),
+        dict(kernel_size=3, stride=2, padding=1),
+        dict(kernel_size=(2, 3), stride=(1, 2), padding=(1, 0), dilation=(2, 1), ceil_mode=True),
+        dict(kernel_size=3, stride=3, padding=1, ceil_mode=True),
+        dict(kernel_size=(5, 2), stride=(2, 1), padding=(2, 1), dilation=(1, 3)),
+    ],
+    3: [
+        dict(kernel_size=2),
+        dict(kernel_size=3, stride=2, padding=1),
+        dict(kernel_size=(2, 3, 1), stride=(1, 2, 2), padding=(1, 1, 0), dilation=(2, 1, 1), ceil_mode=True),
+        dict(kernel_size=3, stride=2, ceil_mode=True),
+    ],
+}
+GRID = [
+    (nd, i, dtype, layout)
+    for nd in (1, 2, 3)
+    for i in range(len(CONFIGS[nd]))
+    for dtype in DTYPES
+    for layout in layouts_for(nd + 2)
+]
+
+
+def spatial_flat(t, nd):
+    return t.reshape(*t.shape[: t.dim() - nd], -1)
+
+
+def check_parity(x, nd, kw, gen, reference_device=None):
+    """Ours vs torch: inference and training forward, return_indices, gradients.
+
+    Indices must equal torch's exactly for float32/64 (inputs here have no ties within a window, or
+    ties that torch breaks by taking the first); for half types they must point at a maximum.
+    """
+    dtype = x.dtype
+    rd = ref_dtype(dtype)
+    ours, ref = OURS[nd], TORCH[nd]
+    xr = x.to(dtype=rd, device=reference_device or x.device)
+
+    with torch.no_grad():
+        out_inf = ours(x, **kw)
+        idx_inf = ours(x, return_indices=True, **kw)[1]
+    (out, idx), grad, g = run_fwd_bwd(lambda t: ours(t, return_indices=True, **kw), x, gen=gen)
+    out_plain, grad_plain, _ = run_fwd_bwd(lambda t: ours(t, **kw), x, g=g)
+    (rout, ridx), rgrad, _ = run_fwd_bwd(
+        lambda t: ref(t, return_indices=True, **kw), xr, g=g.to(dtype=rd, device=xr.device)
+    )
+    rout, ridx, rgrad = rout.to(dtype=dtype, device=x.device), ridx.to(x.device), rgrad.to(dtype=dtype, device=x.device)
+
+    for o in (out_inf, out, out_plain):
+        assert o.device == x.device
+        assert_close(o, rout, exact=True, equal_nan=True)
+    for i in (idx_inf, idx):
+        assert i.dtype == torch.int64 and i.shape == rout.shape
+        if dtype in HALF_DTYPES:
+            picked = spatial_flat(x, nd).gather(-1, spatial_flat(i, nd))
+            assert_close(picked, spatial_flat(rout, nd), exact=True, equal_nan=True)
+        else:
+            assert torch.equal(i, ridx), (i, ridx)
+    assert_close(grad, rgrad, dtype)
+    assert_close(grad_plain, rgrad, dtype)
+    assert_layout_follows(x, out_inf, out, out_plain, grad, grad_plain)
+
+
+@pytest.mark.parametrize("nd,cfg,dtype,layout", GRID)
+def test_matches_torch_grid(device, rng, nd, cfg, dtype, layout):
+    x = make_input(SHAPES[nd], dtype, device, layout, rng, kind="distinct")
+    check_parity(x, nd, CONFIGS[nd][cfg], rng)
+
+
+@HYPOTHESIS
+@given(case=pool_cases("max"))
+def test_matches_torch_hypothesis(device, case):
+    gen = torch.Generator().manual_seed(case["seed"])
+    x = make_input(case["shape"], case["dtype"], device, case["layout"], gen, kind="distinct")
+    check_parity(x, case["nd"], case["kw"], gen)
+
+
+@pytest.mark.parametrize("nd", [1, 2, 3])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_unbatched(device, rng, nd, dtype):
+    x = make_input(SHAPES[nd][1:], dtype, device, "contiguous", rng, kind="distinct")
+    check_parity(x, nd, dict(kernel_size=3, stride=2, padding=1), rng)
+
+
+@pytest.mark.parametrize("nd", [1, 2, 3])
+@pytest.mark.parametrize("return_indices", [False, True])
+def test_empty_batch(device, nd, return_indices):
+    x = torch.randn((0,) + SHAPES[nd][1:], device=device, requires_grad=True)
+    kw = dict(kernel_size=3, stride=2, padding=1, return_indices=return_indices)
+    out = OURS[nd](x, **kw)
+    ref = TORCH[nd](x.detach(), **kw)
+    if return_indices:
+        assert out[1].shape == ref[1].shape and out[1].dtype == torch.int64
+        out, ref = out[0], ref[0]
+    assert out.shape == ref.shape and out.dtype == x.dtype
+    out.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("nd", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_layout_preserved(device, rng, nd, dtype, layout):
+    fmt = torch.contiguous_format if layout == "contiguous" else channels_last_format(nd + 2)
+    x = make_input((2, 3) + SHAPES[nd][2:], dtype, device, layout, rng, kind="distinct")
+    with torch.no_grad():
+        assert OURS[nd](x, 2).is_contiguous(memory_format=fmt)
+    out, grad, _ = run_fwd_bwd(lambda t: OURS[nd](t, 3, 2, 1), x, gen=rng)
+    assert out.is_contiguous(memory_format=fmt)
+    assert grad.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("nd,layout", ND_LAYOUTS)
+def test_indices_accepted_by_max_unpool(device, rng, nd, layout):
+    x = make_input(SHAPES[nd], torch.float32, device, layout, rng, kind="distinct")
+    kw = dict(kernel_size=3, stride=2, padding=1)
+    out, idx = OURS[nd](x, return_indices=True, **kw)
+    rout, ridx = TORCH[nd](x, return_indices=True, **kw)
+    size = x.shape[-nd:]
+    un = UNPOOL[nd](out, idx, output_size=size, **kw)
+    assert_close(un, UNPOOL[nd](rout, ridx, output_size=size, **kw), exact=True)
+    # Every pooled maximum lands back where it came from.
+    back = spatial_flat(un, nd).gather(-1, spatial_flat(idx, nd))
+    assert_close(back, spatial_flat(out, nd), exact=True)
+    assert_close(spatial_flat(x, nd).gather(-1, spatial_flat(idx, nd)), spatial_flat(out, nd), exact=True)
+
+
+@pytest.mark.parametrize("nd,layout", ND_LAYOUTS)
+def test_ties_first_maximum_wins(device, rng, nd, layout):
+    """Many ties: values, indices and gradients equal torch CPU's (which picks the first maximum)."""
+    x = make_input(SHAPES[nd], torch.float32, device, layout, rng, kind="ties")
+    for kw in (dict(kernel_size=2), dict(kernel_size=3, stride=1, padding=1), dict(kernel_size=3, stride=2, dilation=2)):
+        check_parity(x, nd, kw, rng, reference_device="cpu")
+
+
+def test_ties_first_maximum_wins_explicit(device):
+    x = torch.tensor([[[5.0, 5.0, 1.0, 7.0, 7.0, 7.0]]], device=device)
+    out, idx = tpf.max_pool1d(x, 3, 3, return_indices=True)
+    assert out.tolist() == [[[5.0, 7.0]]]
+    assert idx.tolist() == [[[0, 3]]]
+    xg = x.clone().requires_grad_()
+    tpf.max_pool1d(xg, 3, 3).backward(torch.tensor([[[2.0, 3.0]]], device=device))
+    assert xg.grad.tolist() == [[[2.0, 0.0, 0.0, 3.0, 0.0, 0.0]]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nan_propagates(device, dtype):
+    """A NaN in a window makes the output NaN; its index and gradient go to the NaN (as torch)."""
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)).to(dtype)
+    x[0, 0, 2, 3] = float("nan")
+    x[1, 2, 9, 12] = float("nan")
+    x[1, 2, 15, 0] = float("nan")
+    x = x.to(device)
+    for kw in (dict(kernel_size=2), dict(kernel_size=3, stride=1, padding=1)):
+        out = tpf.max_pool2d(x, **kw)
+        ref = F.max_pool2d(x.float(), **kw).to(dtype)
+        assert torch.equal(torch.isnan(out), torch.isnan(ref))
+        assert int(torch.isnan(out).sum()) >= 3
+        check_parity(x, 2, kw, torch.Generator().manual_seed(1))
+    # Explicit: a NaN that is not the first cell of its window still wins.
+    y = torch.tensor([[[1.0, float("nan"), 3.0, 0.5]]], dtype=dtype, device=device)
+    out, idx = tpf.max_pool1d(y, 2, return_indices=True)
+    assert torch.isnan(out[0, 0, 0]) and out[0, 0, 1].item() == 3.0
+    assert idx.tolist() == [[[1, 2]]]
+
+
+@pytest.mark.parametrize("nd", [1, 2, 3])
+def test_infinities_and_padding(device, nd):
+    """An all -inf window next to the padding still returns -inf at an in-bounds index (torch)."""
+    x = torch.full(SHAPES[nd], float("-inf"), device=device)
+    x.view(-1)[::7] = float("inf")
+    x.view(-1)[::11] = -1.0
+    check_parity(x, nd, dict(kernel_size=3, stride=1, padding=1), torch.Generator().manual_seed(0))
+    neg = torch.full(SHAPES[nd], float("-inf"), device=device)
+    out, idx = OURS[nd](neg, kernel_size=3, stride=2, padding=1, return_indices=True)
+    assert bool((out == float("-inf")).all())
+    rout, ridx = TORCH[nd](neg, kernel_size=3, stride=2, padding=1, return_indices=True)
+    assert torch.equal(idx, ridx)
+
+
+def test_keras_worked_example(device):
+    x = torch.tensor([[1, 3, 2, 9], [5, 6, 1, 7], [4, 2, 8, 6], [3, 5, 7, 2]], dtype=torch.float32, device=device)
+    out = tpf.max_pool2d(x[None, None], kernel_size=2, stride=2)
+    assert out.tolist() == [[[[6.0, 9.0], [5.0, 8.0]]]]
+    out = tpf.max_pool2d(x[None], kernel_size=2, stride=2)  # unbatched
+    assert out.tolist() == [[[6.0, 9.0], [5.0, 8.0]]]
+
+
+@pytest.mark.parametrize("nd", [2, 3])
+@pytest.mark.parametrize("kw", [dict(kernel_size=3, stride=1, padding=1), dict(kernel_size=4, stride=2, padding=2, dilation=2)])
+def test_backward_deterministic(device, rng, nd, kw):
+    """Overlapping windows: two backward runs are bit-identical (and match torch)."""
+    shape = (2, 8, 48, 48) if nd == 2 else (2, 4, 12, 24, 24)
+    x = make_input(shape, torch.float32, device, "contiguous", rng, kind="ties")
+    _, g1, g = run_fwd_bwd(lambda t: OURS[nd](t, **kw), x, gen=rng)
+    _, g2, _ = run_fwd_bwd(lambda t: OURS[nd](t, **kw), x, g=g)
+    assert torch.equal(g1, g2)
+    _, gr, _ = run_fwd_bwd(lambda t: TORCH[nd](t, **kw), x.cpu(), g=g.cpu())
+    assert_close(g1.cpu(), gr)
+
+
+@pytest.mark.parametrize(
+    "nd,kw,layout",
+    [
+        (1, dict(kernel_size=3, stride=2, padding=1, ceil_mode=True), "contiguous"),
+        (2, dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 1), dilation=(1, 2)), "contiguous"),
+        (2, dict(kernel_size=3, stride=2, padding=1), "channels_last"),
+        (3, dict(kernel_size=2, stride=1, ceil_mode=True), "contiguous"),
+        (3, dict(kernel_size=3, stride=2, padding=1), "channels_last"),
+    ],
+)
+def test_gradcheck(device, rng, nd, kw, layout):
+    shape = {1: (2, 2, 9), 2: (2, 2, 7, 6), 3: (1, 2, 5, 4, 5)}[nd]
+    x = make_input(shape, torch.float64, device, layout, rng, kind="distinct").requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: OURS[nd](t, **kw), (x,))
+    assert torch.autograd.gradcheck(lambda t: OURS[nd](t, return_indices=True, **kw)[0], (x,))
+
+
+@pytest.mark.parametrize("nd", [1, 2, 3])
+def test_window_entirely_in_padding(device, nd):
+    """With dilation a window can miss the input (torch allows it): -inf out, and no gradient."""
+    shape = (2, 3) + (4,) * (nd - 1) + (1,)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
+    kw = dict(kernel_size=2, stride=1, padding=1, dilation=2)
+    out, grad, _ = run_fwd_bwd(lambda t: OURS[nd](t, **kw), x, gen=torch.Generator().manual_seed(1))
+    assert_close(out, TORCH[nd](x, **kw), exact=True)
+    assert bool((out == float("-inf")).all())
+    assert torch.equal(grad, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize(
+    "shape,kw",
+    [
+        ((1, 2, 20, 19), dict(kernel_size=16, stride=1)),  # 256 cells: the last one-byte position
+        ((1, 2, 20, 19), dict(kernel_size=17, stride=2, padding=3)),  # 289 cells: wider positions
+        ((1, 2, 9, 10, 8), dict(kernel_size=7, stride=1, padding=(3, 2, 1))),  # 343 cells
+        ((2, 3, 400), dict(kernel_size=300, stride=7, padding=100, ceil_mode=True)),
+    ],
+)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_wide_windows(device, rng, shape, kw, layout):
+    if layout == "channels_last" and len(shape) == 3:
+        layout = "permuted"
+    x = make_input(shape, torch.float32, device, layout, rng, kind="distinct")
+    check_parity(x, len(shape) - 2, kw, rng)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("kw", [dict(kernel_size=3, stride=2, padding=1), dict(kernel_size=2, ceil_mode=True)])
+def test_larger_inputs(device, rng, layout, kw):
+    """Sizes that do not divide evenly into the kernels' work chunks; many channels."""
+    for shape in ((3, 37, 29, 31), (2, 19, 9, 13, 11)):
+        x = make_input(shape, torch.float32, device, layout, rng, kind="distinct")
+        check_parity(x, len(shape) - 2, kw, rng)
+
+
+@pytest.mark.parametrize("nd", [1, 2, 3])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_backward_with_strided_grad_output(device, rng, nd, layout):
+    """out.sum().backward() passes an expanded (stride 0) gradient; a transposed one is not dense
+    in the output's layout either."""
+    if layout == "channels_last" and nd == 1:
+        layout = "permuted"
+    x = make_input(SHAPES[nd], torch.float32, device, layout, rng, kind="distinct")
+    kw = dict(kernel_size=3, stride=2, padding=1)
+    for make_grad in (
+        lambda out: None,
+        lambda out: torch.randn(tuple(reversed(out.shape)), generator=rng).to(device).permute(
+            *reversed(range(out.dim()))),
+        lambda out: torch.randn(*out.shape[:-1], 2 * out.shape[-1], generator=rng).to(device)[..., ::2],
+    ):
+        leaf, ref_leaf = x.detach().requires_grad_(), x.detach().requires_grad_()
+        out, rout = OURS[nd](leaf, **kw), TORCH[nd](ref_leaf, **kw)
+        g = make_grad(out)
+        if g is None:
+            out.sum().backward()
+            rout.sum().backward()
+        else:
+            out.backward(g)
+            rout.backward(g)
+        assert_close(leaf.grad, ref_leaf.grad)
+
+
+@pytest.mark.parametrize("nd", [1, 2, 3])
+def test_inference_mode(device, rng, nd):
+    x = make_input(SHAPES[nd], torch.float32, device, "contiguous", rng, kind="distinct")
+    with torch.inference_mode():
+        out = OURS[nd](x, 3, 2, 1)
+        out2, idx = OURS[nd](x, 3, 2, 1, return_indices=True)
+    rout, ridx = TORCH[nd](x, 3, 2, 1, return_indices=True)
+    assert_close(out, rout, exact=True)
+    assert_close(out2, rout, exact=True)
+    assert torch.equal(idx, ridx)
