@@ -3,7 +3,7 @@ PYTHON ?= python3
 # MNIST IDX files: the workspace copy when present, else ./data/mnist.
 MNIST_DIR ?= $(if $(wildcard ../shared/mnist),../shared/mnist,data/mnist)
 
-.PHONY: install test demo train bench cuda-check gpu-check clean
+.PHONY: install test train demo bench cuda-check gpu-check clean
 
 install:
 	$(PYTHON) -m pip install "torch==2.13.0" pytest hypothesis numpy tqdm matplotlib
@@ -11,6 +11,9 @@ install:
 
 test: install
 	$(PYTHON) -m pytest tests -q
+
+train: install
+	$(PYTHON) examples/train_mnist.py --data-dir $(MNIST_DIR) --epochs 3 --out runs/mnist
 
 demo: install
 	$(PYTHON) examples/demo.py
