@@ -181,6 +181,53 @@ inline void interleave2(const float* __restrict a, const float* __restrict b,
   for (; j < m; ++j) { dst[2 * j] = a[j]; dst[2 * j + 1] = b[j]; }
 }
 #define TORCHPOOL_HAS_STRIDE2 1
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// Sum of n floats with four independent vector accumulators.
+inline float reduce_sum(const float* __restrict src, int64_t n) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    a0 = _mm256_add_ps(a0, _mm256_loadu_ps(src + i));
+    a1 = _mm256_add_ps(a1, _mm256_loadu_ps(src + i + 8));
+    a2 = _mm256_add_ps(a2, _mm256_loadu_ps(src + i + 16));
+    a3 = _mm256_add_ps(a3, _mm256_loadu_ps(src + i + 24));
+  }
+  for (; i + 8 <= n; i += 8) a0 = _mm256_add_ps(a0, _mm256_loadu_ps(src + i));
+  float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  for (; i < n; ++i) s += src[i];
+  return s;
+}
+
+// Maximum of n floats; NaN if any is NaN.
+inline float reduce_max(const float* __restrict src, int64_t n) {
+  const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  __m256 m0 = ninf, m1 = ninf, nan = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256 v0 = _mm256_loadu_ps(src + i), v1 = _mm256_loadu_ps(src + i + 8);
+    m0 = _mm256_max_ps(m0, v0);
+    m1 = _mm256_max_ps(m1, v1);
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v0, v1, _CMP_UNORD_Q));
+  }
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(src + i);
+    m0 = _mm256_max_ps(m0, v);
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, _mm256_max_ps(m0, m1));
+  float m = lanes[0];
+  for (int j = 1; j < 8; ++j) m = lanes[j] > m ? lanes[j] : m;
+  const bool any_nan = _mm256_movemask_ps(nan) != 0;
+  for (; i < n; ++i) m = takes(src[i], m) ? src[i] : m;
+  return any_nan ? std::numeric_limits<float>::quiet_NaN() : m;
+}
 #endif  // TORCHPOOL_AVX2
 
 // A C-vector as acc_t: the input itself when it already is, else converted into `tmp`.
@@ -676,6 +723,12 @@ void global_max_planar(const scalar_t* in, scalar_t* out, int64_t* pos, int64_t 
     int32_t lane_best[kLanes];
     for (int64_t pl = begin; pl < end; ++pl) {
       const scalar_t* src = in + pl * P;
+#if defined(TORCHPOOL_AVX2)
+      if constexpr (!kPos && std::is_same_v<scalar_t, float>) {
+        out[pl] = reduce_max(src, P);
+        continue;
+      }
+#endif
       // Lane j scans cells j, j + kLanes, ... in order; the lanes are then merged so that the
       // result is the sequential scan's: the last NaN if any, else the first maximum.
       for (int64_t j = 0; j < kLanes; ++j) { lane[j] = neg_inf<acc_t>(); lane_best[j] = -1; }
@@ -748,6 +801,12 @@ void global_avg_planar(const scalar_t* in, scalar_t* out, int64_t planes, int64_
   at::parallel_for(0, planes, grain_for(P), [&](int64_t begin, int64_t end) {
     for (int64_t pl = begin; pl < end; ++pl) {
       const scalar_t* src = in + pl * P;
+#if defined(TORCHPOOL_AVX2)
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        out[pl] = reduce_sum(src, P) / static_cast<float>(P);
+        continue;
+      }
+#endif
       acc_t lane[kLanes] = {}, tmp[kLanes];
       int64_t i = 0;
       for (; i + kLanes <= P; i += kLanes) sum_pass(src_as_acc(src + i, tmp, kLanes), lane, kLanes);
