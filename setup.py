@@ -35,7 +35,7 @@ def extension():
     if with_cuda:
         sources += _sources("csrc/cuda/*.cu")
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        nvcc = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
+        nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
         print(f"torchpool: building CPU + CUDA kernels for {os.environ['TORCH_CUDA_ARCH_LIST']}")
         return CUDAExtension(
             "torchpool._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],

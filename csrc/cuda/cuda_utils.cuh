@@ -1,5 +1,5 @@
 // Helpers shared by the CUDA pooling kernels: launch sizes, index-type and vector-width choice,
-// vector loads/stores, and arithmetic that stays exact under --use_fast_math.
+// vector loads/stores, correctly rounded division.
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -14,6 +14,7 @@
 #include <c10/util/Half.h>
 #include <cuda_runtime_api.h>
 
+#include <atomic>
 #include <cstdint>
 #include <initializer_list>
 #include <limits>
@@ -42,10 +43,19 @@ inline bool needs_int64(std::initializer_list<int64_t> numels) {
   return false;
 }
 
+// Multiprocessors of a device (queried once per device).
 inline int sm_count(c10::DeviceIndex device) {
+  static std::atomic<int> cache[256];  // zero-initialized: not queried yet
+  const bool cached = device >= 0 && device < 256;
+  if (cached) {
+    const int known = cache[device].load(std::memory_order_relaxed);
+    if (known > 0) return known;
+  }
   int count = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-  return count > 0 ? count : 1;
+  count = count > 0 ? count : 1;
+  if (cached) cache[device].store(count, std::memory_order_relaxed);
+  return count;
 }
 
 // Elements per 16-byte vector.
@@ -66,11 +76,17 @@ int channel_vec(int64_t C, std::initializer_list<std::pair<const void*, size_t>>
   return vec;
 }
 
-// Calls f.template run<CL, VEC>() for the layout and vector width. Vector widths are only
-// instantiated for 32-bit indexing (the 64-bit path is for rare, huge tensors and stays scalar).
+// Lanes per thread in the pooling kernels on contiguous tensors: a thread handles the same cell
+// of this many consecutive (n, c) planes, so its window geometry is computed once for all of them
+// and their loads are independent.
+constexpr int kPlaneLanes = 4;
+
+// Calls f.template run<CL, LANES>() for the layout: contiguous tensors use kPlaneLanes planes per
+// thread; channels-last tensors use `vec` consecutive channels (one vector) per thread, only for
+// 32-bit indexing (the 64-bit path is for rare, huge tensors and stays scalar).
 template <typename scalar_t, typename index_t, typename F>
 void dispatch_layout(bool cl, int vec, const F& f) {
-  if (!cl) return f.template run<false, 1>();
+  if (!cl) return f.template run<false, kPlaneLanes>();
   if constexpr (std::is_same_v<index_t, int32_t>) {
     constexpr int kVec = max_vec<scalar_t>();
     if (vec == kVec) return f.template run<true, kVec>();
@@ -78,42 +94,60 @@ void dispatch_layout(bool cl, int vec, const F& f) {
   f.template run<true, 1>();
 }
 
-// Spatial coordinate of flat index t and the offset of its (n, c, cell 0) element.
-// Contiguous: t = ((nc*D + d)*H + h)*W + w. Channels-last: t = (((n*D + d)*H + h)*W + w)*G + cg
-// with G = C / VEC channel groups of VEC channels.
-template <typename index_t, bool CL, int VEC>
-struct Cell {
-  index_t d, h, w;
-  index_t base;  // offset of element (n, c, 0, 0, 0) in a tensor with `plane` cells per (n, c)
-  index_t step;  // distance between neighbouring cells
-
-  __device__ __forceinline__ Cell(index_t t, index_t D, index_t H, index_t W, index_t C,
-                                  index_t plane) {
-    index_t r;
-    if constexpr (CL) {
-      const index_t groups = C / VEC;
-      r = t / groups;
-      const index_t c = (t - r * groups) * VEC;
-      const index_t q = r / W;
-      w = r - q * W;
-      h = q % H;
-      const index_t s = q / H;
-      d = s % D;
-      const index_t n = s / D;
-      base = n * plane * C + c;
-      step = C;
-    } else {
-      r = t / W;
-      w = t - r * W;
-      h = r % H;
-      const index_t s = r / H;
-      d = s % D;
-      const index_t nc = s / D;
-      base = nc * plane;
-      step = 1;
-    }
-  }
+// Work split of the pooling kernels. x runs over `inner` items: the spatial cells of one
+// (n, c) plane for contiguous tensors, (cell, channel group) pairs for channels-last ones.
+// y runs over `outer` items: groups of LANES planes (contiguous) or batch entries (channels-last).
+// A thread derives its cell's window geometry once, then loops over y.
+template <typename index_t>
+struct Work {
+  int64_t inner, outer;
+  index_t C;       // channels
+  index_t groups;  // channel groups per cell (channels-last), C / LANES
+  index_t planes;  // N * C: bounds the last group of planes (contiguous)
 };
+
+template <typename index_t>
+Work<index_t> make_work(bool cl, int lanes, int64_t N, int64_t C, int64_t plane) {
+  Work<index_t> w;
+  w.C = static_cast<index_t>(C);
+  w.groups = static_cast<index_t>(cl ? C / lanes : 1);
+  w.planes = static_cast<index_t>(N * C);
+  w.inner = cl ? plane * (C / lanes) : plane;
+  w.outer = cl ? N : (N * C + lanes - 1) / lanes;
+  return w;
+}
+
+// Block and grid for a Work: blocks of kThreads threads, x as wide as the inner items allow (up
+// to a full block), y filling the rest; enough blocks for a few waves on the GPU, each thread
+// looping over the remaining outer items.
+struct Launch {
+  dim3 grid, block;
+};
+
+inline Launch launch_for(int64_t inner, int64_t outer, c10::DeviceIndex device) {
+  int bx = 1;
+  while (bx < inner && bx < kThreads) bx *= 2;
+  const int by = kThreads / bx;
+  const int64_t gx = (inner + bx - 1) / bx;
+  TORCH_CHECK(gx <= std::numeric_limits<int32_t>::max(), "torchpool: ", inner,
+              " work items exceed the CUDA grid limit");
+  const int64_t target = 32 * static_cast<int64_t>(sm_count(device));
+  int64_t gy = std::max<int64_t>(1, (target + gx - 1) / gx);
+  gy = std::min<int64_t>(gy, (outer + by - 1) / by);
+  gy = std::max<int64_t>(1, std::min<int64_t>(gy, 65535));
+  return {dim3(static_cast<unsigned int>(gx), static_cast<unsigned int>(gy)),
+          dim3(static_cast<unsigned int>(bx), static_cast<unsigned int>(by))};
+}
+
+// Spatial cell index s of a (D, H, W) plane -> (d, h, w).
+template <typename index_t>
+__device__ __forceinline__ void split_cell(index_t s, index_t H, index_t W, index_t& d, index_t& h,
+                                           index_t& w) {
+  const index_t q = s / W;
+  w = s - q * W;
+  d = q / H;
+  h = q - d * H;
+}
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Vec {

@@ -96,8 +96,8 @@ struct SumOp {
   }
 };
 
-// Contiguous rows of P <= kRowsMaxP cells: G lanes per row (G a power of two <= 32, G >= P when
-// P < 32), kThreads / G rows per block.
+// Contiguous rows of P <= kRowsMaxP cells: G lanes per row (8 for P <= 8, else 32), kThreads / G
+// rows per block.
 constexpr int64_t kRowsMaxP = 512;
 
 template <typename scalar_t, typename index_t, typename Op, int G>
@@ -110,6 +110,7 @@ __global__ void __launch_bounds__(kThreads)
   auto st = Op::identity();
   if (row < rows) {
     const scalar_t* src = in + static_cast<index_t>(row) * P;
+#pragma unroll 4
     for (index_t i = lane; i < P; i += G) Op::add(st, static_cast<acc_t>(src[i]), i);
   }
   // Every lane of the warp takes part in the shuffles (no early return above).
@@ -148,6 +149,7 @@ __global__ void __launch_bounds__(kThreads)
     const index_t begin = static_cast<index_t>(s) * chunk;
     const index_t end = P - begin < chunk ? P : begin + chunk;
     const scalar_t* src = in + n * P * C + c;
+#pragma unroll 4
     for (index_t cell = begin + cl; cell < end; cell += L) {
       Op::add(st, static_cast<acc_t>(src[cell * C]), cell);
     }
@@ -190,18 +192,16 @@ __global__ void __launch_bounds__(kThreads)
 template <typename scalar_t, typename index_t, typename Op>
 void launch_rows(const scalar_t* in, scalar_t* out, int64_t* pos, int64_t rows, int64_t P,
                  cudaStream_t stream) {
-  int G = 1;
-  while (G < 32 && G < P) G *= 2;
+  const int G = P <= 8 ? 8 : 32;
   const int64_t blocks = (rows + kThreads / G - 1) / (kThreads / G);
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "torchpool: ", rows,
+              " rows exceed the CUDA grid limit");
   const auto r = static_cast<index_t>(rows), p = static_cast<index_t>(P);
   const auto grid = static_cast<unsigned int>(blocks);
-  switch (G) {
-    case 1: global_rows_kernel<scalar_t, index_t, Op, 1><<<grid, kThreads, 0, stream>>>(in, out, pos, r, p); break;
-    case 2: global_rows_kernel<scalar_t, index_t, Op, 2><<<grid, kThreads, 0, stream>>>(in, out, pos, r, p); break;
-    case 4: global_rows_kernel<scalar_t, index_t, Op, 4><<<grid, kThreads, 0, stream>>>(in, out, pos, r, p); break;
-    case 8: global_rows_kernel<scalar_t, index_t, Op, 8><<<grid, kThreads, 0, stream>>>(in, out, pos, r, p); break;
-    case 16: global_rows_kernel<scalar_t, index_t, Op, 16><<<grid, kThreads, 0, stream>>>(in, out, pos, r, p); break;
-    default: global_rows_kernel<scalar_t, index_t, Op, 32><<<grid, kThreads, 0, stream>>>(in, out, pos, r, p); break;
+  if (G == 8) {
+    global_rows_kernel<scalar_t, index_t, Op, 8><<<grid, kThreads, 0, stream>>>(in, out, pos, r, p);
+  } else {
+    global_rows_kernel<scalar_t, index_t, Op, 32><<<grid, kThreads, 0, stream>>>(in, out, pos, r, p);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -1,9 +1,10 @@
 // CUDA max pool ops: forward (with or without window positions), gather backward, positions to
 // int64 indices.
 //
-// One thread per output element (forward) or input element (backward). Contiguous tensors are
-// (N*C, D, H, W) planes; channels-last tensors are (N, D, H, W, C) and a thread handles VEC
-// consecutive channels with 16-byte loads when C and the pointers allow it. The window scan order
+// A thread owns one output cell (forward) or input cell (backward) and computes its window
+// geometry once (see Work in cuda_utils.cuh); it then handles that cell for several (n, c)
+// planes (contiguous tensors) or for every batch entry of a vector of channels (channels-last,
+// 16-byte loads when C and the pointers allow it). The window scan order
 // (kd, kh, kw) and the update rule match torch and the CPU kernels, so values, positions and the
 // fixed-order backward sums are reproducible.
 #include <ATen/core/Tensor.h>
@@ -21,68 +22,106 @@ using c10::IntArrayRef;
 // ---------------------------------------------------------------------------------------------
 // Forward: max over the in-input cells of each window; padded cells never win. Starts at -inf
 // with the position of the first in-input cell, takes v when v > max or v is NaN.
+//
+// Lanes: channels-last, LANES consecutive channels (one vector load per window cell);
+// contiguous, the same cell of LANES consecutive planes (the last group may be partial).
 
-template <typename scalar_t, typename index_t, bool CL, int VEC, typename pos_t, bool kPos>
+template <typename scalar_t, typename index_t, bool CL, int LANES, typename pos_t, bool kPos>
 __global__ void __launch_bounds__(kThreads)
     max_fwd_kernel(const scalar_t* __restrict__ in, scalar_t* __restrict__ out,
-                   pos_t* __restrict__ pos, const PoolGeometry g, const index_t C,
-                   const index_t items) {
+                   pos_t* __restrict__ pos, const PoolGeometry g, const Work<index_t> w) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t t64 = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (t64 >= items) return;
-  const index_t t = static_cast<index_t>(t64);
+  const int64_t x = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (x >= w.inner) return;
 
-  const index_t IH = g.in[1], IW = g.in[2];
-  const Cell<index_t, CL, VEC> o(t, g.out[0], g.out[1], g.out[2], C, g.in_plane());
-  int64_t lo0, hi0, lo1, hi1, lo2, hi2;
-  g.valid_cells(0, o.d, lo0, hi0);
-  g.valid_cells(1, o.h, lo1, hi1);
-  g.valid_cells(2, o.w, lo2, hi2);
-  const int KH = static_cast<int>(g.kernel[1]), KW = static_cast<int>(g.kernel[2]);
-  const index_t dil0 = g.dilation[0], dil1 = g.dilation[1], dil2 = g.dilation[2];
-  const index_t d0 = o.d * static_cast<index_t>(g.stride[0]) - static_cast<index_t>(g.pad[0]);
-  const index_t h0 = o.h * static_cast<index_t>(g.stride[1]) - static_cast<index_t>(g.pad[1]);
-  const index_t w0 = o.w * static_cast<index_t>(g.stride[2]) - static_cast<index_t>(g.pad[2]);
-
-  acc_t best[VEC];
-  int where[VEC];
-  const int first = (static_cast<int>(lo0) * KH + static_cast<int>(lo1)) * KW + static_cast<int>(lo2);
-#pragma unroll
-  for (int j = 0; j < VEC; ++j) {
-    best[j] = neg_inf<acc_t>();
-    where[j] = first;
+  // This thread's output cell s and first channel c.
+  index_t s = static_cast<index_t>(x), c = 0;
+  if constexpr (CL) {
+    s = static_cast<index_t>(x) / w.groups;
+    c = (static_cast<index_t>(x) - s * w.groups) * LANES;
   }
-  for (int kd = static_cast<int>(lo0); kd < static_cast<int>(hi0); ++kd) {
-    const index_t id = d0 + kd * dil0;
-    for (int kh = static_cast<int>(lo1); kh < static_cast<int>(hi1); ++kh) {
-      const index_t ih = h0 + kh * dil1;
-      const scalar_t* row = in + o.base + (id * IH + ih) * IW * o.step;
-      const int kbase = (kd * KH + kh) * KW;
-      for (int kw = static_cast<int>(lo2); kw < static_cast<int>(hi2); ++kw) {
-        const index_t iw = w0 + kw * dil2;
-        scalar_t v[VEC];
-        load_vec<VEC>(row + iw * o.step, v);
+  index_t od, oh, ow;
+  split_cell<index_t>(s, g.out[1], g.out[2], od, oh, ow);
+  int64_t lo0, hi0, lo1, hi1, lo2, hi2;
+  g.valid_cells(0, od, lo0, hi0);
+  g.valid_cells(1, oh, lo1, hi1);
+  g.valid_cells(2, ow, lo2, hi2);
+  const int kd0 = static_cast<int>(lo0), kd1 = static_cast<int>(hi0);
+  const int kh0 = static_cast<int>(lo1), kh1 = static_cast<int>(hi1);
+  const int kw0 = static_cast<int>(lo2), kw1 = static_cast<int>(hi2);
+  const int KH = static_cast<int>(g.kernel[1]), KW = static_cast<int>(g.kernel[2]);
+  const int first = (kd0 * KH + kh0) * KW + kw0;
+  const index_t IH = g.in[1], IW = g.in[2];
+  const index_t dil0 = g.dilation[0], dil1 = g.dilation[1], dil2 = g.dilation[2];
+  const index_t d0 = od * static_cast<index_t>(g.stride[0]) - static_cast<index_t>(g.pad[0]);
+  const index_t h0 = oh * static_cast<index_t>(g.stride[1]) - static_cast<index_t>(g.pad[1]);
+  const index_t w0 = ow * static_cast<index_t>(g.stride[2]) - static_cast<index_t>(g.pad[2]);
+
+  const index_t in_plane = static_cast<index_t>(g.in_plane());
+  const index_t out_plane = static_cast<index_t>(g.out_plane());
+  const index_t step = CL ? w.C : 1;  // elements between neighbouring cells
+  const index_t in_outer = CL ? in_plane * w.C : in_plane * LANES;
+  const index_t out_outer = CL ? out_plane * w.C : out_plane * LANES;
+  const index_t out_cell = CL ? s * w.C + c : s;
+
+  for (int64_t y = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; y < w.outer;
+       y += static_cast<int64_t>(gridDim.y) * blockDim.y) {
+    const index_t yi = static_cast<index_t>(y);
+    const int lanes = CL ? LANES : static_cast<int>(std::min<index_t>(LANES, w.planes - yi * LANES));
+    const scalar_t* base = in + yi * in_outer + c;
+    acc_t best[LANES];
+    int where[LANES];
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          const acc_t a = static_cast<acc_t>(v[j]);
-          if (a > best[j] || at::_isnan(a)) {
-            best[j] = a;
-            where[j] = kbase + kw;
+    for (int j = 0; j < LANES; ++j) {
+      best[j] = neg_inf<acc_t>();
+      where[j] = first;
+    }
+    for (int kd = kd0; kd < kd1; ++kd) {
+      const index_t id = d0 + kd * dil0;
+      for (int kh = kh0; kh < kh1; ++kh) {
+        const index_t ih = h0 + kh * dil1;
+        const scalar_t* row = base + (id * IH + ih) * IW * step;
+        const int kbase = (kd * KH + kh) * KW;
+        for (int kw = kw0; kw < kw1; ++kw) {
+          const scalar_t* p = row + (w0 + kw * dil2) * step;
+          scalar_t v[LANES];
+          if constexpr (CL) {
+            load_vec<LANES>(p, v);
+          } else {
+#pragma unroll
+            for (int j = 0; j < LANES; ++j) v[j] = j < lanes ? p[j * in_plane] : scalar_t(0);
+          }
+#pragma unroll
+          for (int j = 0; j < LANES; ++j) {
+            const acc_t a = static_cast<acc_t>(v[j]);
+            if (a > best[j] || at::_isnan(a)) {
+              best[j] = a;
+              where[j] = kbase + kw;
+            }
           }
         }
       }
     }
-  }
-  const index_t dst = CL ? t * VEC : t;
-  scalar_t res[VEC];
+    const index_t dst = yi * out_outer + out_cell;
+    scalar_t res[LANES];
+    pos_t wh[LANES];
 #pragma unroll
-  for (int j = 0; j < VEC; ++j) res[j] = static_cast<scalar_t>(best[j]);
-  store_vec<VEC>(out + dst, res);
-  if constexpr (kPos) {
-    pos_t p[VEC];
+    for (int j = 0; j < LANES; ++j) {
+      res[j] = static_cast<scalar_t>(best[j]);
+      wh[j] = static_cast<pos_t>(where[j]);
+    }
+    if constexpr (CL) {
+      store_vec<LANES>(out + dst, res);
+      if constexpr (kPos) store_vec<LANES>(pos + dst, wh);
+    } else {
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) p[j] = static_cast<pos_t>(where[j]);
-    store_vec<VEC>(pos + dst, p);
+      for (int j = 0; j < LANES; ++j) {
+        if (j < lanes) {
+          out[dst + j * out_plane] = res[j];
+          if constexpr (kPos) pos[dst + j * out_plane] = wh[j];
+        }
+      }
+    }
   }
 }
 
@@ -93,14 +132,15 @@ struct MaxFwd {
   pos_t* pos;
   const PoolGeometry& g;
   int64_t N, C;
+  c10::DeviceIndex device;
   cudaStream_t stream;
 
-  template <bool CL, int VEC>
+  template <bool CL, int LANES>
   void run() const {
-    const int64_t items = N * C * g.out_plane() / VEC;
-    max_fwd_kernel<scalar_t, index_t, CL, VEC, pos_t, kPos>
-        <<<blocks_for(items), kThreads, 0, stream>>>(in, out, pos, g, static_cast<index_t>(C),
-                                                      static_cast<index_t>(items));
+    const auto w = make_work<index_t>(CL, LANES, N, C, g.out_plane());
+    const Launch l = launch_for(w.inner, w.outer, device);
+    max_fwd_kernel<scalar_t, index_t, CL, LANES, pos_t, kPos>
+        <<<l.grid, l.block, 0, stream>>>(in, out, pos, g, w);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };
@@ -112,91 +152,133 @@ void max_fwd(const Tensor& x, const Tensor& out, const Tensor* pos, const PoolGe
   scalar_t* o = out.mutable_data_ptr<scalar_t>();
   pos_t* p = kPos ? pos->mutable_data_ptr<pos_t>() : nullptr;
   const int64_t N = x.size(0), C = x.size(1);
+  const c10::DeviceIndex device = x.device().index();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (needs_int64({x.numel(), out.numel()})) {
-    dispatch_layout<scalar_t, int64_t>(cl, 1, MaxFwd<scalar_t, int64_t, pos_t, kPos>{in, o, p, g, N, C, stream});
+    dispatch_layout<scalar_t, int64_t>(
+        cl, 1, MaxFwd<scalar_t, int64_t, pos_t, kPos>{in, o, p, g, N, C, device, stream});
   } else {
     const int vec = cl ? channel_vec<scalar_t>(C, {{in, sizeof(scalar_t)}, {o, sizeof(scalar_t)},
                                                    {p, sizeof(pos_t)}})
                        : 1;
-    dispatch_layout<scalar_t, int32_t>(cl, vec, MaxFwd<scalar_t, int32_t, pos_t, kPos>{in, o, p, g, N, C, stream});
+    dispatch_layout<scalar_t, int32_t>(
+        cl, vec, MaxFwd<scalar_t, int32_t, pos_t, kPos>{in, o, p, g, N, C, device, stream});
   }
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward: each thread owns input cells and sums, in (od, oh, ow) order, the gradients of the
-// covering outputs whose saved position is this cell. No atomics: bit-identical across runs.
+// Backward: each thread owns an input cell (for LANES planes or channels) and sums, in
+// (od, oh, ow) order, the gradients of the covering outputs whose saved position is this cell.
+// No atomics: bit-identical across runs.
 
-template <typename scalar_t, typename index_t, bool CL, int VEC, typename pos_t>
+template <typename scalar_t, typename index_t, bool CL, int LANES, typename pos_t>
 __global__ void __launch_bounds__(kThreads)
     max_bwd_kernel(const scalar_t* __restrict__ gout, const pos_t* __restrict__ pos,
-                   scalar_t* __restrict__ gin, const PoolGeometry g, const index_t C,
-                   const index_t items) {
+                   scalar_t* __restrict__ gin, const PoolGeometry g, const Work<index_t> w) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t t64 = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (t64 >= items) return;
-  const index_t t = static_cast<index_t>(t64);
+  const int64_t x = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (x >= w.inner) return;
 
-  const index_t OH = g.out[1], OW = g.out[2];
-  // Input cell of this thread; `base`/`step` address the output tensor (out_plane cells).
-  const Cell<index_t, CL, VEC> i(t, g.in[0], g.in[1], g.in[2], C, g.out_plane());
+  // This thread's input cell s and first channel c.
+  index_t s = static_cast<index_t>(x), c = 0;
+  if constexpr (CL) {
+    s = static_cast<index_t>(x) / w.groups;
+    c = (static_cast<index_t>(x) - s * w.groups) * LANES;
+  }
+  index_t id, ih, iw;
+  split_cell<index_t>(s, g.in[1], g.in[2], id, ih, iw);
   int64_t lo0, hi0, lo1, hi1, lo2, hi2;
-  g.covering_outputs(0, i.d, lo0, hi0);
-  g.covering_outputs(1, i.h, lo1, hi1);
-  g.covering_outputs(2, i.w, lo2, hi2);
+  g.covering_outputs(0, id, lo0, hi0);
+  g.covering_outputs(1, ih, lo1, hi1);
+  g.covering_outputs(2, iw, lo2, hi2);
+  const index_t od0 = lo0, od1 = hi0, oh0 = lo1, oh1 = hi1, ow0 = lo2, ow1 = hi2;
   const int KH = static_cast<int>(g.kernel[1]), KW = static_cast<int>(g.kernel[2]);
+  const index_t OH = g.out[1], OW = g.out[2];
   const index_t s0 = g.stride[0], s1 = g.stride[1], s2 = g.stride[2];
   const index_t dil0 = g.dilation[0], dil1 = g.dilation[1], dil2 = g.dilation[2];
-  const index_t rd0 = i.d + static_cast<index_t>(g.pad[0]);
-  const index_t rh0 = i.h + static_cast<index_t>(g.pad[1]);
-  const index_t rw0 = i.w + static_cast<index_t>(g.pad[2]);
+  // Offset of this cell in the window of output o along a dim: i + pad - o*stride (= k*dilation).
+  const index_t rd = id + static_cast<index_t>(g.pad[0]);
+  const index_t rh = ih + static_cast<index_t>(g.pad[1]);
+  const index_t rw = iw + static_cast<index_t>(g.pad[2]);
 
-  acc_t acc[VEC];
+  const index_t in_plane = static_cast<index_t>(g.in_plane());
+  const index_t out_plane = static_cast<index_t>(g.out_plane());
+  const index_t step = CL ? w.C : 1;
+  const index_t in_outer = CL ? in_plane * w.C : in_plane * LANES;
+  const index_t out_outer = CL ? out_plane * w.C : out_plane * LANES;
+  const index_t in_cell = CL ? s * w.C + c : s;
+
+  for (int64_t y = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; y < w.outer;
+       y += static_cast<int64_t>(gridDim.y) * blockDim.y) {
+    const index_t yi = static_cast<index_t>(y);
+    const int lanes = CL ? LANES : static_cast<int>(std::min<index_t>(LANES, w.planes - yi * LANES));
+    const index_t obase = yi * out_outer + c;
+    acc_t acc[LANES];
 #pragma unroll
-  for (int j = 0; j < VEC; ++j) acc[j] = acc_t(0);
-  const index_t od1 = hi0, oh1 = hi1, ow1 = hi2;
-  for (index_t od = lo0; od < od1; ++od) {
-    index_t kd = rd0 - od * s0;  // kd * dilation: offset of this cell in the window of od
-    if (dil0 != 1) {
-      if (kd % dil0 != 0) continue;
-      kd /= dil0;
-    }
-    for (index_t oh = lo1; oh < oh1; ++oh) {
-      index_t kh = rh0 - oh * s1;
-      if (dil1 != 1) {
-        if (kh % dil1 != 0) continue;
-        kh /= dil1;
+    for (int j = 0; j < LANES; ++j) acc[j] = acc_t(0);
+    for (index_t od = od0; od < od1; ++od) {
+      index_t kd = rd - od * s0;
+      if (dil0 != 1) {
+        if (kd % dil0 != 0) continue;
+        kd /= dil0;
       }
-      const index_t orow = i.base + (od * OH + oh) * OW * i.step;
-      const int kbase = (static_cast<int>(kd) * KH + static_cast<int>(kh)) * KW;
-      for (index_t ow = lo2; ow < ow1; ++ow) {
-        index_t kw = rw0 - ow * s2;
-        if (dil2 != 1) {
-          if (kw % dil2 != 0) continue;
-          kw /= dil2;
+      for (index_t oh = oh0; oh < oh1; ++oh) {
+        index_t kh = rh - oh * s1;
+        if (dil1 != 1) {
+          if (kh % dil1 != 0) continue;
+          kh /= dil1;
         }
-        const int k = kbase + static_cast<int>(kw);
-        const index_t off = orow + ow * i.step;
-        pos_t p[VEC];
-        load_vec<VEC>(pos + off, p);
-        bool any = false;
+        const index_t orow = obase + (od * OH + oh) * OW * step;
+        const int kbase = (static_cast<int>(kd) * KH + static_cast<int>(kh)) * KW;
+        for (index_t ow = ow0; ow < ow1; ++ow) {
+          index_t kw = rw - ow * s2;
+          if (dil2 != 1) {
+            if (kw % dil2 != 0) continue;
+            kw /= dil2;
+          }
+          const int k = kbase + static_cast<int>(kw);
+          const index_t off = orow + ow * step;
+          if constexpr (CL) {
+            pos_t p[LANES];
+            load_vec<LANES>(pos + off, p);
+            bool any = false;
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) any |= static_cast<int>(p[j]) == k;
-        if (any) {
-          scalar_t gv[VEC];
-          load_vec<VEC>(gout + off, gv);
+            for (int j = 0; j < LANES; ++j) any |= static_cast<int>(p[j]) == k;
+            if (any) {
+              scalar_t gv[LANES];
+              load_vec<LANES>(gout + off, gv);
 #pragma unroll
-          for (int j = 0; j < VEC; ++j) {
-            if (static_cast<int>(p[j]) == k) acc[j] += static_cast<acc_t>(gv[j]);
+              for (int j = 0; j < LANES; ++j) {
+                if (static_cast<int>(p[j]) == k) acc[j] += static_cast<acc_t>(gv[j]);
+              }
+            }
+          } else {
+            pos_t p[LANES];
+#pragma unroll
+            for (int j = 0; j < LANES; ++j) p[j] = j < lanes ? pos[off + j * out_plane] : pos_t(0);
+#pragma unroll
+            for (int j = 0; j < LANES; ++j) {
+              if (j < lanes && static_cast<int>(p[j]) == k) {
+                acc[j] += static_cast<acc_t>(gout[off + j * out_plane]);
+              }
+            }
           }
         }
       }
     }
-  }
-  scalar_t res[VEC];
+    const index_t dst = yi * in_outer + in_cell;
+    scalar_t res[LANES];
 #pragma unroll
-  for (int j = 0; j < VEC; ++j) res[j] = static_cast<scalar_t>(acc[j]);
-  store_vec<VEC>(gin + (CL ? t * VEC : t), res);
+    for (int j = 0; j < LANES; ++j) res[j] = static_cast<scalar_t>(acc[j]);
+    if constexpr (CL) {
+      store_vec<LANES>(gin + dst, res);
+    } else {
+#pragma unroll
+      for (int j = 0; j < LANES; ++j) {
+        if (j < lanes) gin[dst + j * in_plane] = res[j];
+      }
+    }
+  }
 }
 
 template <typename scalar_t, typename index_t, typename pos_t>
@@ -206,14 +288,15 @@ struct MaxBwd {
   scalar_t* gin;
   const PoolGeometry& g;
   int64_t N, C;
+  c10::DeviceIndex device;
   cudaStream_t stream;
 
-  template <bool CL, int VEC>
+  template <bool CL, int LANES>
   void run() const {
-    const int64_t items = N * C * g.in_plane() / VEC;
-    max_bwd_kernel<scalar_t, index_t, CL, VEC, pos_t>
-        <<<blocks_for(items), kThreads, 0, stream>>>(gout, pos, gin, g, static_cast<index_t>(C),
-                                                      static_cast<index_t>(items));
+    const auto w = make_work<index_t>(CL, LANES, N, C, g.in_plane());
+    const Launch l = launch_for(w.inner, w.outer, device);
+    max_bwd_kernel<scalar_t, index_t, CL, LANES, pos_t>
+        <<<l.grid, l.block, 0, stream>>>(gout, pos, gin, g, w);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };
@@ -225,14 +308,17 @@ void max_bwd(const Tensor& go, const Tensor& pos, const Tensor& gin, const PoolG
   const pos_t* p = pos.const_data_ptr<pos_t>();
   scalar_t* gi = gin.mutable_data_ptr<scalar_t>();
   const int64_t N = gin.size(0), C = gin.size(1);
+  const c10::DeviceIndex device = gin.device().index();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (needs_int64({gin.numel(), go.numel()})) {
-    dispatch_layout<scalar_t, int64_t>(cl, 1, MaxBwd<scalar_t, int64_t, pos_t>{gout, p, gi, g, N, C, stream});
+    dispatch_layout<scalar_t, int64_t>(
+        cl, 1, MaxBwd<scalar_t, int64_t, pos_t>{gout, p, gi, g, N, C, device, stream});
   } else {
     const int vec = cl ? channel_vec<scalar_t>(C, {{gout, sizeof(scalar_t)}, {gi, sizeof(scalar_t)},
                                                    {p, sizeof(pos_t)}})
                        : 1;
-    dispatch_layout<scalar_t, int32_t>(cl, vec, MaxBwd<scalar_t, int32_t, pos_t>{gout, p, gi, g, N, C, stream});
+    dispatch_layout<scalar_t, int32_t>(
+        cl, vec, MaxBwd<scalar_t, int32_t, pos_t>{gout, p, gi, g, N, C, device, stream});
   }
 }
 
@@ -246,13 +332,16 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t t64 = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (t64 >= items) return;
   const index_t t = static_cast<index_t>(t64);
-  const Cell<index_t, CL, 1> o(t, g.out[0], g.out[1], g.out[2], C, 1);
+  const index_t OP = static_cast<index_t>(g.out_plane());
+  const index_t s = CL ? (t / C) % OP : t % OP;  // output cell
+  index_t od, oh, ow;
+  split_cell<index_t>(s, g.out[1], g.out[2], od, oh, ow);
   const int k = static_cast<int>(pos[t]);
   const int KH = static_cast<int>(g.kernel[1]), KW = static_cast<int>(g.kernel[2]);
   const int kw = k % KW, kh = (k / KW) % KH, kd = k / (KW * KH);
-  const int64_t id = g.input_coord(0, o.d, kd);
-  const int64_t ih = g.input_coord(1, o.h, kh);
-  const int64_t iw = g.input_coord(2, o.w, kw);
+  const int64_t id = g.input_coord(0, od, kd);
+  const int64_t ih = g.input_coord(1, oh, kh);
+  const int64_t iw = g.input_coord(2, ow, kw);
   idx[t] = (id * g.in[1] + ih) * g.in[2] + iw;
 }
 
