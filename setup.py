@@ -31,7 +31,9 @@ def _sources(pattern):
 def extension():
     with_cuda = _want_cuda()
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
-    cxx = ["-O3", "-g0", "-DPy_LIMITED_API=0x03090000"]
+    # -fopenmp: at::parallel_for is inlined into our code and runs serially without it.
+    cxx = ["-O3", "-g0", "-fopenmp", "-DPy_LIMITED_API=0x03090000"]
+    link = ["-fopenmp"]
     if with_cuda:
         sources += _sources("csrc/cuda/*.cu")
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
@@ -40,12 +42,13 @@ def extension():
         return CUDAExtension(
             "torchpool._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
             extra_compile_args={"cxx": cxx + ["-DTORCHPOOL_WITH_CUDA"], "nvcc": nvcc},
+            extra_link_args=link,
             py_limited_api=True,
         )
     print("torchpool: building CPU kernels only")
     return CppExtension(
         "torchpool._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_compile_args={"cxx": cxx}, py_limited_api=True,
+        extra_compile_args={"cxx": cxx}, extra_link_args=link, py_limited_api=True,
     )
 
 
