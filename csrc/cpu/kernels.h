@@ -381,12 +381,125 @@ inline void store_positions(int32_t* best, pos_t* __restrict out, int32_t first_
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<pos_t>(best[i]);
 }
 
+#if defined(TORCHPOOL_AVX2)
+// ---------------------------------------------------------------------------------------------
+// Fused AVX2 rows: float NCHW with stride 1 or 2 and no dilation along W. Eight outputs at a
+// time straight from the input rows, the whole window reduced in registers: no row buffers and
+// no scalar tails (edges use masked loads and stores).
+
+inline bool fused_rows_ok(const PoolGeometry& g) {
+  return g.dilation[2] == 1 && (g.stride[2] == 1 || g.stride[2] == 2) && g.in[2] < (1 << 30);
+}
+
+// Lanes j with 0 <= x0 + j < w.
+inline __m256i lanes_inside(int64_t x0, int64_t w) {
+  const __m256i x = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(x0)),
+                                     _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  return _mm256_and_si256(_mm256_cmpgt_epi32(x, _mm256_set1_epi32(-1)),
+                          _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(w)), x));
+}
+
+// row[x0 .. x0 + 8), cells outside [0, w) read as `fill`.
+inline __m256 load8(const float* row, int64_t x0, int64_t w, __m256 fill) {
+  if (x0 >= 0 && x0 + 8 <= w) return _mm256_loadu_ps(row + x0);
+  const __m256i in = lanes_inside(x0, w);
+  // Masked-off lanes are not read, so the address may point outside the row.
+  const __m256 v = _mm256_maskload_ps(row + x0, in);
+  return _mm256_blendv_ps(fill, v, _mm256_castsi256_ps(in));
+}
+
+// The 8 cells row[x0 + S*j], j < 8. For S == 2 the lanes come out in the order of
+// _mm256_shuffle_ps (j = 0 1 4 5 2 3 6 7); natural<S> restores it once per result.
+template <int S>
+inline __m256 load_run(const float* row, int64_t x0, int64_t w, __m256 fill) {
+  if constexpr (S == 1) {
+    return load8(row, x0, w, fill);
+  } else {
+    return _mm256_shuffle_ps(load8(row, x0, w, fill), load8(row, x0 + 8, w, fill), 0x88);
+  }
+}
+
+template <int S>
+inline __m256 natural(__m256 v) {
+  if constexpr (S == 1) {
+    return v;
+  } else {
+    return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(v), 0xD8));
+  }
+}
+
+// Stores the first n (<= 8) lanes.
+inline void store8(float* dst, __m256 v, int64_t n) {
+  if (n == 8) {
+    _mm256_storeu_ps(dst, v);
+  } else {
+    _mm256_maskstore_ps(dst, lanes_inside(0, n), v);
+  }
+}
+
+template <int S, bool kPos, typename pos_t>
+void max_rows_fused(const float* in, float* out, pos_t* pos, const PoolGeometry& g,
+                    int64_t planes) {
+  const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
+  const int64_t IH = g.in[1], IW = g.in[2], KH = g.kernel[1], KW = g.kernel[2];
+  const DimTable td(g, 0, false), th(g, 1, false), tw(g, 2, false);
+  const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  at::parallel_for(0, planes * OD * OH, grain_for(OW * g.window_cells()), [&](int64_t begin, int64_t end) {
+    alignas(32) int32_t bt[8];
+    RowCounter it(begin, OD, OH);
+    for (int64_t r = begin; r < end; ++r, it.next()) {
+      const int64_t plane = it.a, od = it.b, oh = it.c;
+      for (int64_t ow0 = 0; ow0 < OW; ow0 += 8) {
+        __m256 m = ninf;
+        __m256 b = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+        for (int64_t kd = td.lo[od]; kd < td.hi[od]; ++kd) {
+          const int64_t id = g.input_coord(0, od, kd);
+          for (int64_t kh = th.lo[oh]; kh < th.hi[oh]; ++kh) {
+            const float* row = in + ((plane * g.in[0] + id) * IH + g.input_coord(1, oh, kh)) * IW;
+            const int64_t x0 = ow0 * S - g.pad[2];
+            const int32_t base = static_cast<int32_t>((kd * KH + kh) * KW);
+            for (int64_t kw = 0; kw < KW; ++kw) {
+              const __m256 v = load_run<S>(row, x0 + kw, IW, ninf);
+              const __m256 t = take_mask(v, m);
+              m = _mm256_blendv_ps(m, v, t);
+              if (kPos) {
+                b = _mm256_blendv_ps(b, _mm256_castsi256_ps(_mm256_set1_epi32(base + int32_t(kw))), t);
+              }
+            }
+          }
+        }
+        const int64_t n = std::min<int64_t>(8, OW - ow0);
+        store8(out + r * OW + ow0, natural<S>(m), n);
+        if (kPos) {
+          _mm256_store_ps(reinterpret_cast<float*>(bt), natural<S>(b));
+          const int32_t first_dh = static_cast<int32_t>((td.lo[od] * KH + th.lo[oh]) * KW);
+          pos_t* p = pos + r * OW + ow0;
+          for (int64_t j = 0; j < n; ++j) {
+            p[j] = static_cast<pos_t>(bt[j] >= 0 ? bt[j] : first_dh + int32_t(tw.lo[ow0 + j]));
+          }
+        }
+      }
+    }
+  });
+}
+
+#endif  // TORCHPOOL_AVX2
+
 // ---------------------------------------------------------------------------------------------
 // Max pool forward.
 
 template <typename scalar_t, typename pos_t, bool kPos>
 void max_fwd_planar(const scalar_t* in, scalar_t* out, pos_t* pos, const PoolGeometry& g,
                     int64_t planes) {
+#if defined(TORCHPOOL_AVX2)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (fused_rows_ok(g)) {
+      g.stride[2] == 1 ? max_rows_fused<1, kPos>(in, out, pos, g, planes)
+                       : max_rows_fused<2, kPos>(in, out, pos, g, planes);
+      return;
+    }
+  }
+#endif
   using acc_t = acc_type<scalar_t>;
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t IH = g.in[1], IW = g.in[2], KH = g.kernel[1], KW = g.kernel[2];
@@ -585,9 +698,56 @@ inline void divide(const acc_t* __restrict a, const acc_t* __restrict div,
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(a[i] / div[i]);
 }
 
+#if defined(TORCHPOOL_AVX2)
+template <int S>
+void avg_rows_fused(const float* in, float* out, const PoolGeometry& g, int64_t planes,
+                    bool count_include_pad, int64_t divisor_override) {
+  const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
+  const int64_t IH = g.in[1], IW = g.in[2], KW = g.kernel[2];
+  const AvgTables t(g, false, count_include_pad, divisor_override);
+  const int64_t OW8 = (OW + 7) / 8 * 8;
+  const __m256 zero = _mm256_setzero_ps();
+  at::parallel_for(0, planes * OD * OH, grain_for(OW * g.window_cells()), [&](int64_t begin, int64_t end) {
+    std::vector<float> div(OW8, 1.f);
+    int64_t div_row = -1;  // (od, oh) the divisors were computed for
+    RowCounter it(begin, OD, OH);
+    for (int64_t r = begin; r < end; ++r, it.next()) {
+      const int64_t plane = it.a, od = it.b, oh = it.c;
+      if (od * OH + oh != div_row) {
+        t.row_divisors(od, oh, div.data());
+        div_row = od * OH + oh;
+      }
+      for (int64_t ow0 = 0; ow0 < OW; ow0 += 8) {
+        __m256 sum = zero;
+        for (int64_t kd = t.d.lo[od]; kd < t.d.hi[od]; ++kd) {
+          const int64_t id = g.input_coord(0, od, kd);
+          for (int64_t kh = t.h.lo[oh]; kh < t.h.hi[oh]; ++kh) {
+            const float* row = in + ((plane * g.in[0] + id) * IH + g.input_coord(1, oh, kh)) * IW;
+            const int64_t x0 = ow0 * S - g.pad[2];
+            for (int64_t kw = 0; kw < KW; ++kw) sum = _mm256_add_ps(sum, load_run<S>(row, x0 + kw, IW, zero));
+          }
+        }
+        const __m256 avg = _mm256_div_ps(natural<S>(sum), _mm256_loadu_ps(div.data() + ow0));
+        store8(out + r * OW + ow0, avg, std::min<int64_t>(8, OW - ow0));
+      }
+    }
+  });
+}
+#endif  // TORCHPOOL_AVX2
+
 template <typename scalar_t>
 void avg_fwd_planar(const scalar_t* in, scalar_t* out, const PoolGeometry& g, int64_t planes,
                     bool count_include_pad, int64_t divisor_override) {
+#if defined(TORCHPOOL_AVX2)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (fused_rows_ok(g)) {
+      g.stride[2] == 1
+          ? avg_rows_fused<1>(in, out, g, planes, count_include_pad, divisor_override)
+          : avg_rows_fused<2>(in, out, g, planes, count_include_pad, divisor_override);
+      return;
+    }
+  }
+#endif
   using acc_t = acc_type<scalar_t>;
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t IH = g.in[1], IW = g.in[2], KW = g.kernel[2];
