@@ -3,8 +3,8 @@
 //
 // They are templates over a device Backend B that provides
 //   * B::Guard, constructed from the device of the op's first tensor (a no-op on CPU);
-//   * B::check_same_device(op, ref, ref_name, t, name) and B::check_window(op, g), the device's
-//     extra checks (no-ops on CPU, see DefaultHooks);
+//   * B::check_same_device(op, ref, ref_name, t, name) (ops with two tensor arguments) and
+//     B::check_window(op, g) (max pool ops), the device's extra checks (no-ops in DefaultHooks);
 //   * the kernels, with the signatures of cpu::Kernels (csrc/cpu/dispatch.h): all tensors dense
 //     in the layout given by `cl`, outputs allocated, `pos` null when no position is written.
 //     Only the kernels of the registered op families are needed.
