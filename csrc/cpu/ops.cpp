@@ -7,38 +7,17 @@
 namespace torchpool::cpu {
 namespace {
 
-using at::Tensor;
-
-// Forwards to the kernel table picked for this CPU; no guard and no extra checks.
+// Forwards each kernel call to the table picked for this CPU (signatures in dispatch.h); no
+// guard and no extra checks.
 struct Backend : ops::DefaultHooks {
-  static void max_fwd(const Tensor& in, const Tensor& out, const Tensor* pos, const PoolGeometry& g,
-                      bool cl) {
-    kernels().max_fwd(in, out, pos, g, cl);
-  }
-  static void max_bwd(const Tensor& gout, const Tensor& pos, const Tensor& gin,
-                      const PoolGeometry& g, bool cl) {
-    kernels().max_bwd(gout, pos, gin, g, cl);
-  }
-  static void max_indices(const Tensor& pos, const Tensor& idx, const PoolGeometry& g, bool cl) {
-    kernels().max_indices(pos, idx, g, cl);
-  }
-  static void avg_fwd(const Tensor& in, const Tensor& out, const PoolGeometry& g, bool cl,
-                      bool count_include_pad, int64_t divisor_override) {
-    kernels().avg_fwd(in, out, g, cl, count_include_pad, divisor_override);
-  }
-  static void avg_bwd(const Tensor& gout, const Tensor& gin, const PoolGeometry& g, bool cl,
-                      bool count_include_pad, int64_t divisor_override) {
-    kernels().avg_bwd(gout, gin, g, cl, count_include_pad, divisor_override);
-  }
-  static void global_max_fwd(const Tensor& in, const Tensor& out, const Tensor* pos, bool cl) {
-    kernels().global_max_fwd(in, out, pos, cl);
-  }
-  static void global_avg_fwd(const Tensor& in, const Tensor& out, bool cl) {
-    kernels().global_avg_fwd(in, out, cl);
-  }
-  static void global_bwd(const Tensor& gout, const Tensor* pos, const Tensor& gin, bool cl) {
-    kernels().global_bwd(gout, pos, gin, cl);
-  }
+  template <typename... A> static void max_fwd(const A&... a) { kernels().max_fwd(a...); }
+  template <typename... A> static void max_bwd(const A&... a) { kernels().max_bwd(a...); }
+  template <typename... A> static void max_indices(const A&... a) { kernels().max_indices(a...); }
+  template <typename... A> static void avg_fwd(const A&... a) { kernels().avg_fwd(a...); }
+  template <typename... A> static void avg_bwd(const A&... a) { kernels().avg_bwd(a...); }
+  template <typename... A> static void global_max_fwd(const A&... a) { kernels().global_max_fwd(a...); }
+  template <typename... A> static void global_avg_fwd(const A&... a) { kernels().global_avg_fwd(a...); }
+  template <typename... A> static void global_bwd(const A&... a) { kernels().global_bwd(a...); }
 };
 
 }  // namespace
