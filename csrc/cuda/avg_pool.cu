@@ -4,16 +4,15 @@
 // output is divisor_override when given, else the product over dims of PoolGeometry::avg_count
 // (torch's rule). Sums run in a fixed order in float (double for double): deterministic.
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include "cuda/cuda_utils.cuh"
+#include "ops.h"
 
 namespace torchpool::cuda {
 namespace {
 
 using at::Tensor;
-using c10::IntArrayRef;
 
 // Forward: sum of the in-input cells of the window / divisor. Lanes as in the max pool.
 template <typename scalar_t, typename index_t, bool CL, int LANES>
@@ -217,87 +216,51 @@ struct AvgBwd {
   }
 };
 
-// Average pools have no dilation.
-PoolGeometry avg_geometry(const char* op, IntArrayRef sizes, IntArrayRef kernel, IntArrayRef stride,
-                          IntArrayRef pad_before, IntArrayRef pad_after, bool ceil_mode,
-                          std::optional<int64_t> divisor_override) {
-  TORCH_CHECK(!divisor_override.has_value() || *divisor_override != 0, op,
-              ": divisor_override must be non-zero");
-  const std::vector<int64_t> ones(kernel.size(), 1);
-  return make_geometry(op, sizes, kernel, stride, pad_before, pad_after, ones, ceil_mode);
-}
+// Ops: binds these kernels to the op bodies of ops.h.
+struct Backend : Hooks {
+  static void avg_fwd(const Tensor& x, const Tensor& out, const PoolGeometry& g, bool cl,
+                      bool count_include_pad, int64_t over) {
+    const int64_t N = x.size(0), C = x.size(1);
+    const c10::DeviceIndex device = x.device().index();
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "avg_pool_cuda", [&] {
+      const scalar_t* in = x.const_data_ptr<scalar_t>();
+      scalar_t* o = out.mutable_data_ptr<scalar_t>();
+      if (needs_int64({x.numel(), out.numel()})) {
+        dispatch_layout<scalar_t, int64_t>(
+            cl, 1, AvgFwd<scalar_t, int64_t>{in, o, g, N, C, count_include_pad, over, device, stream});
+      } else {
+        const int vec =
+            cl ? channel_vec<scalar_t>(C, {{in, sizeof(scalar_t)}, {o, sizeof(scalar_t)}}) : 1;
+        dispatch_layout<scalar_t, int32_t>(
+            cl, vec, AvgFwd<scalar_t, int32_t>{in, o, g, N, C, count_include_pad, over, device, stream});
+      }
+    });
+  }
 
-Tensor avg_pool(const Tensor& self, IntArrayRef kernel, IntArrayRef stride, IntArrayRef pad_before,
-                IntArrayRef pad_after, bool ceil_mode, bool count_include_pad,
-                std::optional<int64_t> divisor_override) {
-  const char* op = "avg_pool";
-  check_floating(op, "input", self);
-  const PoolGeometry g = avg_geometry(op, self.sizes(), kernel, stride, pad_before, pad_after,
-                                      ceil_mode, divisor_override);
-  const c10::cuda::CUDAGuard guard(self.device());
-  const auto fmt = layout_of(self);
-  const Tensor x = self.contiguous(fmt);
-  Tensor out = at::empty(output_shape(g, self.sizes()), self.options().memory_format(fmt));
-  if (out.numel() == 0) return out;
-  const bool cl = is_channels_last(fmt);
-  const int64_t N = x.size(0), C = x.size(1), over = divisor_override.value_or(0);
-  const c10::DeviceIndex device = x.device().index();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "avg_pool_cuda", [&] {
-    const scalar_t* in = x.const_data_ptr<scalar_t>();
-    scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    if (needs_int64({x.numel(), out.numel()})) {
-      dispatch_layout<scalar_t, int64_t>(
-          cl, 1, AvgFwd<scalar_t, int64_t>{in, o, g, N, C, count_include_pad, over, device, stream});
-    } else {
-      const int vec =
-          cl ? channel_vec<scalar_t>(C, {{in, sizeof(scalar_t)}, {o, sizeof(scalar_t)}}) : 1;
-      dispatch_layout<scalar_t, int32_t>(
-          cl, vec, AvgFwd<scalar_t, int32_t>{in, o, g, N, C, count_include_pad, over, device, stream});
-    }
-  });
-  return out;
-}
-
-Tensor avg_pool_backward(const Tensor& grad_output, IntArrayRef input_size, IntArrayRef kernel,
-                         IntArrayRef stride, IntArrayRef pad_before, IntArrayRef pad_after,
-                         bool ceil_mode, bool count_include_pad,
-                         std::optional<int64_t> divisor_override) {
-  const char* op = "avg_pool_backward";
-  check_floating(op, "grad_output", grad_output);
-  const PoolGeometry g = avg_geometry(op, input_size, kernel, stride, pad_before, pad_after,
-                                      ceil_mode, divisor_override);
-  check_output_shape(op, "grad_output", grad_output, g, input_size);
-  const c10::cuda::CUDAGuard guard(grad_output.device());
-  const auto fmt = layout_of(grad_output);
-  const Tensor go = grad_output.contiguous(fmt);
-  Tensor gin = at::empty(input_size, grad_output.options().memory_format(fmt));
-  if (gin.numel() == 0) return gin;
-  const bool cl = is_channels_last(fmt);
-  const int64_t N = gin.size(0), C = gin.size(1), over = divisor_override.value_or(0);
-  const c10::DeviceIndex device = gin.device().index();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, go.scalar_type(), "avg_pool_backward_cuda", [&] {
-    const scalar_t* gout = go.const_data_ptr<scalar_t>();
-    scalar_t* gi = gin.mutable_data_ptr<scalar_t>();
-    if (needs_int64({gin.numel(), go.numel()})) {
-      dispatch_layout<scalar_t, int64_t>(
-          cl, 1, AvgBwd<scalar_t, int64_t>{gout, gi, g, N, C, count_include_pad, over, device, stream});
-    } else {
-      const int vec =
-          cl ? channel_vec<scalar_t>(C, {{gout, sizeof(scalar_t)}, {gi, sizeof(scalar_t)}}) : 1;
-      dispatch_layout<scalar_t, int32_t>(
-          cl, vec, AvgBwd<scalar_t, int32_t>{gout, gi, g, N, C, count_include_pad, over, device, stream});
-    }
-  });
-  return gin;
-}
+  static void avg_bwd(const Tensor& go, const Tensor& gin, const PoolGeometry& g, bool cl,
+                      bool count_include_pad, int64_t over) {
+    const int64_t N = gin.size(0), C = gin.size(1);
+    const c10::DeviceIndex device = gin.device().index();
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, go.scalar_type(), "avg_pool_backward_cuda", [&] {
+      const scalar_t* gout = go.const_data_ptr<scalar_t>();
+      scalar_t* gi = gin.mutable_data_ptr<scalar_t>();
+      if (needs_int64({gin.numel(), go.numel()})) {
+        dispatch_layout<scalar_t, int64_t>(
+            cl, 1, AvgBwd<scalar_t, int64_t>{gout, gi, g, N, C, count_include_pad, over, device, stream});
+      } else {
+        const int vec =
+            cl ? channel_vec<scalar_t>(C, {{gout, sizeof(scalar_t)}, {gi, sizeof(scalar_t)}}) : 1;
+        dispatch_layout<scalar_t, int32_t>(
+            cl, vec, AvgBwd<scalar_t, int32_t>{gout, gi, g, N, C, count_include_pad, over, device, stream});
+      }
+    });
+  }
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(torchpool, CUDA, m) {
-  m.impl("avg_pool", &avg_pool);
-  m.impl("avg_pool_backward", &avg_pool_backward);
-}
+TORCH_LIBRARY_IMPL(torchpool, CUDA, m) { ops::register_avg_pool_ops<Backend>(m); }
 
 }  // namespace torchpool::cuda

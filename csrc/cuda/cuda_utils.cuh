@@ -1,5 +1,5 @@
 // Helpers shared by the CUDA pooling kernels: launch sizes, index-type and vector-width choice,
-// vector loads/stores, correctly rounded division.
+// vector loads/stores, correctly rounded division; the device hooks of the op wrappers.
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -186,11 +186,23 @@ __device__ __forceinline__ acc_t neg_inf() {
 __device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }
 __device__ __forceinline__ double div_rn(double a, double b) { return a / b; }
 
-// The first tensor's device must hold every other tensor.
-inline void check_same_device(const char* op, const at::Tensor& ref, const char* ref_name,
-                              const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ",
-              ref_name, " is on ", ref.device());
-}
+// The device part of every CUDA Backend of ops.h: a guard for the op's device and the checks
+// the CUDA kernels need on top of the shared ones.
+struct Hooks {
+  using Guard = c10::cuda::CUDAGuard;
+
+  // The first tensor's device must hold every other tensor.
+  static void check_same_device(const char* op, const at::Tensor& ref, const char* ref_name,
+                                const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ",
+                ref_name, " is on ", ref.device());
+  }
+
+  // The max pool kernels number the cells of a window with 32-bit ints.
+  static void check_window(const char* op, const PoolGeometry& g) {
+    TORCH_CHECK(g.window_cells() <= std::numeric_limits<int32_t>::max(), op, ": a window of ",
+                g.window_cells(), " cells is too large");
+  }
+};
 
 }  // namespace torchpool::cuda

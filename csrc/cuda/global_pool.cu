@@ -15,12 +15,12 @@
 #include <torch/library.h>
 
 #include "cuda/cuda_utils.cuh"
+#include "ops.h"
 
 namespace torchpool::cuda {
 namespace {
 
 using at::Tensor;
-using c10::IntArrayRef;
 
 constexpr int64_t kNoIndex = std::numeric_limits<int64_t>::max();
 
@@ -339,102 +339,38 @@ void global_bwd(const Tensor& go, const Tensor* pos, const Tensor& gin, bool cl)
 }
 
 // ---------------------------------------------------------------------------------------------
-// Ops: argument checks, layout and allocation (the same rules as the CPU ops).
+// Ops: binds these kernels to the op bodies of ops.h.
 
-std::tuple<Tensor, Tensor> global_max_impl(const Tensor& self, bool with_pos) {
-  const char* op = "global_max_pool";
-  check_floating(op, "input", self);
-  check_global_input(op, self.sizes());
-  const c10::cuda::CUDAGuard guard(self.device());
-  const auto fmt = layout_of(self);
-  const Tensor x = self.contiguous(fmt);
-  Tensor out = at::empty({self.size(0), self.size(1)}, self.options());
-  Tensor pos;
-  if (with_pos) pos = at::empty({self.size(0), self.size(1)}, self.options().dtype(at::kLong));
-  if (out.numel() == 0) return {out, pos};
-  const bool cl = is_channels_last(fmt);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "global_max_pool_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    if (with_pos) {
-      global_fwd<scalar_t, MaxOp<acc_t, true>>(x, out, pos.mutable_data_ptr<int64_t>(), cl);
+struct Backend : Hooks {
+  static void global_max_fwd(const Tensor& x, const Tensor& out, const Tensor* pos, bool cl) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "global_max_pool_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      if (pos != nullptr) {
+        global_fwd<scalar_t, MaxOp<acc_t, true>>(x, out, pos->mutable_data_ptr<int64_t>(), cl);
+      } else {
+        global_fwd<scalar_t, MaxOp<acc_t, false>>(x, out, nullptr, cl);
+      }
+    });
+  }
+
+  static void global_avg_fwd(const Tensor& x, const Tensor& out, bool cl) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "global_avg_pool_cuda", [&] {
+      global_fwd<scalar_t, SumOp<at::opmath_type<scalar_t>>>(x, out, nullptr, cl);
+    });
+  }
+
+  // pos null: average backward.
+  static void global_bwd(const Tensor& go, const Tensor* pos, const Tensor& gin, bool cl) {
+    if (pos != nullptr) {
+      cuda::global_bwd<true>(go, pos, gin, cl);
     } else {
-      global_fwd<scalar_t, MaxOp<acc_t, false>>(x, out, nullptr, cl);
+      cuda::global_bwd<false>(go, nullptr, gin, cl);
     }
-  });
-  return {out, pos};
-}
-
-Tensor global_max_pool(const Tensor& self) { return std::get<0>(global_max_impl(self, false)); }
-
-std::tuple<Tensor, Tensor> global_max_pool_with_pos(const Tensor& self) {
-  return global_max_impl(self, true);
-}
-
-Tensor global_avg_pool(const Tensor& self) {
-  const char* op = "global_avg_pool";
-  check_floating(op, "input", self);
-  check_global_input(op, self.sizes());
-  const c10::cuda::CUDAGuard guard(self.device());
-  const auto fmt = layout_of(self);
-  const Tensor x = self.contiguous(fmt);
-  Tensor out = at::empty({self.size(0), self.size(1)}, self.options());
-  if (out.numel() == 0) return out;
-  const bool cl = is_channels_last(fmt);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "global_avg_pool_cuda", [&] {
-    global_fwd<scalar_t, SumOp<at::opmath_type<scalar_t>>>(x, out, nullptr, cl);
-  });
-  return out;
-}
-
-// Checks grad_output against input_size and allocates grad_input in the requested layout.
-Tensor global_grad_input(const char* op, const Tensor& grad_output, IntArrayRef input_size,
-                         bool channels_last) {
-  check_floating(op, "grad_output", grad_output);
-  check_global_input(op, input_size);
-  TORCH_CHECK(grad_output.dim() == 2 && grad_output.size(0) == input_size[0] &&
-                  grad_output.size(1) == input_size[1],
-              op, ": grad_output must have shape (", input_size[0], ", ", input_size[1], "), got ",
-              detail::fmt(grad_output.sizes()));
-  TORCH_CHECK(!channels_last || input_size.size() >= 4, op,
-              ": channels_last needs a 2d or 3d pool input, got shape ", detail::fmt(input_size));
-  const auto fmt = channels_last ? channels_last_format(input_size.size())
-                                 : at::MemoryFormat::Contiguous;
-  return at::empty(input_size, grad_output.options().memory_format(fmt));
-}
-
-Tensor global_max_pool_backward(const Tensor& grad_output, const Tensor& pos,
-                                IntArrayRef input_size, bool channels_last) {
-  const char* op = "global_max_pool_backward";
-  check_same_device(op, grad_output, "grad_output", pos, "pos");
-  const c10::cuda::CUDAGuard guard(grad_output.device());
-  Tensor gin = global_grad_input(op, grad_output, input_size, channels_last);
-  TORCH_CHECK(pos.scalar_type() == at::kLong && pos.sizes() == grad_output.sizes(), op,
-              ": pos must be an int64 tensor of shape ", detail::fmt(grad_output.sizes()),
-              ", got ", pos.scalar_type(), " of shape ", detail::fmt(pos.sizes()));
-  if (gin.numel() == 0) return gin;
-  const Tensor p = pos.contiguous();
-  global_bwd<true>(grad_output.contiguous(), &p, gin, channels_last);
-  return gin;
-}
-
-Tensor global_avg_pool_backward(const Tensor& grad_output, IntArrayRef input_size,
-                                bool channels_last) {
-  const char* op = "global_avg_pool_backward";
-  const c10::cuda::CUDAGuard guard(grad_output.device());
-  Tensor gin = global_grad_input(op, grad_output, input_size, channels_last);
-  if (gin.numel() == 0) return gin;
-  global_bwd<false>(grad_output.contiguous(), nullptr, gin, channels_last);
-  return gin;
-}
+  }
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(torchpool, CUDA, m) {
-  m.impl("global_max_pool", &global_max_pool);
-  m.impl("global_max_pool_with_pos", &global_max_pool_with_pos);
-  m.impl("global_max_pool_backward", &global_max_pool_backward);
-  m.impl("global_avg_pool", &global_avg_pool);
-  m.impl("global_avg_pool_backward", &global_avg_pool_backward);
-}
+TORCH_LIBRARY_IMPL(torchpool, CUDA, m) { ops::register_global_pool_ops<Backend>(m); }
 
 }  // namespace torchpool::cuda

@@ -8,16 +8,15 @@
 // (kd, kh, kw) and the update rule match torch and the CPU kernels, so values, positions and the
 // fixed-order backward sums are reproducible.
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include "cuda/cuda_utils.cuh"
+#include "ops.h"
 
 namespace torchpool::cuda {
 namespace {
 
 using at::Tensor;
-using c10::IntArrayRef;
 
 // ---------------------------------------------------------------------------------------------
 // Forward: max over the in-input cells of each window; padded cells never win. Starts at -inf
@@ -370,120 +369,44 @@ void max_indices(const Tensor& pos, const Tensor& idx, const PoolGeometry& g, bo
 }
 
 // ---------------------------------------------------------------------------------------------
-// Ops: argument checks, layout and allocation (the same rules as the CPU ops).
+// Ops: binds these kernels to the op bodies of ops.h.
 
-void check_window(const char* op, const PoolGeometry& g) {
-  TORCH_CHECK(g.window_cells() <= std::numeric_limits<int32_t>::max(), op, ": a window of ",
-              g.window_cells(), " cells is too large");
-}
-
-std::tuple<Tensor, Tensor> max_pool_impl(const Tensor& self, IntArrayRef kernel, IntArrayRef stride,
-                                         IntArrayRef pad_before, IntArrayRef pad_after,
-                                         IntArrayRef dilation, bool ceil_mode, bool with_pos) {
-  const char* op = "max_pool";
-  check_floating(op, "input", self);
-  const PoolGeometry g =
-      make_geometry(op, self.sizes(), kernel, stride, pad_before, pad_after, dilation, ceil_mode);
-  check_window(op, g);
-  const c10::cuda::CUDAGuard guard(self.device());
-  const auto fmt = layout_of(self);
-  const Tensor x = self.contiguous(fmt);
-  const auto shape = output_shape(g, self.sizes());
-  Tensor out = at::empty(shape, self.options().memory_format(fmt));
-  Tensor pos;
-  if (with_pos) pos = at::empty(shape, self.options().dtype(position_dtype(g)).memory_format(fmt));
-  if (out.numel() == 0) return {out, pos};
-  const bool cl = is_channels_last(fmt);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "max_pool_cuda", [&] {
-    if (!with_pos) {
-      max_fwd<scalar_t, uint8_t, false>(x, out, nullptr, g, cl);
-    } else if (pos.scalar_type() == at::kByte) {
-      max_fwd<scalar_t, uint8_t, true>(x, out, &pos, g, cl);
-    } else {
-      max_fwd<scalar_t, int32_t, true>(x, out, &pos, g, cl);
-    }
-  });
-  return {out, pos};
-}
-
-Tensor max_pool(const Tensor& self, IntArrayRef kernel, IntArrayRef stride, IntArrayRef pad_before,
-                IntArrayRef pad_after, IntArrayRef dilation, bool ceil_mode) {
-  return std::get<0>(
-      max_pool_impl(self, kernel, stride, pad_before, pad_after, dilation, ceil_mode, false));
-}
-
-std::tuple<Tensor, Tensor> max_pool_with_pos(const Tensor& self, IntArrayRef kernel,
-                                             IntArrayRef stride, IntArrayRef pad_before,
-                                             IntArrayRef pad_after, IntArrayRef dilation,
-                                             bool ceil_mode) {
-  return max_pool_impl(self, kernel, stride, pad_before, pad_after, dilation, ceil_mode, true);
-}
-
-// Checks a saved position tensor against the geometry; returns it dense in `fmt`.
-Tensor checked_pos(const char* op, const Tensor& pos, const PoolGeometry& g, IntArrayRef input_size,
-                   at::MemoryFormat fmt) {
-  TORCH_CHECK(pos.scalar_type() == position_dtype(g), op, ": pos must have dtype ",
-              position_dtype(g), " for a window of ", g.window_cells(), " cells, got ",
-              pos.scalar_type());
-  check_output_shape(op, "pos", pos, g, input_size);
-  return pos.contiguous(fmt);
-}
-
-Tensor max_pool_backward(const Tensor& grad_output, const Tensor& pos, IntArrayRef input_size,
-                         IntArrayRef kernel, IntArrayRef stride, IntArrayRef pad_before,
-                         IntArrayRef pad_after, IntArrayRef dilation, bool ceil_mode) {
-  const char* op = "max_pool_backward";
-  check_floating(op, "grad_output", grad_output);
-  check_same_device(op, grad_output, "grad_output", pos, "pos");
-  const PoolGeometry g =
-      make_geometry(op, input_size, kernel, stride, pad_before, pad_after, dilation, ceil_mode);
-  check_window(op, g);
-  check_output_shape(op, "grad_output", grad_output, g, input_size);
-  const c10::cuda::CUDAGuard guard(grad_output.device());
-  const auto fmt = layout_of(grad_output);
-  const Tensor go = grad_output.contiguous(fmt);
-  const Tensor p = checked_pos(op, pos, g, input_size, fmt);
-  Tensor gin = at::empty(input_size, grad_output.options().memory_format(fmt));
-  if (gin.numel() == 0) return gin;
-  const bool cl = is_channels_last(fmt);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, go.scalar_type(), "max_pool_backward_cuda", [&] {
-    if (p.scalar_type() == at::kByte) {
-      max_bwd<scalar_t, uint8_t>(go, p, gin, g, cl);
-    } else {
-      max_bwd<scalar_t, int32_t>(go, p, gin, g, cl);
-    }
-  });
-  return gin;
-}
-
-Tensor max_pool_indices(const Tensor& pos, IntArrayRef input_size, IntArrayRef kernel,
-                        IntArrayRef stride, IntArrayRef pad_before, IntArrayRef pad_after,
-                        IntArrayRef dilation, bool ceil_mode) {
-  const char* op = "max_pool_indices";
-  const PoolGeometry g =
-      make_geometry(op, input_size, kernel, stride, pad_before, pad_after, dilation, ceil_mode);
-  check_window(op, g);
-  const c10::cuda::CUDAGuard guard(pos.device());
-  const auto fmt = layout_of(pos);
-  const Tensor p = checked_pos(op, pos, g, input_size, fmt);
-  Tensor idx = at::empty(p.sizes(), p.options().dtype(at::kLong).memory_format(fmt));
-  if (idx.numel() == 0) return idx;
-  const bool cl = is_channels_last(fmt);
-  if (p.scalar_type() == at::kByte) {
-    max_indices<uint8_t>(p, idx, g, cl);
-  } else {
-    max_indices<int32_t>(p, idx, g, cl);
+struct Backend : Hooks {
+  static void max_fwd(const Tensor& x, const Tensor& out, const Tensor* pos, const PoolGeometry& g,
+                      bool cl) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "max_pool_cuda", [&] {
+      if (pos == nullptr) {
+        cuda::max_fwd<scalar_t, uint8_t, false>(x, out, nullptr, g, cl);
+      } else if (pos->scalar_type() == at::kByte) {
+        cuda::max_fwd<scalar_t, uint8_t, true>(x, out, pos, g, cl);
+      } else {
+        cuda::max_fwd<scalar_t, int32_t, true>(x, out, pos, g, cl);
+      }
+    });
   }
-  return idx;
-}
+
+  static void max_bwd(const Tensor& go, const Tensor& p, const Tensor& gin, const PoolGeometry& g,
+                      bool cl) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, go.scalar_type(), "max_pool_backward_cuda", [&] {
+      if (p.scalar_type() == at::kByte) {
+        cuda::max_bwd<scalar_t, uint8_t>(go, p, gin, g, cl);
+      } else {
+        cuda::max_bwd<scalar_t, int32_t>(go, p, gin, g, cl);
+      }
+    });
+  }
+
+  static void max_indices(const Tensor& p, const Tensor& idx, const PoolGeometry& g, bool cl) {
+    if (p.scalar_type() == at::kByte) {
+      cuda::max_indices<uint8_t>(p, idx, g, cl);
+    } else {
+      cuda::max_indices<int32_t>(p, idx, g, cl);
+    }
+  }
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(torchpool, CUDA, m) {
-  m.impl("max_pool", &max_pool);
-  m.impl("max_pool_with_pos", &max_pool_with_pos);
-  m.impl("max_pool_backward", &max_pool_backward);
-  m.impl("max_pool_indices", &max_pool_indices);
-}
+TORCH_LIBRARY_IMPL(torchpool, CUDA, m) { ops::register_max_pool_ops<Backend>(m); }
 
 }  // namespace torchpool::cuda

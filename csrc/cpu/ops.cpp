@@ -1,0 +1,31 @@
+// CPU op registration: the op bodies are in ops.h, the kernels in the table of dispatch.h.
+#include <torch/library.h>
+
+#include "cpu/dispatch.h"
+#include "ops.h"
+
+namespace torchpool::cpu {
+namespace {
+
+// Forwards each kernel call to the table picked for this CPU (signatures in dispatch.h); no
+// guard and no extra checks.
+struct Backend : ops::DefaultHooks {
+  template <typename... A> static void max_fwd(const A&... a) { kernels().max_fwd(a...); }
+  template <typename... A> static void max_bwd(const A&... a) { kernels().max_bwd(a...); }
+  template <typename... A> static void max_indices(const A&... a) { kernels().max_indices(a...); }
+  template <typename... A> static void avg_fwd(const A&... a) { kernels().avg_fwd(a...); }
+  template <typename... A> static void avg_bwd(const A&... a) { kernels().avg_bwd(a...); }
+  template <typename... A> static void global_max_fwd(const A&... a) { kernels().global_max_fwd(a...); }
+  template <typename... A> static void global_avg_fwd(const A&... a) { kernels().global_avg_fwd(a...); }
+  template <typename... A> static void global_bwd(const A&... a) { kernels().global_bwd(a...); }
+};
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchpool, CPU, m) {
+  ops::register_max_pool_ops<Backend>(m);
+  ops::register_avg_pool_ops<Backend>(m);
+  ops::register_global_pool_ops<Backend>(m);
+}
+
+}  // namespace torchpool::cpu
