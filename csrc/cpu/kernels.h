@@ -587,9 +587,104 @@ void max_fwd_cl(const scalar_t* in, scalar_t* out, pos_t* pos, const PoolGeometr
 // Max pool backward: each input row gathers from the outputs whose windows cover it, in a fixed
 // order, so every input cell is written once by one thread.
 
+#if defined(TORCHPOOL_AVX2)
+// Fused AVX2 backward of one input row (float NCHW, stride S in {1, 2}, no dilation along W, at
+// most 8 window columns): walks the outputs 8 at a time; `contrib(ow0, C)` sets C[kw] to what
+// outputs ow0 .. ow0 + 7 send through window column kw. Input cell x = S*ow - pad + kw, so column
+// kw feeds phase kw % S shifted by kw / S outputs; the shifted lanes come from the previous chunk
+// (kept in `carry`). Each chunk writes its 8*S input cells once.
+inline bool fused_bwd_ok(const PoolGeometry& g) {
+  return fused_rows_ok(g) && g.kernel[2] <= 8;
+}
+
+template <int S, typename Contrib>
+inline void bwd_row_fused(float* row, const PoolGeometry& g, Contrib&& contrib) {
+  const int64_t IW = g.in[2], KW = g.kernel[2], pad = g.pad[2];
+  alignas(32) float carry[8][16];  // [kw][0, 8): previous chunk, [8, 16): current chunk
+  for (int64_t kw = 0; kw < KW; ++kw) _mm256_store_ps(carry[kw], _mm256_setzero_ps());
+  __m256 C[8];
+  for (int64_t ow0 = 0; S * ow0 - pad < IW; ow0 += 8) {
+    contrib(ow0, C);
+    __m256 phase[S];
+    for (int p = 0; p < S; ++p) phase[p] = _mm256_setzero_ps();
+    for (int64_t kw = 0; kw < KW; ++kw) {
+      _mm256_store_ps(carry[kw] + 8, C[kw]);
+      const __m256 v = _mm256_loadu_ps(carry[kw] + 8 - kw / S);
+      phase[kw % S] = _mm256_add_ps(phase[kw % S], v);
+      _mm256_store_ps(carry[kw], C[kw]);
+    }
+    const int64_t x0 = S * ow0 - pad;
+    if constexpr (S == 1) {
+      _mm256_maskstore_ps(row + x0, lanes_inside(x0, IW), phase[0]);
+    } else {
+      const __m256 lo = _mm256_unpacklo_ps(phase[0], phase[1]);
+      const __m256 hi = _mm256_unpackhi_ps(phase[0], phase[1]);
+      const __m256 a = _mm256_permute2f128_ps(lo, hi, 0x20), b = _mm256_permute2f128_ps(lo, hi, 0x31);
+      if (x0 >= 0 && x0 + 16 <= IW) {
+        _mm256_storeu_ps(row + x0, a);
+        _mm256_storeu_ps(row + x0 + 8, b);
+      } else {
+        _mm256_maskstore_ps(row + x0, lanes_inside(x0, IW), a);
+        _mm256_maskstore_ps(row + x0 + 8, lanes_inside(x0 + 8, IW), b);
+      }
+    }
+  }
+}
+
+// Saved positions of outputs ow0 .. ow0 + 7 as int32 lanes (lanes past the row read 0; their
+// gradient lanes are 0).
+inline __m256i load_pos8(const uint8_t* p, int64_t ow0, int64_t OW) {
+  if (ow0 + 8 <= OW) {
+    return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + ow0)));
+  }
+  alignas(16) uint8_t t[16] = {};
+  for (int64_t j = 0; ow0 + j < OW; ++j) t[j] = p[ow0 + j];
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(t)));
+}
+
+template <int S>
+void max_bwd_fused(const float* gout, const uint8_t* pos, float* gin, const PoolGeometry& g,
+                   int64_t planes) {
+  const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
+  const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2], KH = g.kernel[1], KW = g.kernel[2];
+  const DimTable td(g, 0, true), th(g, 1, true);
+  const __m256 zero = _mm256_setzero_ps();
+  at::parallel_for(0, planes * ID * IH, grain_for(IW * 2), [&](int64_t begin, int64_t end) {
+    RowCounter it(begin, ID, IH);
+    for (int64_t r = begin; r < end; ++r, it.next()) {
+      const int64_t plane = it.a, id = it.b, ih = it.c;
+      bwd_row_fused<S>(gin + r * IW, g, [&](int64_t ow0, __m256* C) {
+        for (int64_t kw = 0; kw < KW; ++kw) C[kw] = zero;
+        for (int64_t cd = td.first[id]; cd < td.first[id + 1]; ++cd) {
+          for (int64_t ch = th.first[ih]; ch < th.first[ih + 1]; ++ch) {
+            const int64_t orow = ((plane * OD + td.cover_o[cd]) * OH + th.cover_o[ch]) * OW;
+            const __m256 g8 = load8(gout + orow, ow0, OW, zero);
+            const __m256i p8 = load_pos8(pos + orow, ow0, OW);
+            const int32_t base = static_cast<int32_t>((td.cover_k[cd] * KH + th.cover_k[ch]) * KW);
+            for (int64_t kw = 0; kw < KW; ++kw) {
+              const __m256i hit = _mm256_cmpeq_epi32(p8, _mm256_set1_epi32(base + int32_t(kw)));
+              C[kw] = _mm256_add_ps(C[kw], _mm256_and_ps(_mm256_castsi256_ps(hit), g8));
+            }
+          }
+        }
+      });
+    }
+  });
+}
+#endif  // TORCHPOOL_AVX2
+
 template <typename scalar_t, typename pos_t>
 void max_bwd_planar(const scalar_t* gout, const pos_t* pos, scalar_t* gin, const PoolGeometry& g,
                     int64_t planes) {
+#if defined(TORCHPOOL_AVX2)
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<pos_t, uint8_t>) {
+    if (fused_bwd_ok(g)) {
+      g.stride[2] == 1 ? max_bwd_fused<1>(gout, pos, gin, g, planes)
+                       : max_bwd_fused<2>(gout, pos, gin, g, planes);
+      return;
+    }
+  }
+#endif
   using acc_t = acc_type<scalar_t>;
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2], KH = g.kernel[1], KW = g.kernel[2];
@@ -806,6 +901,39 @@ void avg_fwd_cl(const scalar_t* in, scalar_t* out, const PoolGeometry& g, int64_
   });
 }
 
+#if defined(TORCHPOOL_AVX2)
+template <int S>
+void avg_bwd_fused(const float* gout, float* gin, const PoolGeometry& g, int64_t planes,
+                   const AvgTables& t) {
+  const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
+  const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2], KW = g.kernel[2];
+  const int64_t OW8 = (OW + 7) / 8 * 8;
+  const __m256 zero = _mm256_setzero_ps();
+  at::parallel_for(0, planes * ID * IH, grain_for(IW * 2), [&](int64_t begin, int64_t end) {
+    // Divisors of every output row (od, oh), padded to whole vectors.
+    std::vector<float> div(OD * OH * OW8, 1.f);
+    for (int64_t od = 0; od < OD; ++od) {
+      for (int64_t oh = 0; oh < OH; ++oh) t.row_divisors(od, oh, div.data() + (od * OH + oh) * OW8);
+    }
+    RowCounter it(begin, ID, IH);
+    for (int64_t r = begin; r < end; ++r, it.next()) {
+      const int64_t plane = it.a, id = it.b, ih = it.c;
+      bwd_row_fused<S>(gin + r * IW, g, [&](int64_t ow0, __m256* C) {
+        __m256 sum = zero;
+        for (int64_t cd = t.d.first[id]; ow0 < OW && cd < t.d.first[id + 1]; ++cd) {
+          for (int64_t ch = t.h.first[ih]; ch < t.h.first[ih + 1]; ++ch) {
+            const int64_t orow = t.d.cover_o[cd] * OH + t.h.cover_o[ch];
+            const __m256 g8 = load8(gout + (plane * OD * OH + orow) * OW, ow0, OW, zero);
+            sum = _mm256_add_ps(sum, _mm256_div_ps(g8, _mm256_loadu_ps(div.data() + orow * OW8 + ow0)));
+          }
+        }
+        for (int64_t kw = 0; kw < KW; ++kw) C[kw] = sum;
+      });
+    }
+  });
+}
+#endif  // TORCHPOOL_AVX2
+
 template <typename scalar_t>
 void avg_bwd_planar(const scalar_t* gout, scalar_t* gin, const PoolGeometry& g, int64_t planes,
                     bool count_include_pad, int64_t divisor_override) {
@@ -813,6 +941,15 @@ void avg_bwd_planar(const scalar_t* gout, scalar_t* gin, const PoolGeometry& g, 
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2], KW = g.kernel[2];
   const AvgTables t(g, true, count_include_pad, divisor_override);
+#if defined(TORCHPOOL_AVX2)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (fused_bwd_ok(g)) {
+      g.stride[2] == 1 ? avg_bwd_fused<1>(gout, gin, g, planes, t)
+                       : avg_bwd_fused<2>(gout, gin, g, planes, t);
+      return;
+    }
+  }
+#endif
   const RowPhases ph(g);
   at::parallel_for(0, planes * ID * IH, grain_for(IW * 2), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buf(ph.size()), grad(OW), scaled(OW), div(OW);
