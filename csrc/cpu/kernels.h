@@ -601,32 +601,38 @@ template <int S, typename Contrib>
 inline void bwd_row_fused(float* row, const PoolGeometry& g, Contrib&& contrib) {
   const int64_t IW = g.in[2], KW = g.kernel[2], pad = g.pad[2];
   alignas(32) float carry[8][16];  // [kw][0, 8): previous chunk, [8, 16): current chunk
-  for (int64_t kw = 0; kw < KW; ++kw) _mm256_store_ps(carry[kw], _mm256_setzero_ps());
+  for (int64_t kw = S; kw < KW; ++kw) _mm256_store_ps(carry[kw], _mm256_setzero_ps());
+  alignas(32) float edge[8 * S];
   __m256 C[8];
   for (int64_t ow0 = 0; S * ow0 - pad < IW; ow0 += 8) {
     contrib(ow0, C);
-    __m256 phase[S];
-    for (int p = 0; p < S; ++p) phase[p] = _mm256_setzero_ps();
-    for (int64_t kw = 0; kw < KW; ++kw) {
+    // Columns kw < S land in this chunk's own lanes; later ones are shifted by kw / S outputs.
+    __m256 even = C[0];
+    __m256 odd = (S == 2 && KW > 1) ? C[1] : _mm256_setzero_ps();
+    for (int64_t kw = S; kw < KW; ++kw) {
       _mm256_store_ps(carry[kw] + 8, C[kw]);
       const __m256 v = _mm256_loadu_ps(carry[kw] + 8 - kw / S);
-      phase[kw % S] = _mm256_add_ps(phase[kw % S], v);
+      if (S == 2 && (kw & 1)) {
+        odd = _mm256_add_ps(odd, v);
+      } else {
+        even = _mm256_add_ps(even, v);
+      }
       _mm256_store_ps(carry[kw], C[kw]);
     }
     const int64_t x0 = S * ow0 - pad;
-    if constexpr (S == 1) {
-      _mm256_maskstore_ps(row + x0, lanes_inside(x0, IW), phase[0]);
-    } else {
-      const __m256 lo = _mm256_unpacklo_ps(phase[0], phase[1]);
-      const __m256 hi = _mm256_unpackhi_ps(phase[0], phase[1]);
-      const __m256 a = _mm256_permute2f128_ps(lo, hi, 0x20), b = _mm256_permute2f128_ps(lo, hi, 0x31);
-      if (x0 >= 0 && x0 + 16 <= IW) {
-        _mm256_storeu_ps(row + x0, a);
-        _mm256_storeu_ps(row + x0 + 8, b);
-      } else {
-        _mm256_maskstore_ps(row + x0, lanes_inside(x0, IW), a);
-        _mm256_maskstore_ps(row + x0 + 8, lanes_inside(x0 + 8, IW), b);
-      }
+    __m256 a = even, b = even;
+    if constexpr (S == 2) {
+      const __m256 lo = _mm256_unpacklo_ps(even, odd), hi = _mm256_unpackhi_ps(even, odd);
+      a = _mm256_permute2f128_ps(lo, hi, 0x20);
+      b = _mm256_permute2f128_ps(lo, hi, 0x31);
+    }
+    if (x0 >= 0 && x0 + 8 * S <= IW) {
+      _mm256_storeu_ps(row + x0, a);
+      if (S == 2) _mm256_storeu_ps(row + x0 + 8, b);
+    } else {  // row edges: only the cells inside the row
+      _mm256_store_ps(edge, a);
+      if (S == 2) _mm256_store_ps(edge + 8 * (S - 1), b);
+      for (int64_t j = std::max<int64_t>(0, -x0); j < 8 * S && x0 + j < IW; ++j) row[x0 + j] = edge[j];
     }
   }
 }
