@@ -788,6 +788,17 @@ struct AvgTables {
       div[ow] = static_cast<acc_t>(divisor_override != 0 ? divisor_override : dh * w.count[ow]);
     }
   }
+  // The divisor is separable: (d count * h count) * w count, or the override everywhere.
+  int64_t dh_factor(int64_t od, int64_t oh) const {
+    return divisor_override != 0 ? divisor_override : d.count[od] * h.count[oh];
+  }
+  std::vector<float> w_factors(int64_t padded) const {
+    std::vector<float> f(padded, 1.f);
+    for (size_t ow = 0; ow < w.count.size(); ++ow) {
+      f[ow] = divisor_override != 0 ? 1.f : static_cast<float>(w.count[ow]);
+    }
+    return f;
+  }
   int64_t divisor(int64_t od, int64_t oh, int64_t ow) const {
     return divisor_override != 0 ? divisor_override : d.count[od] * h.count[oh] * w.count[ow];
   }
@@ -808,16 +819,13 @@ void avg_rows_fused(const float* in, float* out, const PoolGeometry& g, int64_t 
   const AvgTables t(g, false, count_include_pad, divisor_override);
   const int64_t OW8 = (OW + 7) / 8 * 8;
   const __m256 zero = _mm256_setzero_ps();
+  const std::vector<float> wf = t.w_factors(OW8);
   at::parallel_for(0, planes * OD * OH, grain_for(OW * g.window_cells()), [&](int64_t begin, int64_t end) {
-    std::vector<float> div(OW8, 1.f);
-    int64_t div_row = -1;  // (od, oh) the divisors were computed for
     RowCounter it(begin, OD, OH);
     for (int64_t r = begin; r < end; ++r, it.next()) {
       const int64_t plane = it.a, od = it.b, oh = it.c;
-      if (od * OH + oh != div_row) {
-        t.row_divisors(od, oh, div.data());
-        div_row = od * OH + oh;
-      }
+      // Products of counts are exact in float, so this divides by the same value torch does.
+      const __m256 dh = _mm256_set1_ps(static_cast<float>(t.dh_factor(od, oh)));
       for (int64_t ow0 = 0; ow0 < OW; ow0 += 8) {
         __m256 sum = zero;
         for (int64_t kd = t.d.lo[od]; kd < t.d.hi[od]; ++kd) {
@@ -828,7 +836,8 @@ void avg_rows_fused(const float* in, float* out, const PoolGeometry& g, int64_t 
             for (int64_t kw = 0; kw < KW; ++kw) sum = _mm256_add_ps(sum, load_run<S>(row, x0 + kw, IW, zero));
           }
         }
-        const __m256 avg = _mm256_div_ps(natural<S>(sum), _mm256_loadu_ps(div.data() + ow0));
+        const __m256 div = _mm256_mul_ps(dh, _mm256_loadu_ps(wf.data() + ow0));
+        const __m256 avg = _mm256_div_ps(natural<S>(sum), div);
         store8(out + r * OW + ow0, avg, std::min<int64_t>(8, OW - ow0));
       }
     }
@@ -915,12 +924,8 @@ void avg_bwd_fused(const float* gout, float* gin, const PoolGeometry& g, int64_t
   const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2], KW = g.kernel[2];
   const int64_t OW8 = (OW + 7) / 8 * 8;
   const __m256 zero = _mm256_setzero_ps();
+  const std::vector<float> wf = t.w_factors(OW8);
   at::parallel_for(0, planes * ID * IH, grain_for(IW * 2), [&](int64_t begin, int64_t end) {
-    // Divisors of every output row (od, oh), padded to whole vectors.
-    std::vector<float> div(OD * OH * OW8, 1.f);
-    for (int64_t od = 0; od < OD; ++od) {
-      for (int64_t oh = 0; oh < OH; ++oh) t.row_divisors(od, oh, div.data() + (od * OH + oh) * OW8);
-    }
     RowCounter it(begin, ID, IH);
     for (int64_t r = begin; r < end; ++r, it.next()) {
       const int64_t plane = it.a, id = it.b, ih = it.c;
@@ -928,9 +933,11 @@ void avg_bwd_fused(const float* gout, float* gin, const PoolGeometry& g, int64_t
         __m256 sum = zero;
         for (int64_t cd = t.d.first[id]; ow0 < OW && cd < t.d.first[id + 1]; ++cd) {
           for (int64_t ch = t.h.first[ih]; ch < t.h.first[ih + 1]; ++ch) {
-            const int64_t orow = t.d.cover_o[cd] * OH + t.h.cover_o[ch];
-            const __m256 g8 = load8(gout + (plane * OD * OH + orow) * OW, ow0, OW, zero);
-            sum = _mm256_add_ps(sum, _mm256_div_ps(g8, _mm256_loadu_ps(div.data() + orow * OW8 + ow0)));
+            const int64_t od = t.d.cover_o[cd], oh = t.h.cover_o[ch];
+            const __m256 g8 = load8(gout + ((plane * OD + od) * OH + oh) * OW, ow0, OW, zero);
+            const __m256 div = _mm256_mul_ps(_mm256_set1_ps(static_cast<float>(t.dh_factor(od, oh))),
+                                             _mm256_loadu_ps(wf.data() + ow0));
+            sum = _mm256_add_ps(sum, _mm256_div_ps(g8, div));
           }
         }
         for (int64_t kw = 0; kw < KW; ++kw) C[kw] = sum;
