@@ -204,6 +204,44 @@ inline float reduce_sum(const float* __restrict src, int64_t n) {
   return s;
 }
 
+// Position of the maximum of n floats, as a sequential scan with the `takes` rule finds it: the
+// last NaN if there is one, else the first maximum. Lane j scans cells j, j + 8, ...; the lanes
+// are then merged.
+inline int64_t reduce_argmax(const float* __restrict src, int64_t n, float* value) {
+  __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  __m256i at = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);  // index each lane holds
+  __m256i cur = at;
+  const __m256i step = _mm256_set1_epi32(8);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8, cur = _mm256_add_epi32(cur, step)) {
+    const __m256 v = _mm256_loadu_ps(src + i);
+    const __m256 t = take_mask(v, m);
+    m = _mm256_blendv_ps(m, v, t);
+    at = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(at), _mm256_castsi256_ps(cur), t));
+  }
+  alignas(32) float mv[8];
+  alignas(32) int32_t av[8];
+  _mm256_store_ps(mv, m);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(av), at);
+  float best = -std::numeric_limits<float>::infinity();
+  int64_t best_at = 0;
+  bool nan = false;
+  for (int j = 0; j < 8 && j < n; ++j) {
+    const float v = mv[j];
+    if (v != v) {
+      if (!nan || av[j] > best_at) { best = v; best_at = av[j]; }
+      nan = true;
+    } else if (!nan && (v > best || (v == best && av[j] < best_at))) {
+      best = v; best_at = av[j];
+    }
+  }
+  for (; i < n; ++i) {
+    if (takes(src[i], best)) { best = src[i]; best_at = i; }
+  }
+  *value = best;
+  return best_at;
+}
+
 // Maximum of n floats; NaN if any is NaN.
 inline float reduce_max(const float* __restrict src, int64_t n) {
   const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
@@ -1034,9 +1072,15 @@ void global_max_planar(const scalar_t* in, scalar_t* out, int64_t* pos, int64_t 
     for (int64_t pl = begin; pl < end; ++pl) {
       const scalar_t* src = in + pl * P;
 #if defined(TORCHPOOL_AVX2)
-      if constexpr (!kPos && std::is_same_v<scalar_t, float>) {
-        out[pl] = reduce_max(src, P);
-        continue;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (kPos && P < (int64_t{1} << 31)) {
+          pos[pl] = reduce_argmax(src, P, out + pl);
+          continue;
+        }
+        if (!kPos) {
+          out[pl] = reduce_max(src, P);
+          continue;
+        }
       }
 #endif
       // Lane j scans cells j, j + kLanes, ... in order; the lanes are then merged so that the
