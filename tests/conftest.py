@@ -10,6 +10,10 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 LAYOUTS = ("contiguous", "channels_last", "permuted", "sliced")
+# (spatial dims, layout) pairs: each dimensionality contiguous, and channels_last where it applies.
+ND_LAYOUTS = [(1, "contiguous"), (2, "contiguous"), (2, "channels_last"), (3, "contiguous"), (3, "channels_last")]
+# Batched inputs for the 1d/2d/3d window pools.
+POOL_SHAPES = {1: (2, 3, 17), 2: (2, 3, 11, 13), 3: (2, 3, 7, 8, 9)}
 
 # (rtol, atol) for values that went through a reduction (avg pools, summed gradients).
 TOLERANCES = {
@@ -34,6 +38,18 @@ def rng(request):
 def layouts_for(dim):
     """Layouts that apply to a tensor with `dim` dims (channels_last needs a 4d or 5d tensor)."""
     return LAYOUTS if dim in (4, 5) else tuple(lay for lay in LAYOUTS if lay != "channels_last")
+
+
+def config_grid(configs):
+    """(nd, config index, dtype, layout) for every config of configs[nd], every dtype and every
+    layout that applies to a batched nd input."""
+    return [
+        (nd, i, dtype, layout)
+        for nd in (1, 2, 3)
+        for i in range(len(configs[nd]))
+        for dtype in DTYPES
+        for layout in layouts_for(nd + 2)
+    ]
 
 
 def channels_last_format(dim):
@@ -130,6 +146,55 @@ def run_fwd_bwd(fn, x, g=None, gen=None):
     return out, leaf.grad, g
 
 
+def strided_grad_output(out, kind, gen):
+    """A non-dense upstream gradient for `out`: 'transposed' (dims stored in reverse order, so not
+    dense in the output's layout) or 'sliced' (every other element along the last dim)."""
+    if kind == "transposed":
+        rev = tuple(reversed(range(out.dim())))
+        return torch.randn(tuple(reversed(out.shape)), generator=gen).to(out.device).permute(*rev)
+    if kind == "sliced":
+        return torch.randn(*out.shape[:-1], 2 * out.shape[-1], generator=gen).to(out.device)[..., ::2]
+    raise ValueError(kind)
+
+
+def check_strided_grad_outputs(ours, ref, x, gen):
+    """Gradients of ours equal ref's for an expanded (stride 0, from out.sum().backward()), a
+    transposed and a sliced upstream gradient."""
+    for kind in ("sum", "transposed", "sliced"):
+        leaf, ref_leaf = x.detach().requires_grad_(), x.detach().requires_grad_()
+        out, rout = ours(leaf), ref(ref_leaf)
+        if kind == "sum":
+            out.sum().backward()
+            rout.sum().backward()
+        else:
+            g = strided_grad_output(out, kind, gen)
+            out.backward(g)
+            rout.backward(g)
+        assert_close(leaf.grad, ref_leaf.grad)
+
+
+def check_layout_preserved(ours, x, layout, gen):
+    """A contiguous input gives contiguous results, a channels_last one channels_last results
+    (inference forward, training forward and gradient)."""
+    fmt = torch.contiguous_format if layout == "contiguous" else channels_last_format(x.dim())
+    with torch.no_grad():
+        assert ours(x, 2).is_contiguous(memory_format=fmt)
+    out, grad, _ = run_fwd_bwd(lambda t: ours(t, 3, 2, 1), x, gen=gen)
+    assert out.is_contiguous(memory_format=fmt)
+    assert grad.is_contiguous(memory_format=fmt)
+
+
+def check_backward_deterministic(ours, ref, x, gen, reference_device=None):
+    """Two backward runs of ours are bit-identical, and match ref's gradient (computed on
+    reference_device, default x's device)."""
+    _, g1, g = run_fwd_bwd(ours, x, gen=gen)
+    _, g2, _ = run_fwd_bwd(ours, x, g=g)
+    assert torch.equal(g1, g2)
+    dev = reference_device or x.device
+    _, gr, _ = run_fwd_bwd(ref, x.to(dev), g=g.to(dev))
+    assert_close(g1.to(dev), gr)
+
+
 # --- hypothesis strategies ----------------------------------------------------------------------
 
 HYPOTHESIS = settings(
@@ -154,6 +219,12 @@ def every_window_touches_input(size, k, s, p, d, ceil_mode):
     outside the input and its backward writes out of bounds, so there is nothing to compare)."""
     out = pool_output_size(size, k, s, p, d, ceil_mode)
     return all(any(0 <= o * s - p + j * d < size for j in range(k)) for o in range(out))
+
+
+def draw_dtype_layout(draw, shape, batched):
+    """shape, a dtype, and a layout that applies to `shape` (unbatched inputs: none of the 4d/5d ones)."""
+    layouts = layouts_for(len(shape)) if batched else layouts_for(0)
+    return dict(shape=shape, dtype=draw(st.sampled_from(DTYPES)), layout=draw(st.sampled_from(layouts)))
 
 
 def _maybe_int(draw, values):
@@ -200,12 +271,4 @@ def pool_cases(draw, kind):
     else:
         kw["count_include_pad"] = draw(st.booleans())
         kw["divisor_override"] = draw(st.sampled_from([None, None, None, 1, 3, 7]))
-    layouts = layouts_for(len(shape)) if batched else layouts_for(0)
-    return dict(
-        nd=nd,
-        shape=shape,
-        dtype=draw(st.sampled_from(DTYPES)),
-        layout=draw(st.sampled_from(layouts)),
-        seed=draw(st.integers(0, 2**31 - 1)),
-        kw=kw,
-    )
+    return dict(nd=nd, **draw_dtype_layout(draw, shape, batched), seed=draw(st.integers(0, 2**31 - 1)), kw=kw)

@@ -10,10 +10,13 @@ import torchpool.functional as tpf
 from conftest import (
     DTYPES,
     HYPOTHESIS,
+    POOL_SHAPES,
     assert_close,
     assert_layout_follows,
-    channels_last_format,
-    layouts_for,
+    check_backward_deterministic,
+    check_layout_preserved,
+    check_strided_grad_outputs,
+    config_grid,
     make_input,
     pool_cases,
     ref_dtype,
@@ -47,7 +50,7 @@ def torch_avg_pool1d(x, kernel_size, stride=None, padding=0, ceil_mode=False, co
 
 TORCH = {1: torch_avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 
-SHAPES = {1: (2, 3, 17), 2: (2, 3, 11, 13), 3: (2, 3, 7, 8, 9)}
+SHAPES = POOL_SHAPES
 CONFIGS = {
     1: [
         dict(kernel_size=2),
@@ -72,13 +75,7 @@ CONFIGS = {
         dict(kernel_size=3, stride=2, padding=1, ceil_mode=True, divisor_override=9),
     ],
 }
-GRID = [
-    (nd, i, dtype, layout)
-    for nd in (1, 2, 3)
-    for i in range(len(CONFIGS[nd]))
-    for dtype in DTYPES
-    for layout in layouts_for(nd + 2)
-]
+GRID = config_grid(CONFIGS)
 
 
 def check_parity(x, nd, kw, gen):
@@ -137,13 +134,8 @@ def test_empty_batch(device, nd):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_layout_preserved(device, rng, nd, dtype, layout):
-    fmt = torch.contiguous_format if layout == "contiguous" else channels_last_format(nd + 2)
     x = make_input((2, 3) + SHAPES[nd][2:], dtype, device, layout, rng)
-    with torch.no_grad():
-        assert OURS[nd](x, 2).is_contiguous(memory_format=fmt)
-    out, grad, _ = run_fwd_bwd(lambda t: OURS[nd](t, 3, 2, 1), x, gen=rng)
-    assert out.is_contiguous(memory_format=fmt)
-    assert grad.is_contiguous(memory_format=fmt)
+    check_layout_preserved(OURS[nd], x, layout, rng)
 
 
 def test_keras_worked_example(device):
@@ -171,11 +163,7 @@ def test_backward_deterministic(device, rng, nd, kw):
     """Overlapping windows: two backward runs are bit-identical (and match torch)."""
     shape = (2, 8, 48, 48) if nd == 2 else (2, 4, 12, 24, 24)
     x = make_input(shape, torch.float32, device, "contiguous", rng)
-    _, g1, g = run_fwd_bwd(lambda t: OURS[nd](t, **kw), x, gen=rng)
-    _, g2, _ = run_fwd_bwd(lambda t: OURS[nd](t, **kw), x, g=g)
-    assert torch.equal(g1, g2)
-    _, gr, _ = run_fwd_bwd(lambda t: TORCH[nd](t, **kw), x, g=g)
-    assert_close(g1, gr)
+    check_backward_deterministic(lambda t: OURS[nd](t, **kw), lambda t: TORCH[nd](t, **kw), x, rng)
 
 
 @pytest.mark.parametrize(
@@ -221,22 +209,7 @@ def test_backward_with_strided_grad_output(device, rng, nd, layout):
         layout = "permuted"
     x = make_input(SHAPES[nd], torch.float32, device, layout, rng)
     kw = dict(kernel_size=3, stride=2, padding=1, count_include_pad=False)
-    for make_grad in (
-        lambda out: None,
-        lambda out: torch.randn(tuple(reversed(out.shape)), generator=rng).to(device).permute(
-            *reversed(range(out.dim()))),
-        lambda out: torch.randn(*out.shape[:-1], 2 * out.shape[-1], generator=rng).to(device)[..., ::2],
-    ):
-        leaf, ref_leaf = x.detach().requires_grad_(), x.detach().requires_grad_()
-        out, rout = OURS[nd](leaf, **kw), TORCH[nd](ref_leaf, **kw)
-        g = make_grad(out)
-        if g is None:
-            out.sum().backward()
-            rout.sum().backward()
-        else:
-            out.backward(g)
-            rout.backward(g)
-        assert_close(leaf.grad, ref_leaf.grad)
+    check_strided_grad_outputs(lambda t: OURS[nd](t, **kw), lambda t: TORCH[nd](t, **kw), x, rng)
 
 
 @pytest.mark.parametrize("nd", [1, 2, 3])

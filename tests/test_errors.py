@@ -18,6 +18,11 @@ def fn(name):
     return getattr(tpf, name)
 
 
+def call_pool(name, x):
+    """Calls the pool `name` on x: global pools take no more arguments, the others kernel_size 2."""
+    return fn(name)(x) if "global" in name else fn(name)(x, 2)
+
+
 def spelled(value, nd):
     """Regex for a per-dim value as the message spells it: '(0, 0)' for 2d; '(0,)' or '0' for 1d."""
     if nd == 1:
@@ -105,10 +110,7 @@ def test_wrong_number_of_dims(device, name, nd, delta):
     shape = shape[-(len(shape) + delta):] if delta < 0 else (1,) * delta + shape
     x = torch.randn(shape, device=device)
     with pytest.raises(ValueError, match=rf"{name}\b.*expected.*got shape {shape_re(shape)}"):
-        if "global" in name:
-            fn(name)(x)
-        else:
-            fn(name)(x, 2)
+        call_pool(name, x)
 
 
 def test_wrong_number_of_dims_message_exact(device):
@@ -129,10 +131,7 @@ def test_zero_size_non_batch_dim(device, name, nd, where):
         shape = [0] + [8] * nd
     x = torch.randn(shape, device=device)
     with pytest.raises(ValueError, match=rf"{name}\b.*{shape_re(shape)}"):
-        if "global" in name:
-            fn(name)(x)
-        else:
-            fn(name)(x, 2)
+        call_pool(name, x)
 
 
 @pytest.mark.parametrize(

@@ -9,8 +9,11 @@ import torchpool.functional as tpf
 from conftest import (
     DTYPES,
     HYPOTHESIS,
+    ND_LAYOUTS,
     assert_close,
     channels_last_format,
+    check_strided_grad_outputs,
+    draw_dtype_layout,
     layouts_for,
     make_input,
     ref_dtype,
@@ -19,7 +22,6 @@ from conftest import (
 
 GMAX = {1: tpf.global_max_pool1d, 2: tpf.global_max_pool2d, 3: tpf.global_max_pool3d}
 GAVG = {1: tpf.global_avg_pool1d, 2: tpf.global_avg_pool2d, 3: tpf.global_avg_pool3d}
-ND_LAYOUTS = [(1, "contiguous"), (2, "contiguous"), (2, "channels_last"), (3, "contiguous"), (3, "channels_last")]
 SHAPES = {1: (2, 3, 50), 2: (2, 3, 7, 9), 3: (2, 3, 4, 5, 6)}
 
 
@@ -76,17 +78,10 @@ GRID = [(nd, dtype, layout) for nd in (1, 2, 3) for dtype in DTYPES for layout i
 
 @pytest.mark.parametrize("keepdim", [False, True])
 @pytest.mark.parametrize("nd,dtype,layout", GRID)
-def test_global_max_matches_torch(device, rng, nd, dtype, layout, keepdim):
-    x = make_input(SHAPES[nd], dtype, device, layout, rng, kind="distinct")
-    out, _ = check_max(x, nd, keepdim, rng)
-    assert out.shape == ((2, 3) + (1,) * nd if keepdim else (2, 3))
-
-
-@pytest.mark.parametrize("keepdim", [False, True])
-@pytest.mark.parametrize("nd,dtype,layout", GRID)
-def test_global_avg_matches_torch(device, rng, nd, dtype, layout, keepdim):
-    x = make_input(SHAPES[nd], dtype, device, layout, rng, kind="positive")
-    out, _ = check_avg(x, nd, keepdim, rng)
+@pytest.mark.parametrize("check,kind", [(check_max, "distinct"), (check_avg, "positive")], ids=["max", "avg"])
+def test_global_matches_torch(device, rng, check, kind, nd, dtype, layout, keepdim):
+    x = make_input(SHAPES[nd], dtype, device, layout, rng, kind=kind)
+    out, _ = check(x, nd, keepdim, rng)
     assert out.shape == ((2, 3) + (1,) * nd if keepdim else (2, 3))
 
 
@@ -97,12 +92,9 @@ def global_cases(draw):
     batched = draw(st.sampled_from([True, True, True, False]))
     n, c = draw(st.integers(1, 3)), draw(st.integers(1, 5))
     shape = ((n, c) if batched else (c,)) + sizes
-    layouts = layouts_for(len(shape)) if batched else layouts_for(0)
     return dict(
         nd=nd,
-        shape=shape,
-        dtype=draw(st.sampled_from(DTYPES)),
-        layout=draw(st.sampled_from(layouts)),
+        **draw_dtype_layout(draw, shape, batched),
         keepdim=draw(st.booleans()),
         kind=draw(st.sampled_from(["distinct", "ties", "randn"])),
         seed=draw(st.integers(0, 2**31 - 1)),
@@ -202,19 +194,8 @@ def test_gradcheck(device, rng, nd, keepdim, layout):
 def test_backward_with_strided_grad_output(device, rng, nd, layout):
     """out.sum().backward() passes an expanded (stride 0) gradient; a sliced one is not dense."""
     x = make_input(SHAPES[nd], torch.float32, device, layout, rng, kind="distinct")
-    for ours, ref in ((GMAX[nd], lambda t: ref_max(t, nd, False)), (GAVG[nd], lambda t: ref_avg(t, nd, False))):
-        for make_grad in (lambda: None, lambda: torch.randn(2, 6, generator=rng).to(device)[:, ::2],
-                          lambda: torch.randn(3, 2, generator=rng).to(device).t()):
-            leaf, ref_leaf = x.detach().requires_grad_(), x.detach().requires_grad_()
-            out, rout = ours(leaf), ref(ref_leaf)
-            g = make_grad()
-            if g is None:
-                out.sum().backward()
-                rout.sum().backward()
-            else:
-                out.backward(g)
-                rout.backward(g)
-            assert_close(leaf.grad, ref_leaf.grad)
+    check_strided_grad_outputs(GMAX[nd], lambda t: ref_max(t, nd, False), x, rng)
+    check_strided_grad_outputs(GAVG[nd], lambda t: ref_avg(t, nd, False), x, rng)
 
 
 @pytest.mark.parametrize("nd", [1, 2, 3])

@@ -11,10 +11,14 @@ from conftest import (
     HALF_DTYPES,
     HYPOTHESIS,
     LAYOUTS,
+    ND_LAYOUTS,
+    POOL_SHAPES,
     assert_close,
     assert_layout_follows,
-    channels_last_format,
-    layouts_for,
+    check_backward_deterministic,
+    check_layout_preserved,
+    check_strided_grad_outputs,
+    config_grid,
     make_input,
     pool_cases,
     ref_dtype,
@@ -25,8 +29,7 @@ OURS = {1: tpf.max_pool1d, 2: tpf.max_pool2d, 3: tpf.max_pool3d}
 TORCH = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 UNPOOL = {1: F.max_unpool1d, 2: F.max_unpool2d, 3: F.max_unpool3d}
 
-ND_LAYOUTS = [(1, "contiguous"), (2, "contiguous"), (2, "channels_last"), (3, "contiguous"), (3, "channels_last")]
-SHAPES = {1: (2, 3, 17), 2: (2, 3, 11, 13), 3: (2, 3, 7, 8, 9)}
+SHAPES = POOL_SHAPES
 CONFIGS = {
     1: [
         dict(kernel_size=2),
@@ -50,13 +53,7 @@ CONFIGS = {
         dict(kernel_size=3, stride=2, ceil_mode=True),
     ],
 }
-GRID = [
-    (nd, i, dtype, layout)
-    for nd in (1, 2, 3)
-    for i in range(len(CONFIGS[nd]))
-    for dtype in DTYPES
-    for layout in layouts_for(nd + 2)
-]
+GRID = config_grid(CONFIGS)
 
 
 def spatial_flat(t, nd):
@@ -139,13 +136,8 @@ def test_empty_batch(device, nd, return_indices):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_layout_preserved(device, rng, nd, dtype, layout):
-    fmt = torch.contiguous_format if layout == "contiguous" else channels_last_format(nd + 2)
     x = make_input((2, 3) + SHAPES[nd][2:], dtype, device, layout, rng, kind="distinct")
-    with torch.no_grad():
-        assert OURS[nd](x, 2).is_contiguous(memory_format=fmt)
-    out, grad, _ = run_fwd_bwd(lambda t: OURS[nd](t, 3, 2, 1), x, gen=rng)
-    assert out.is_contiguous(memory_format=fmt)
-    assert grad.is_contiguous(memory_format=fmt)
+    check_layout_preserved(OURS[nd], x, layout, rng)
 
 
 @pytest.mark.parametrize("nd,layout", ND_LAYOUTS)
@@ -230,11 +222,8 @@ def test_backward_deterministic(device, rng, nd, kw):
     """Overlapping windows: two backward runs are bit-identical (and match torch)."""
     shape = (2, 8, 48, 48) if nd == 2 else (2, 4, 12, 24, 24)
     x = make_input(shape, torch.float32, device, "contiguous", rng, kind="ties")
-    _, g1, g = run_fwd_bwd(lambda t: OURS[nd](t, **kw), x, gen=rng)
-    _, g2, _ = run_fwd_bwd(lambda t: OURS[nd](t, **kw), x, g=g)
-    assert torch.equal(g1, g2)
-    _, gr, _ = run_fwd_bwd(lambda t: TORCH[nd](t, **kw), x.cpu(), g=g.cpu())
-    assert_close(g1.cpu(), gr)
+    check_backward_deterministic(lambda t: OURS[nd](t, **kw), lambda t: TORCH[nd](t, **kw), x, rng,
+                                 reference_device="cpu")
 
 
 @pytest.mark.parametrize(
@@ -301,22 +290,7 @@ def test_backward_with_strided_grad_output(device, rng, nd, layout):
         layout = "permuted"
     x = make_input(SHAPES[nd], torch.float32, device, layout, rng, kind="distinct")
     kw = dict(kernel_size=3, stride=2, padding=1)
-    for make_grad in (
-        lambda out: None,
-        lambda out: torch.randn(tuple(reversed(out.shape)), generator=rng).to(device).permute(
-            *reversed(range(out.dim()))),
-        lambda out: torch.randn(*out.shape[:-1], 2 * out.shape[-1], generator=rng).to(device)[..., ::2],
-    ):
-        leaf, ref_leaf = x.detach().requires_grad_(), x.detach().requires_grad_()
-        out, rout = OURS[nd](leaf, **kw), TORCH[nd](ref_leaf, **kw)
-        g = make_grad(out)
-        if g is None:
-            out.sum().backward()
-            rout.sum().backward()
-        else:
-            out.backward(g)
-            rout.backward(g)
-        assert_close(leaf.grad, ref_leaf.grad)
+    check_strided_grad_outputs(lambda t: OURS[nd](t, **kw), lambda t: TORCH[nd](t, **kw), x, rng)
 
 
 @pytest.mark.parametrize("nd", [1, 2, 3])
