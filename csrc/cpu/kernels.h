@@ -43,6 +43,31 @@ inline bool takes(T v, T cur) {
   return (v > cur) | (v != v);
 }
 
+// Merges lane results of a strided scan (each lane's value and the cell it came from) into what
+// the sequential scan with `takes` gives: the last NaN if any, else the first maximum.
+template <typename T>
+struct ScanMerge {
+  T value = -std::numeric_limits<T>::infinity();
+  int64_t at = 0;
+  bool nan = false;
+  void add(T v, int64_t cell) {
+    if (v != v) {
+      if (!nan || cell > at) { value = v; at = cell; }
+      nan = true;
+    } else if (!nan && (v > value || (v == value && cell < at))) {
+      value = v; at = cell;
+    }
+  }
+  // The cells after the lanes, in order.
+  template <typename S>
+  void tail(const S* src, int64_t i, int64_t n) {
+    for (; i < n; ++i) {
+      const T v = static_cast<T>(src[i]);
+      if (takes(v, value)) { value = v; at = i; }
+    }
+  }
+};
+
 template <typename T>
 inline void max_pass(const T* __restrict src, T* __restrict acc, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
@@ -223,23 +248,11 @@ inline int64_t reduce_argmax(const float* __restrict src, int64_t n, float* valu
   alignas(32) int32_t av[8];
   _mm256_store_ps(mv, m);
   _mm256_store_si256(reinterpret_cast<__m256i*>(av), at);
-  float best = -std::numeric_limits<float>::infinity();
-  int64_t best_at = 0;
-  bool nan = false;
-  for (int j = 0; j < 8 && j < n; ++j) {
-    const float v = mv[j];
-    if (v != v) {
-      if (!nan || av[j] > best_at) { best = v; best_at = av[j]; }
-      nan = true;
-    } else if (!nan && (v > best || (v == best && av[j] < best_at))) {
-      best = v; best_at = av[j];
-    }
-  }
-  for (; i < n; ++i) {
-    if (takes(src[i], best)) { best = src[i]; best_at = i; }
-  }
-  *value = best;
-  return best_at;
+  ScanMerge<float> merged;
+  for (int j = 0; j < 8 && j < n; ++j) merged.add(mv[j], av[j]);
+  merged.tail(src, i, n);
+  *value = merged.value;
+  return merged.at;
 }
 
 // Maximum of n floats; NaN if any is NaN.
@@ -1095,26 +1108,14 @@ void global_max_planar(const scalar_t* in, scalar_t* out, int64_t* pos, int64_t 
           max_pass(v, lane, kLanes);
         }
       }
-      acc_t m = neg_inf<acc_t>();
-      int64_t best = 0;
-      bool nan = false;
+      ScanMerge<acc_t> merged;
       for (int64_t j = 0; j < kLanes; ++j) {
-        if (lane_best[j] < 0 && kPos) continue;
-        const int64_t at = static_cast<int64_t>(lane_best[j]) * kLanes + j;
-        const acc_t v = lane[j];
-        if (v != v) {
-          if (!nan || at > best) { m = v; best = at; }
-          nan = true;
-        } else if (!nan && (v > m || (v == m && at < best))) {
-          m = v; best = at;
-        }
+        if (kPos && lane_best[j] < 0) continue;  // the lane never left -inf
+        merged.add(lane[j], static_cast<int64_t>(lane_best[j]) * kLanes + j);
       }
-      for (; i < P; ++i) {
-        const acc_t v = static_cast<acc_t>(src[i]);
-        if (takes(v, m)) { m = v; best = i; }
-      }
-      if (kPos) pos[pl] = best;
-      out[pl] = static_cast<scalar_t>(m);
+      merged.tail(src, i, P);
+      if (kPos) pos[pl] = merged.at;
+      out[pl] = static_cast<scalar_t>(merged.value);
     }
   });
 }
