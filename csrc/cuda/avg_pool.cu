@@ -24,12 +24,8 @@ __global__ void __launch_bounds__(kThreads)
   PoolThread<index_t, CL, LANES> t;
   if (!pool_thread(w, g, t)) return;
 
-  index_t od, oh, ow;
-  split_cell<index_t>(t.s, g.out[1], g.out[2], od, oh, ow);
-  int64_t lo0, hi0, lo1, hi1, lo2, hi2;
-  g.valid_cells(0, od, lo0, hi0);
-  g.valid_cells(1, oh, lo1, hi1);
-  g.valid_cells(2, ow, lo2, hi2);
+  const CellRanges<index_t> r = output_cell_window(g, t.s);
+  const index_t od = r.d, oh = r.h, ow = r.w;
   const int64_t divisor = divisor_override != 0
                               ? divisor_override
                               : g.avg_count(0, od, count_include_pad) *
@@ -40,9 +36,12 @@ __global__ void __launch_bounds__(kThreads)
   const index_t d0 = od * static_cast<index_t>(g.stride[0]) - static_cast<index_t>(g.pad[0]);
   const index_t h0 = oh * static_cast<index_t>(g.stride[1]) - static_cast<index_t>(g.pad[1]);
   const index_t w0 = ow * static_cast<index_t>(g.stride[2]) - static_cast<index_t>(g.pad[2]);
-  const index_t id0 = d0 + static_cast<index_t>(lo0), id1 = d0 + static_cast<index_t>(hi0);
-  const index_t ih0 = h0 + static_cast<index_t>(lo1), ih1 = h0 + static_cast<index_t>(hi1);
-  const index_t iw0 = w0 + static_cast<index_t>(lo2), iw1 = w0 + static_cast<index_t>(hi2);
+  const index_t id0 = d0 + static_cast<index_t>(r.lo[0]);
+  const index_t id1 = d0 + static_cast<index_t>(r.hi[0]);
+  const index_t ih0 = h0 + static_cast<index_t>(r.lo[1]);
+  const index_t ih1 = h0 + static_cast<index_t>(r.hi[1]);
+  const index_t iw0 = w0 + static_cast<index_t>(r.lo[2]);
+  const index_t iw1 = w0 + static_cast<index_t>(r.hi[2]);
   const index_t IH = g.in[1], IW = g.in[2];
 
   for_each_outer<index_t, CL, LANES>(w, [&](const index_t yi, const int lanes) {
@@ -78,13 +77,9 @@ __global__ void __launch_bounds__(kThreads)
   PoolThread<index_t, CL, LANES> t;
   if (!pool_thread(w, g, t)) return;
 
-  index_t id, ih, iw;
-  split_cell<index_t>(t.s, g.in[1], g.in[2], id, ih, iw);
-  int64_t lo0, hi0, lo1, hi1, lo2, hi2;
-  g.covering_outputs(0, id, lo0, hi0);
-  g.covering_outputs(1, ih, lo1, hi1);
-  g.covering_outputs(2, iw, lo2, hi2);
-  const index_t od0 = lo0, od1 = hi0, oh0 = lo1, oh1 = hi1, ow0 = lo2, ow1 = hi2;
+  const CellRanges<index_t> r = input_cell_outputs(g, t.s);
+  const index_t od0 = r.lo[0], od1 = r.hi[0], oh0 = r.lo[1], oh1 = r.hi[1];
+  const index_t ow0 = r.lo[2], ow1 = r.hi[2];
   const bool fixed = divisor_override != 0;
   const index_t OH = g.out[1], OW = g.out[2];
 

@@ -202,6 +202,37 @@ __device__ __forceinline__ void split_cell(index_t s, index_t H, index_t W, inde
   h = q - d * H;
 }
 
+// A spatial cell's coordinates (d, h, w) and, per dim, a range [lo, hi): for an output cell, of
+// its window cells inside the input (PoolGeometry::valid_cells); for an input cell, of the
+// outputs whose window can contain it (PoolGeometry::covering_outputs).
+template <typename index_t>
+struct CellRanges {
+  index_t d, h, w;
+  int64_t lo[3], hi[3];
+};
+
+template <typename index_t>
+__device__ __forceinline__ CellRanges<index_t> output_cell_window(const PoolGeometry& g,
+                                                                  index_t s) {
+  CellRanges<index_t> r;
+  split_cell<index_t>(s, g.out[1], g.out[2], r.d, r.h, r.w);
+  g.valid_cells(0, r.d, r.lo[0], r.hi[0]);
+  g.valid_cells(1, r.h, r.lo[1], r.hi[1]);
+  g.valid_cells(2, r.w, r.lo[2], r.hi[2]);
+  return r;
+}
+
+template <typename index_t>
+__device__ __forceinline__ CellRanges<index_t> input_cell_outputs(const PoolGeometry& g,
+                                                                  index_t s) {
+  CellRanges<index_t> r;
+  split_cell<index_t>(s, g.in[1], g.in[2], r.d, r.h, r.w);
+  g.covering_outputs(0, r.d, r.lo[0], r.hi[0]);
+  g.covering_outputs(1, r.h, r.lo[1], r.hi[1]);
+  g.covering_outputs(2, r.w, r.lo[2], r.hi[2]);
+  return r;
+}
+
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Vec {
   T v[N];

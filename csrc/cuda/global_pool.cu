@@ -311,8 +311,10 @@ void global_bwd(const Tensor& go, const Tensor* pos, const Tensor& gin, bool cl)
     scalar_t* gi = gin.mutable_data_ptr<scalar_t>();
     dispatch_bool(pos != nullptr, [&]<bool kMax>() {
       dispatch_flat({items}, cl, [&]<typename index_t, bool CL>() {
-        global_bwd_kernel<scalar_t, index_t, CL, kMax><<<blocks_for(items), kThreads, 0, stream>>>(
-            g, p, gi, static_cast<index_t>(C), static_cast<index_t>(P), static_cast<index_t>(items));
+        global_bwd_kernel<scalar_t, index_t, CL, kMax>
+            <<<blocks_for(items), kThreads, 0, stream>>>(g, p, gi, static_cast<index_t>(C),
+                                                         static_cast<index_t>(P),
+                                                         static_cast<index_t>(items));
       });
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -34,15 +34,11 @@ __global__ void __launch_bounds__(kThreads)
   PoolThread<index_t, CL, LANES> t;
   if (!pool_thread(w, g, t)) return;
 
-  index_t od, oh, ow;
-  split_cell<index_t>(t.s, g.out[1], g.out[2], od, oh, ow);
-  int64_t lo0, hi0, lo1, hi1, lo2, hi2;
-  g.valid_cells(0, od, lo0, hi0);
-  g.valid_cells(1, oh, lo1, hi1);
-  g.valid_cells(2, ow, lo2, hi2);
-  const int kd0 = static_cast<int>(lo0), kd1 = static_cast<int>(hi0);
-  const int kh0 = static_cast<int>(lo1), kh1 = static_cast<int>(hi1);
-  const int kw0 = static_cast<int>(lo2), kw1 = static_cast<int>(hi2);
+  const CellRanges<index_t> r = output_cell_window(g, t.s);
+  const index_t od = r.d, oh = r.h, ow = r.w;
+  const int kd0 = static_cast<int>(r.lo[0]), kd1 = static_cast<int>(r.hi[0]);
+  const int kh0 = static_cast<int>(r.lo[1]), kh1 = static_cast<int>(r.hi[1]);
+  const int kw0 = static_cast<int>(r.lo[2]), kw1 = static_cast<int>(r.hi[2]);
   const int KH = static_cast<int>(g.kernel[1]), KW = static_cast<int>(g.kernel[2]);
   const int first = (kd0 * KH + kh0) * KW + kw0;
   const index_t IH = g.in[1], IW = g.in[2];
@@ -116,13 +112,10 @@ __global__ void __launch_bounds__(kThreads)
   PoolThread<index_t, CL, LANES> t;
   if (!pool_thread(w, g, t)) return;
 
-  index_t id, ih, iw;
-  split_cell<index_t>(t.s, g.in[1], g.in[2], id, ih, iw);
-  int64_t lo0, hi0, lo1, hi1, lo2, hi2;
-  g.covering_outputs(0, id, lo0, hi0);
-  g.covering_outputs(1, ih, lo1, hi1);
-  g.covering_outputs(2, iw, lo2, hi2);
-  const index_t od0 = lo0, od1 = hi0, oh0 = lo1, oh1 = hi1, ow0 = lo2, ow1 = hi2;
+  const CellRanges<index_t> r = input_cell_outputs(g, t.s);
+  const index_t id = r.d, ih = r.h, iw = r.w;
+  const index_t od0 = r.lo[0], od1 = r.hi[0], oh0 = r.lo[1], oh1 = r.hi[1];
+  const index_t ow0 = r.lo[2], ow1 = r.hi[2];
   const int KH = static_cast<int>(g.kernel[1]), KW = static_cast<int>(g.kernel[2]);
   const index_t OH = g.out[1], OW = g.out[2];
   const index_t s0 = g.stride[0], s1 = g.stride[1], s2 = g.stride[2];
