@@ -81,19 +81,6 @@ int channel_vec(int64_t C, std::initializer_list<std::pair<const void*, size_t>>
 // and their loads are independent.
 constexpr int kPlaneLanes = 4;
 
-// Calls f.template run<CL, LANES>() for the layout: contiguous tensors use kPlaneLanes planes per
-// thread; channels-last tensors use `vec` consecutive channels (one vector) per thread, only for
-// 32-bit indexing (the 64-bit path is for rare, huge tensors and stays scalar).
-template <typename scalar_t, typename index_t, typename F>
-void dispatch_layout(bool cl, int vec, const F& f) {
-  if (!cl) return f.template run<false, kPlaneLanes>();
-  if constexpr (std::is_same_v<index_t, int32_t>) {
-    constexpr int kVec = max_vec<scalar_t>();
-    if (vec == kVec) return f.template run<true, kVec>();
-  }
-  f.template run<true, 1>();
-}
-
 // Work split of the pooling kernels. x runs over `inner` items: the spatial cells of one
 // (n, c) plane for contiguous tensors, (cell, channel group) pairs for channels-last ones.
 // y runs over `outer` items: groups of LANES planes (contiguous) or batch entries (channels-last).
@@ -139,6 +126,72 @@ inline Launch launch_for(int64_t inner, int64_t outer, c10::DeviceIndex device) 
           dim3(static_cast<unsigned int>(bx), static_cast<unsigned int>(by))};
 }
 
+// Calls f.template operator()<index_t>() with the index type needs_int64 picks for `numels`.
+template <typename F>
+void dispatch_index(std::initializer_list<int64_t> numels, const F& f) {
+  if (needs_int64(numels)) {
+    f.template operator()<int64_t>();
+  } else {
+    f.template operator()<int32_t>();
+  }
+}
+
+// Calls f.template operator()<B>() for a runtime bool.
+template <typename F>
+void dispatch_bool(bool b, const F& f) {
+  if (b) {
+    f.template operator()<true>();
+  } else {
+    f.template operator()<false>();
+  }
+}
+
+// Calls f.template operator()<CL, LANES>() for the layout: contiguous tensors use kPlaneLanes
+// planes per thread; channels-last tensors use `vec` consecutive channels (one vector) per thread,
+// only for 32-bit indexing (the 64-bit path is for rare, huge tensors and stays scalar).
+template <typename scalar_t, typename index_t, typename F>
+void dispatch_layout(bool cl, int vec, const F& f) {
+  if (!cl) return f.template operator()<false, kPlaneLanes>();
+  if constexpr (std::is_same_v<index_t, int32_t>) {
+    constexpr int kVec = max_vec<scalar_t>();
+    if (vec == kVec) return f.template operator()<true, kVec>();
+  }
+  f.template operator()<true, 1>();
+}
+
+// Launches a pooling kernel with the Work split over `plane` cells of each (n, c) plane of `ref`
+// (N, C, *spatial): 64-bit indexing when any of `numels` needs it, else 32-bit with channels-last
+// vectors when C and `ptrs` allow them (channel_vec); then the layout and lanes (dispatch_layout).
+// `launch` is called as launch.template operator()<index_t, CL, LANES>(work, launch, stream) and
+// launches the kernel; the launch is checked here.
+template <typename scalar_t, typename F>
+void launch_pool(const at::Tensor& ref, bool cl, int64_t plane,
+                 std::initializer_list<int64_t> numels,
+                 std::initializer_list<std::pair<const void*, size_t>> ptrs, const F& launch) {
+  const int64_t N = ref.size(0), C = ref.size(1);
+  const c10::DeviceIndex device = ref.device().index();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_index(numels, [&]<typename index_t>() {
+    const int vec =
+        std::is_same_v<index_t, int32_t> && cl ? channel_vec<scalar_t>(C, ptrs) : 1;
+    dispatch_layout<scalar_t, index_t>(cl, vec, [&]<bool CL, int LANES>() {
+      const auto w = make_work<index_t>(CL, LANES, N, C, plane);
+      const Launch l = launch_for(w.inner, w.outer, device);
+      launch.template operator()<index_t, CL, LANES>(w, l, stream);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+// Calls f.template operator()<index_t, CL>() for a one-thread-per-element kernel: 64-bit indexing
+// when any of `numels` needs it.
+template <typename F>
+void dispatch_flat(std::initializer_list<int64_t> numels, bool cl, const F& f) {
+  dispatch_index(numels, [&]<typename index_t>() {
+    dispatch_bool(cl, [&]<bool CL>() { f.template operator()<index_t, CL>(); });
+  });
+}
+
 // Spatial cell index s of a (D, H, W) plane -> (d, h, w).
 template <typename index_t>
 __device__ __forceinline__ void split_cell(index_t s, index_t H, index_t W, index_t& d, index_t& h,
@@ -147,6 +200,37 @@ __device__ __forceinline__ void split_cell(index_t s, index_t H, index_t W, inde
   w = s - q * W;
   d = q / H;
   h = q - d * H;
+}
+
+// A spatial cell's coordinates (d, h, w) and, per dim, a range [lo, hi): for an output cell, of
+// its window cells inside the input (PoolGeometry::valid_cells); for an input cell, of the
+// outputs whose window can contain it (PoolGeometry::covering_outputs).
+template <typename index_t>
+struct CellRanges {
+  index_t d, h, w;
+  int64_t lo[3], hi[3];
+};
+
+template <typename index_t>
+__device__ __forceinline__ CellRanges<index_t> output_cell_window(const PoolGeometry& g,
+                                                                  index_t s) {
+  CellRanges<index_t> r;
+  split_cell<index_t>(s, g.out[1], g.out[2], r.d, r.h, r.w);
+  g.valid_cells(0, r.d, r.lo[0], r.hi[0]);
+  g.valid_cells(1, r.h, r.lo[1], r.hi[1]);
+  g.valid_cells(2, r.w, r.lo[2], r.hi[2]);
+  return r;
+}
+
+template <typename index_t>
+__device__ __forceinline__ CellRanges<index_t> input_cell_outputs(const PoolGeometry& g,
+                                                                  index_t s) {
+  CellRanges<index_t> r;
+  split_cell<index_t>(s, g.in[1], g.in[2], r.d, r.h, r.w);
+  g.covering_outputs(0, r.d, r.lo[0], r.hi[0]);
+  g.covering_outputs(1, r.h, r.lo[1], r.hi[1]);
+  g.covering_outputs(2, r.w, r.lo[2], r.hi[2]);
+  return r;
 }
 
 template <typename T, int N>
@@ -174,6 +258,83 @@ __device__ __forceinline__ void store_vec(T* __restrict__ p, const T (&in)[N]) {
 #pragma unroll
     for (int j = 0; j < N; ++j) v.v[j] = in[j];
     *reinterpret_cast<Vec<T, N>*>(p) = v;
+  }
+}
+
+// A pooling kernel thread's share of a Work: its spatial cell s (output cell in a forward, input
+// cell in a backward) and first channel c, and the layout's offsets.
+template <typename index_t, bool CL, int LANES>
+struct PoolThread {
+  index_t s, c;
+  index_t in_plane, out_plane;  // spatial cells of an input / output plane
+  index_t step;                 // elements between neighbouring cells
+  index_t in_outer, out_outer;  // elements between consecutive outer items (input / output)
+
+  // Offset of this thread's first element in outer item 0 of a tensor whose plane holds s.
+  __device__ __forceinline__ index_t cell() const { return CL ? s * step + c : s; }
+};
+
+// Sets up this thread's PoolThread; false when the thread has no inner item.
+template <typename index_t, bool CL, int LANES>
+__device__ __forceinline__ bool pool_thread(const Work<index_t>& w, const PoolGeometry& g,
+                                            PoolThread<index_t, CL, LANES>& t) {
+  const int64_t x = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (x >= w.inner) return false;
+  t.s = static_cast<index_t>(x);
+  t.c = 0;
+  if constexpr (CL) {
+    t.s = static_cast<index_t>(x) / w.groups;
+    t.c = (static_cast<index_t>(x) - t.s * w.groups) * LANES;
+  }
+  t.in_plane = static_cast<index_t>(g.in_plane());
+  t.out_plane = static_cast<index_t>(g.out_plane());
+  t.step = CL ? w.C : 1;
+  t.in_outer = CL ? t.in_plane * w.C : t.in_plane * LANES;
+  t.out_outer = CL ? t.out_plane * w.C : t.out_plane * LANES;
+  return true;
+}
+
+// Calls f(yi, lanes) for each of this thread's outer items yi; `lanes` is LANES except for the
+// last, partial group of planes of a contiguous tensor.
+template <typename index_t, bool CL, int LANES, typename F>
+__device__ __forceinline__ void for_each_outer(const Work<index_t>& w, const F& f) {
+  for (int64_t y = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; y < w.outer;
+       y += static_cast<int64_t>(gridDim.y) * blockDim.y) {
+    const index_t yi = static_cast<index_t>(y);
+    const int lanes =
+        CL ? LANES : static_cast<int>(std::min<index_t>(LANES, w.planes - yi * LANES));
+    f(yi, lanes);
+  }
+}
+
+// The LANES values of a cell at p: one vector (channels-last) or the first `lanes` of LANES planes
+// `plane` elements apart (contiguous; the others read as 0).
+template <bool CL, int LANES, typename T, typename index_t>
+__device__ __forceinline__ void load_lanes(const T* __restrict__ p, index_t plane, int lanes,
+                                           T (&v)[LANES]) {
+  if constexpr (CL) {
+    load_vec<LANES>(p, v);
+  } else {
+#pragma unroll
+    for (int j = 0; j < LANES; ++j) v[j] = j < lanes ? p[j * plane] : T(0);
+  }
+}
+
+// Stores the LANES values v, converted to T, to the cell at p (layout as in load_lanes; only the
+// first `lanes` on a contiguous tensor).
+template <bool CL, int LANES, typename T, typename index_t, typename V>
+__device__ __forceinline__ void store_lanes(T* __restrict__ p, index_t plane, int lanes,
+                                            const V (&v)[LANES]) {
+  T r[LANES];
+#pragma unroll
+  for (int j = 0; j < LANES; ++j) r[j] = static_cast<T>(v[j]);
+  if constexpr (CL) {
+    store_vec<LANES>(p, r);
+  } else {
+#pragma unroll
+    for (int j = 0; j < LANES; ++j) {
+      if (j < lanes) p[j * plane] = r[j];
+    }
   }
 }
 

@@ -260,21 +260,14 @@ void global_fwd(const Tensor& x, const Tensor& out, int64_t* pos, bool cl) {
   const scalar_t* in = x.const_data_ptr<scalar_t>();
   scalar_t* o = out.mutable_data_ptr<scalar_t>();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const bool use64 = needs_int64({x.numel()});
-  if (!cl && P <= kRowsMaxP) {
-    if (use64) {
-      launch_rows<scalar_t, int64_t, Op>(in, o, pos, N * C, P, stream);
+  dispatch_index({x.numel()}, [&]<typename index_t>() {
+    if (!cl && P <= kRowsMaxP) {
+      launch_rows<scalar_t, index_t, Op>(in, o, pos, N * C, P, stream);
     } else {
-      launch_rows<scalar_t, int32_t, Op>(in, o, pos, N * C, P, stream);
+      const int64_t Nt = cl ? N : N * C, Ct = cl ? C : 1;
+      launch_tiled<scalar_t, index_t, Op>(x, o, pos, Nt, P, Ct, pos != nullptr, stream);
     }
-    return;
-  }
-  const int64_t Nt = cl ? N : N * C, Ct = cl ? C : 1;
-  if (use64) {
-    launch_tiled<scalar_t, int64_t, Op>(x, o, pos, Nt, P, Ct, pos != nullptr, stream);
-  } else {
-    launch_tiled<scalar_t, int32_t, Op>(x, o, pos, Nt, P, Ct, pos != nullptr, stream);
-  }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -308,33 +301,23 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename scalar_t, typename index_t, bool kMax>
-void launch_global_bwd(const Tensor& go, const int64_t* pos, const Tensor& gin, bool cl) {
-  const int64_t N = gin.size(0), C = gin.size(1), items = gin.numel(), P = items / (N * C);
-  const scalar_t* g = go.const_data_ptr<scalar_t>();
-  scalar_t* gi = gin.mutable_data_ptr<scalar_t>();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const auto c = static_cast<index_t>(C), p = static_cast<index_t>(P);
-  const auto n = static_cast<index_t>(items);
-  if (cl) {
-    global_bwd_kernel<scalar_t, index_t, true, kMax>
-        <<<blocks_for(items), kThreads, 0, stream>>>(g, pos, gi, c, p, n);
-  } else {
-    global_bwd_kernel<scalar_t, index_t, false, kMax>
-        <<<blocks_for(items), kThreads, 0, stream>>>(g, pos, gi, c, p, n);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-template <bool kMax>
+// pos null: average backward.
 void global_bwd(const Tensor& go, const Tensor* pos, const Tensor& gin, bool cl) {
-  const int64_t* p = kMax ? pos->const_data_ptr<int64_t>() : nullptr;
+  const int64_t N = gin.size(0), C = gin.size(1), items = gin.numel(), P = items / (N * C);
+  const int64_t* p = pos != nullptr ? pos->const_data_ptr<int64_t>() : nullptr;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, go.scalar_type(), "global_pool_backward_cuda", [&] {
-    if (needs_int64({gin.numel()})) {
-      launch_global_bwd<scalar_t, int64_t, kMax>(go, p, gin, cl);
-    } else {
-      launch_global_bwd<scalar_t, int32_t, kMax>(go, p, gin, cl);
-    }
+    const scalar_t* g = go.const_data_ptr<scalar_t>();
+    scalar_t* gi = gin.mutable_data_ptr<scalar_t>();
+    dispatch_bool(pos != nullptr, [&]<bool kMax>() {
+      dispatch_flat({items}, cl, [&]<typename index_t, bool CL>() {
+        global_bwd_kernel<scalar_t, index_t, CL, kMax>
+            <<<blocks_for(items), kThreads, 0, stream>>>(g, p, gi, static_cast<index_t>(C),
+                                                         static_cast<index_t>(P),
+                                                         static_cast<index_t>(items));
+      });
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
@@ -345,11 +328,10 @@ struct Backend : Hooks {
   static void global_max_fwd(const Tensor& x, const Tensor& out, const Tensor* pos, bool cl) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "global_max_pool_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      if (pos != nullptr) {
-        global_fwd<scalar_t, MaxOp<acc_t, true>>(x, out, pos->mutable_data_ptr<int64_t>(), cl);
-      } else {
-        global_fwd<scalar_t, MaxOp<acc_t, false>>(x, out, nullptr, cl);
-      }
+      int64_t* p = pos != nullptr ? pos->mutable_data_ptr<int64_t>() : nullptr;
+      dispatch_bool(pos != nullptr, [&]<bool kPos>() {
+        global_fwd<scalar_t, MaxOp<acc_t, kPos>>(x, out, p, cl);
+      });
     });
   }
 
@@ -359,13 +341,8 @@ struct Backend : Hooks {
     });
   }
 
-  // pos null: average backward.
   static void global_bwd(const Tensor& go, const Tensor* pos, const Tensor& gin, bool cl) {
-    if (pos != nullptr) {
-      cuda::global_bwd<true>(go, pos, gin, cl);
-    } else {
-      cuda::global_bwd<false>(go, nullptr, gin, cl);
-    }
+    cuda::global_bwd(go, pos, gin, cl);
   }
 };
 

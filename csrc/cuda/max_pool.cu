@@ -30,24 +30,15 @@ __global__ void __launch_bounds__(kThreads)
     max_fwd_kernel(const scalar_t* __restrict__ in, scalar_t* __restrict__ out,
                    pos_t* __restrict__ pos, const PoolGeometry g, const Work<index_t> w) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t x = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (x >= w.inner) return;
+  // This thread's output cell t.s and first channel t.c.
+  PoolThread<index_t, CL, LANES> t;
+  if (!pool_thread(w, g, t)) return;
 
-  // This thread's output cell s and first channel c.
-  index_t s = static_cast<index_t>(x), c = 0;
-  if constexpr (CL) {
-    s = static_cast<index_t>(x) / w.groups;
-    c = (static_cast<index_t>(x) - s * w.groups) * LANES;
-  }
-  index_t od, oh, ow;
-  split_cell<index_t>(s, g.out[1], g.out[2], od, oh, ow);
-  int64_t lo0, hi0, lo1, hi1, lo2, hi2;
-  g.valid_cells(0, od, lo0, hi0);
-  g.valid_cells(1, oh, lo1, hi1);
-  g.valid_cells(2, ow, lo2, hi2);
-  const int kd0 = static_cast<int>(lo0), kd1 = static_cast<int>(hi0);
-  const int kh0 = static_cast<int>(lo1), kh1 = static_cast<int>(hi1);
-  const int kw0 = static_cast<int>(lo2), kw1 = static_cast<int>(hi2);
+  const CellRanges<index_t> r = output_cell_window(g, t.s);
+  const index_t od = r.d, oh = r.h, ow = r.w;
+  const int kd0 = static_cast<int>(r.lo[0]), kd1 = static_cast<int>(r.hi[0]);
+  const int kh0 = static_cast<int>(r.lo[1]), kh1 = static_cast<int>(r.hi[1]);
+  const int kw0 = static_cast<int>(r.lo[2]), kw1 = static_cast<int>(r.hi[2]);
   const int KH = static_cast<int>(g.kernel[1]), KW = static_cast<int>(g.kernel[2]);
   const int first = (kd0 * KH + kh0) * KW + kw0;
   const index_t IH = g.in[1], IW = g.in[2];
@@ -56,18 +47,8 @@ __global__ void __launch_bounds__(kThreads)
   const index_t h0 = oh * static_cast<index_t>(g.stride[1]) - static_cast<index_t>(g.pad[1]);
   const index_t w0 = ow * static_cast<index_t>(g.stride[2]) - static_cast<index_t>(g.pad[2]);
 
-  const index_t in_plane = static_cast<index_t>(g.in_plane());
-  const index_t out_plane = static_cast<index_t>(g.out_plane());
-  const index_t step = CL ? w.C : 1;  // elements between neighbouring cells
-  const index_t in_outer = CL ? in_plane * w.C : in_plane * LANES;
-  const index_t out_outer = CL ? out_plane * w.C : out_plane * LANES;
-  const index_t out_cell = CL ? s * w.C + c : s;
-
-  for (int64_t y = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; y < w.outer;
-       y += static_cast<int64_t>(gridDim.y) * blockDim.y) {
-    const index_t yi = static_cast<index_t>(y);
-    const int lanes = CL ? LANES : static_cast<int>(std::min<index_t>(LANES, w.planes - yi * LANES));
-    const scalar_t* base = in + yi * in_outer + c;
+  for_each_outer<index_t, CL, LANES>(w, [&](const index_t yi, const int lanes) {
+    const scalar_t* base = in + yi * t.in_outer + t.c;
     acc_t best[LANES];
     int where[LANES];
 #pragma unroll
@@ -79,17 +60,11 @@ __global__ void __launch_bounds__(kThreads)
       const index_t id = d0 + kd * dil0;
       for (int kh = kh0; kh < kh1; ++kh) {
         const index_t ih = h0 + kh * dil1;
-        const scalar_t* row = base + (id * IH + ih) * IW * step;
+        const scalar_t* row = base + (id * IH + ih) * IW * t.step;
         const int kbase = (kd * KH + kh) * KW;
         for (int kw = kw0; kw < kw1; ++kw) {
-          const scalar_t* p = row + (w0 + kw * dil2) * step;
           scalar_t v[LANES];
-          if constexpr (CL) {
-            load_vec<LANES>(p, v);
-          } else {
-#pragma unroll
-            for (int j = 0; j < LANES; ++j) v[j] = j < lanes ? p[j * in_plane] : scalar_t(0);
-          }
+          load_lanes<CL, LANES>(row + (w0 + kw * dil2) * t.step, t.in_plane, lanes, v);
 #pragma unroll
           for (int j = 0; j < LANES; ++j) {
             const acc_t a = static_cast<acc_t>(v[j]);
@@ -101,48 +76,11 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
     }
-    const index_t dst = yi * out_outer + out_cell;
-    scalar_t res[LANES];
-    pos_t wh[LANES];
-#pragma unroll
-    for (int j = 0; j < LANES; ++j) {
-      res[j] = static_cast<scalar_t>(best[j]);
-      wh[j] = static_cast<pos_t>(where[j]);
-    }
-    if constexpr (CL) {
-      store_vec<LANES>(out + dst, res);
-      if constexpr (kPos) store_vec<LANES>(pos + dst, wh);
-    } else {
-#pragma unroll
-      for (int j = 0; j < LANES; ++j) {
-        if (j < lanes) {
-          out[dst + j * out_plane] = res[j];
-          if constexpr (kPos) pos[dst + j * out_plane] = wh[j];
-        }
-      }
-    }
-  }
+    const index_t dst = yi * t.out_outer + t.cell();
+    store_lanes<CL, LANES>(out + dst, t.out_plane, lanes, best);
+    if constexpr (kPos) store_lanes<CL, LANES>(pos + dst, t.out_plane, lanes, where);
+  });
 }
-
-template <typename scalar_t, typename index_t, typename pos_t, bool kPos>
-struct MaxFwd {
-  const scalar_t* in;
-  scalar_t* out;
-  pos_t* pos;
-  const PoolGeometry& g;
-  int64_t N, C;
-  c10::DeviceIndex device;
-  cudaStream_t stream;
-
-  template <bool CL, int LANES>
-  void run() const {
-    const auto w = make_work<index_t>(CL, LANES, N, C, g.out_plane());
-    const Launch l = launch_for(w.inner, w.outer, device);
-    max_fwd_kernel<scalar_t, index_t, CL, LANES, pos_t, kPos>
-        <<<l.grid, l.block, 0, stream>>>(in, out, pos, g, w);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-};
 
 template <typename scalar_t, typename pos_t, bool kPos>
 void max_fwd(const Tensor& x, const Tensor& out, const Tensor* pos, const PoolGeometry& g,
@@ -150,19 +88,14 @@ void max_fwd(const Tensor& x, const Tensor& out, const Tensor* pos, const PoolGe
   const scalar_t* in = x.const_data_ptr<scalar_t>();
   scalar_t* o = out.mutable_data_ptr<scalar_t>();
   pos_t* p = kPos ? pos->mutable_data_ptr<pos_t>() : nullptr;
-  const int64_t N = x.size(0), C = x.size(1);
-  const c10::DeviceIndex device = x.device().index();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (needs_int64({x.numel(), out.numel()})) {
-    dispatch_layout<scalar_t, int64_t>(
-        cl, 1, MaxFwd<scalar_t, int64_t, pos_t, kPos>{in, o, p, g, N, C, device, stream});
-  } else {
-    const int vec = cl ? channel_vec<scalar_t>(C, {{in, sizeof(scalar_t)}, {o, sizeof(scalar_t)},
-                                                   {p, sizeof(pos_t)}})
-                       : 1;
-    dispatch_layout<scalar_t, int32_t>(
-        cl, vec, MaxFwd<scalar_t, int32_t, pos_t, kPos>{in, o, p, g, N, C, device, stream});
-  }
+  launch_pool<scalar_t>(
+      x, cl, g.out_plane(), {x.numel(), out.numel()},
+      {{in, sizeof(scalar_t)}, {o, sizeof(scalar_t)}, {p, sizeof(pos_t)}},
+      [&]<typename index_t, bool CL, int LANES>(const Work<index_t>& w, const Launch& l,
+                                                cudaStream_t stream) {
+        max_fwd_kernel<scalar_t, index_t, CL, LANES, pos_t, kPos>
+            <<<l.grid, l.block, 0, stream>>>(in, o, p, g, w);
+      });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -175,22 +108,14 @@ __global__ void __launch_bounds__(kThreads)
     max_bwd_kernel(const scalar_t* __restrict__ gout, const pos_t* __restrict__ pos,
                    scalar_t* __restrict__ gin, const PoolGeometry g, const Work<index_t> w) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t x = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (x >= w.inner) return;
+  // This thread's input cell t.s and first channel t.c.
+  PoolThread<index_t, CL, LANES> t;
+  if (!pool_thread(w, g, t)) return;
 
-  // This thread's input cell s and first channel c.
-  index_t s = static_cast<index_t>(x), c = 0;
-  if constexpr (CL) {
-    s = static_cast<index_t>(x) / w.groups;
-    c = (static_cast<index_t>(x) - s * w.groups) * LANES;
-  }
-  index_t id, ih, iw;
-  split_cell<index_t>(s, g.in[1], g.in[2], id, ih, iw);
-  int64_t lo0, hi0, lo1, hi1, lo2, hi2;
-  g.covering_outputs(0, id, lo0, hi0);
-  g.covering_outputs(1, ih, lo1, hi1);
-  g.covering_outputs(2, iw, lo2, hi2);
-  const index_t od0 = lo0, od1 = hi0, oh0 = lo1, oh1 = hi1, ow0 = lo2, ow1 = hi2;
+  const CellRanges<index_t> r = input_cell_outputs(g, t.s);
+  const index_t id = r.d, ih = r.h, iw = r.w;
+  const index_t od0 = r.lo[0], od1 = r.hi[0], oh0 = r.lo[1], oh1 = r.hi[1];
+  const index_t ow0 = r.lo[2], ow1 = r.hi[2];
   const int KH = static_cast<int>(g.kernel[1]), KW = static_cast<int>(g.kernel[2]);
   const index_t OH = g.out[1], OW = g.out[2];
   const index_t s0 = g.stride[0], s1 = g.stride[1], s2 = g.stride[2];
@@ -200,18 +125,8 @@ __global__ void __launch_bounds__(kThreads)
   const index_t rh = ih + static_cast<index_t>(g.pad[1]);
   const index_t rw = iw + static_cast<index_t>(g.pad[2]);
 
-  const index_t in_plane = static_cast<index_t>(g.in_plane());
-  const index_t out_plane = static_cast<index_t>(g.out_plane());
-  const index_t step = CL ? w.C : 1;
-  const index_t in_outer = CL ? in_plane * w.C : in_plane * LANES;
-  const index_t out_outer = CL ? out_plane * w.C : out_plane * LANES;
-  const index_t in_cell = CL ? s * w.C + c : s;
-
-  for (int64_t y = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; y < w.outer;
-       y += static_cast<int64_t>(gridDim.y) * blockDim.y) {
-    const index_t yi = static_cast<index_t>(y);
-    const int lanes = CL ? LANES : static_cast<int>(std::min<index_t>(LANES, w.planes - yi * LANES));
-    const index_t obase = yi * out_outer + c;
+  for_each_outer<index_t, CL, LANES>(w, [&](const index_t yi, const int lanes) {
+    const index_t obase = yi * t.out_outer + t.c;
     acc_t acc[LANES];
 #pragma unroll
     for (int j = 0; j < LANES; ++j) acc[j] = acc_t(0);
@@ -227,7 +142,7 @@ __global__ void __launch_bounds__(kThreads)
           if (kh % dil1 != 0) continue;
           kh /= dil1;
         }
-        const index_t orow = obase + (od * OH + oh) * OW * step;
+        const index_t orow = obase + (od * OH + oh) * OW * t.step;
         const int kbase = (static_cast<int>(kd) * KH + static_cast<int>(kh)) * KW;
         for (index_t ow = ow0; ow < ow1; ++ow) {
           index_t kw = rw - ow * s2;
@@ -236,10 +151,11 @@ __global__ void __launch_bounds__(kThreads)
             kw /= dil2;
           }
           const int k = kbase + static_cast<int>(kw);
-          const index_t off = orow + ow * step;
+          const index_t off = orow + ow * t.step;
+          pos_t p[LANES];
+          load_lanes<CL, LANES>(pos + off, t.out_plane, lanes, p);
           if constexpr (CL) {
-            pos_t p[LANES];
-            load_vec<LANES>(pos + off, p);
+            // One vector load of the gradients, only when some channel's position matches.
             bool any = false;
 #pragma unroll
             for (int j = 0; j < LANES; ++j) any |= static_cast<int>(p[j]) == k;
@@ -252,53 +168,19 @@ __global__ void __launch_bounds__(kThreads)
               }
             }
           } else {
-            pos_t p[LANES];
-#pragma unroll
-            for (int j = 0; j < LANES; ++j) p[j] = j < lanes ? pos[off + j * out_plane] : pos_t(0);
 #pragma unroll
             for (int j = 0; j < LANES; ++j) {
               if (j < lanes && static_cast<int>(p[j]) == k) {
-                acc[j] += static_cast<acc_t>(gout[off + j * out_plane]);
+                acc[j] += static_cast<acc_t>(gout[off + j * t.out_plane]);
               }
             }
           }
         }
       }
     }
-    const index_t dst = yi * in_outer + in_cell;
-    scalar_t res[LANES];
-#pragma unroll
-    for (int j = 0; j < LANES; ++j) res[j] = static_cast<scalar_t>(acc[j]);
-    if constexpr (CL) {
-      store_vec<LANES>(gin + dst, res);
-    } else {
-#pragma unroll
-      for (int j = 0; j < LANES; ++j) {
-        if (j < lanes) gin[dst + j * in_plane] = res[j];
-      }
-    }
-  }
+    store_lanes<CL, LANES>(gin + yi * t.in_outer + t.cell(), t.in_plane, lanes, acc);
+  });
 }
-
-template <typename scalar_t, typename index_t, typename pos_t>
-struct MaxBwd {
-  const scalar_t* gout;
-  const pos_t* pos;
-  scalar_t* gin;
-  const PoolGeometry& g;
-  int64_t N, C;
-  c10::DeviceIndex device;
-  cudaStream_t stream;
-
-  template <bool CL, int LANES>
-  void run() const {
-    const auto w = make_work<index_t>(CL, LANES, N, C, g.in_plane());
-    const Launch l = launch_for(w.inner, w.outer, device);
-    max_bwd_kernel<scalar_t, index_t, CL, LANES, pos_t>
-        <<<l.grid, l.block, 0, stream>>>(gout, pos, gin, g, w);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-};
 
 template <typename scalar_t, typename pos_t>
 void max_bwd(const Tensor& go, const Tensor& pos, const Tensor& gin, const PoolGeometry& g,
@@ -306,19 +188,14 @@ void max_bwd(const Tensor& go, const Tensor& pos, const Tensor& gin, const PoolG
   const scalar_t* gout = go.const_data_ptr<scalar_t>();
   const pos_t* p = pos.const_data_ptr<pos_t>();
   scalar_t* gi = gin.mutable_data_ptr<scalar_t>();
-  const int64_t N = gin.size(0), C = gin.size(1);
-  const c10::DeviceIndex device = gin.device().index();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (needs_int64({gin.numel(), go.numel()})) {
-    dispatch_layout<scalar_t, int64_t>(
-        cl, 1, MaxBwd<scalar_t, int64_t, pos_t>{gout, p, gi, g, N, C, device, stream});
-  } else {
-    const int vec = cl ? channel_vec<scalar_t>(C, {{gout, sizeof(scalar_t)}, {gi, sizeof(scalar_t)},
-                                                   {p, sizeof(pos_t)}})
-                       : 1;
-    dispatch_layout<scalar_t, int32_t>(
-        cl, vec, MaxBwd<scalar_t, int32_t, pos_t>{gout, p, gi, g, N, C, device, stream});
-  }
+  launch_pool<scalar_t>(
+      gin, cl, g.in_plane(), {gin.numel(), go.numel()},
+      {{gout, sizeof(scalar_t)}, {gi, sizeof(scalar_t)}, {p, sizeof(pos_t)}},
+      [&]<typename index_t, bool CL, int LANES>(const Work<index_t>& w, const Launch& l,
+                                                cudaStream_t stream) {
+        max_bwd_kernel<scalar_t, index_t, CL, LANES, pos_t>
+            <<<l.grid, l.block, 0, stream>>>(gout, p, gi, g, w);
+      });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -351,25 +228,25 @@ void max_indices(const Tensor& pos, const Tensor& idx, const PoolGeometry& g, bo
   const int64_t C = pos.size(1), items = pos.numel();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const unsigned int blocks = blocks_for(items);
-  if (needs_int64({items})) {
-    if (cl) {
-      max_indices_kernel<int64_t, true, pos_t><<<blocks, kThreads, 0, stream>>>(p, out, g, C, items);
-    } else {
-      max_indices_kernel<int64_t, false, pos_t><<<blocks, kThreads, 0, stream>>>(p, out, g, C, items);
-    }
-  } else {
-    const auto c32 = static_cast<int32_t>(C), n32 = static_cast<int32_t>(items);
-    if (cl) {
-      max_indices_kernel<int32_t, true, pos_t><<<blocks, kThreads, 0, stream>>>(p, out, g, c32, n32);
-    } else {
-      max_indices_kernel<int32_t, false, pos_t><<<blocks, kThreads, 0, stream>>>(p, out, g, c32, n32);
-    }
-  }
+  dispatch_flat({items}, cl, [&]<typename index_t, bool CL>() {
+    max_indices_kernel<index_t, CL, pos_t><<<blocks, kThreads, 0, stream>>>(
+        p, out, g, static_cast<index_t>(C), static_cast<index_t>(items));
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // ---------------------------------------------------------------------------------------------
 // Ops: binds these kernels to the op bodies of ops.h.
+
+// Calls f.template operator()<pos_t>() for the dtype of a saved position tensor.
+template <typename F>
+void dispatch_pos(const Tensor& p, const F& f) {
+  if (p.scalar_type() == at::kByte) {
+    f.template operator()<uint8_t>();
+  } else {
+    f.template operator()<int32_t>();
+  }
+}
 
 struct Backend : Hooks {
   static void max_fwd(const Tensor& x, const Tensor& out, const Tensor* pos, const PoolGeometry& g,
@@ -377,10 +254,10 @@ struct Backend : Hooks {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "max_pool_cuda", [&] {
       if (pos == nullptr) {
         cuda::max_fwd<scalar_t, uint8_t, false>(x, out, nullptr, g, cl);
-      } else if (pos->scalar_type() == at::kByte) {
-        cuda::max_fwd<scalar_t, uint8_t, true>(x, out, pos, g, cl);
       } else {
-        cuda::max_fwd<scalar_t, int32_t, true>(x, out, pos, g, cl);
+        dispatch_pos(*pos, [&]<typename pos_t>() {
+          cuda::max_fwd<scalar_t, pos_t, true>(x, out, pos, g, cl);
+        });
       }
     });
   }
@@ -388,20 +265,12 @@ struct Backend : Hooks {
   static void max_bwd(const Tensor& go, const Tensor& p, const Tensor& gin, const PoolGeometry& g,
                       bool cl) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, go.scalar_type(), "max_pool_backward_cuda", [&] {
-      if (p.scalar_type() == at::kByte) {
-        cuda::max_bwd<scalar_t, uint8_t>(go, p, gin, g, cl);
-      } else {
-        cuda::max_bwd<scalar_t, int32_t>(go, p, gin, g, cl);
-      }
+      dispatch_pos(p, [&]<typename pos_t>() { cuda::max_bwd<scalar_t, pos_t>(go, p, gin, g, cl); });
     });
   }
 
   static void max_indices(const Tensor& p, const Tensor& idx, const PoolGeometry& g, bool cl) {
-    if (p.scalar_type() == at::kByte) {
-      cuda::max_indices<uint8_t>(p, idx, g, cl);
-    } else {
-      cuda::max_indices<int32_t>(p, idx, g, cl);
-    }
+    dispatch_pos(p, [&]<typename pos_t>() { cuda::max_indices<pos_t>(p, idx, g, cl); });
   }
 };
 
