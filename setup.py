@@ -37,7 +37,9 @@ def extension():
     if with_cuda:
         sources += _sources("csrc/cuda/*.cu")
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+        # C++20 for the CUDA sources whatever the torch version defaults to (one -std only: nvcc
+        # rejects two, and torch adds none when one is given).
+        nvcc = ["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr"]
         print(f"torchpool: building CPU + CUDA kernels for {os.environ['TORCH_CUDA_ARCH_LIST']}")
         return CUDAExtension(
             "torchpool._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
