@@ -104,7 +104,7 @@ inline std::string fmt(c10::IntArrayRef v) {
 inline PoolGeometry make_geometry(const char* op, c10::IntArrayRef sizes, c10::IntArrayRef kernel,
                                   c10::IntArrayRef stride, c10::IntArrayRef pad_before,
                                   c10::IntArrayRef pad_after, c10::IntArrayRef dilation,
-                                  bool ceil_mode, bool check_half_kernel = true) {
+                                  bool ceil_mode) {
   using detail::fmt;
   const int64_t nd = static_cast<int64_t>(sizes.size()) - 2;
   TORCH_CHECK(nd >= 1 && nd <= 3, op, ": expected an input with 1 to 3 spatial dims (N, C, *spatial), got shape ",
@@ -124,10 +124,8 @@ inline PoolGeometry make_geometry(const char* op, c10::IntArrayRef sizes, c10::I
     TORCH_CHECK(dilation[d] > 0, op, ": dilation must be positive, got ", fmt(dilation));
     TORCH_CHECK(pad_before[d] >= 0 && pad_after[d] >= 0, op, ": padding must be non-negative, got ",
                 fmt(pad_before), " before and ", fmt(pad_after), " after");
-    if (check_half_kernel) {
-      TORCH_CHECK(pad_before[d] <= kernel[d] / 2 && pad_after[d] <= kernel[d] / 2, op, ": padding ",
-                  fmt(pad_before), " must be at most half of kernel_size ", fmt(kernel));
-    }
+    TORCH_CHECK(pad_before[d] <= kernel[d] / 2 && pad_after[d] <= kernel[d] / 2, op, ": padding ",
+                fmt(pad_before), " must be at most half of kernel_size ", fmt(kernel));
   }
   for (int64_t d = 1; d < static_cast<int64_t>(sizes.size()); ++d) {
     TORCH_CHECK(sizes[d] > 0, op, ": input of shape ", fmt(sizes),
