@@ -5,6 +5,8 @@
 //   * B::Guard, constructed from the device of the op's first tensor (a no-op on CPU);
 //   * B::check_same_device(op, ref, ref_name, t, name) (ops with two tensor arguments) and
 //     B::check_window(op, g) (max pool ops), the device's extra checks (no-ops in DefaultHooks);
+//   * B::advise_fresh(t), called on every output right after allocation, before anything writes
+//     to it (a no-op in DefaultHooks; the CPU backend asks for huge pages there);
 //   * the kernels, with the signatures of cpu::Kernels (csrc/cpu/dispatch.h): all tensors dense
 //     in the layout given by `cl`, outputs allocated, `pos` null when no position is written.
 //     Only the kernels of the registered op families are needed.
@@ -35,7 +37,16 @@ struct DefaultHooks {
   static void check_same_device(const char*, const Tensor&, const char*, const Tensor&,
                                 const char*) {}
   static void check_window(const char*, const PoolGeometry&) {}
+  static void advise_fresh(const Tensor&) {}
 };
+
+// Allocates an op's output and hands it to the backend before the kernel first writes it.
+template <typename B>
+Tensor new_output(IntArrayRef shape, const at::TensorOptions& options) {
+  Tensor t = at::empty(shape, options);
+  B::advise_fresh(t);
+  return t;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Max pool.
@@ -53,9 +64,11 @@ std::tuple<Tensor, Tensor> max_pool_impl(const Tensor& self, IntArrayRef kernel,
   const auto fmt = layout_of(self);
   const Tensor x = self.contiguous(fmt);
   const auto shape = output_shape(g, self.sizes());
-  Tensor out = at::empty(shape, self.options().memory_format(fmt));
+  Tensor out = new_output<B>(shape, self.options().memory_format(fmt));
   Tensor pos;
-  if (with_pos) pos = at::empty(shape, self.options().dtype(position_dtype(g)).memory_format(fmt));
+  if (with_pos) {
+    pos = new_output<B>(shape, self.options().dtype(position_dtype(g)).memory_format(fmt));
+  }
   if (out.numel() == 0) return {out, pos};
   B::max_fwd(x, out, with_pos ? &pos : nullptr, g, is_channels_last(fmt));
   return {out, pos};
@@ -101,7 +114,7 @@ Tensor max_pool_backward(const Tensor& grad_output, const Tensor& pos, IntArrayR
   const auto fmt = layout_of(grad_output);
   const Tensor go = grad_output.contiguous(fmt);
   const Tensor p = checked_pos(op, pos, g, input_size, fmt);
-  Tensor gin = at::empty(input_size, grad_output.options().memory_format(fmt));
+  Tensor gin = new_output<B>(input_size, grad_output.options().memory_format(fmt));
   if (gin.numel() == 0) return gin;
   B::max_bwd(go, p, gin, g, is_channels_last(fmt));
   return gin;
@@ -118,7 +131,7 @@ Tensor max_pool_indices(const Tensor& pos, IntArrayRef input_size, IntArrayRef k
   const typename B::Guard guard(pos.device());
   const auto fmt = layout_of(pos);
   const Tensor p = checked_pos(op, pos, g, input_size, fmt);
-  Tensor idx = at::empty(p.sizes(), p.options().dtype(at::kLong).memory_format(fmt));
+  Tensor idx = new_output<B>(p.sizes(), p.options().dtype(at::kLong).memory_format(fmt));
   if (idx.numel() == 0) return idx;
   B::max_indices(p, idx, g, is_channels_last(fmt));
   return idx;
@@ -156,7 +169,7 @@ Tensor avg_pool(const Tensor& self, IntArrayRef kernel, IntArrayRef stride, IntA
   const typename B::Guard guard(self.device());
   const auto fmt = layout_of(self);
   const Tensor x = self.contiguous(fmt);
-  Tensor out = at::empty(output_shape(g, self.sizes()), self.options().memory_format(fmt));
+  Tensor out = new_output<B>(output_shape(g, self.sizes()), self.options().memory_format(fmt));
   if (out.numel() == 0) return out;
   B::avg_fwd(x, out, g, is_channels_last(fmt), count_include_pad, divisor_override.value_or(0));
   return out;
@@ -175,7 +188,7 @@ Tensor avg_pool_backward(const Tensor& grad_output, IntArrayRef input_size, IntA
   const typename B::Guard guard(grad_output.device());
   const auto fmt = layout_of(grad_output);
   const Tensor go = grad_output.contiguous(fmt);
-  Tensor gin = at::empty(input_size, grad_output.options().memory_format(fmt));
+  Tensor gin = new_output<B>(input_size, grad_output.options().memory_format(fmt));
   if (gin.numel() == 0) return gin;
   B::avg_bwd(go, gin, g, is_channels_last(fmt), count_include_pad, divisor_override.value_or(0));
   return gin;
@@ -198,9 +211,11 @@ std::tuple<Tensor, Tensor> global_max_impl(const Tensor& self, bool with_pos) {
   const typename B::Guard guard(self.device());
   const auto fmt = layout_of(self);
   const Tensor x = self.contiguous(fmt);
-  Tensor out = at::empty({self.size(0), self.size(1)}, self.options());
+  Tensor out = new_output<B>({self.size(0), self.size(1)}, self.options());
   Tensor pos;
-  if (with_pos) pos = at::empty({self.size(0), self.size(1)}, self.options().dtype(at::kLong));
+  if (with_pos) {
+    pos = new_output<B>({self.size(0), self.size(1)}, self.options().dtype(at::kLong));
+  }
   if (out.numel() == 0) return {out, pos};
   B::global_max_fwd(x, out, with_pos ? &pos : nullptr, is_channels_last(fmt));
   return {out, pos};
@@ -224,14 +239,15 @@ Tensor global_avg_pool(const Tensor& self) {
   const typename B::Guard guard(self.device());
   const auto fmt = layout_of(self);
   const Tensor x = self.contiguous(fmt);
-  Tensor out = at::empty({self.size(0), self.size(1)}, self.options());
+  Tensor out = new_output<B>({self.size(0), self.size(1)}, self.options());
   if (out.numel() == 0) return out;
   B::global_avg_fwd(x, out, is_channels_last(fmt));
   return out;
 }
 
 // Checks grad_output against input_size and allocates grad_input in the requested layout.
-inline Tensor global_grad_input(const char* op, const Tensor& grad_output, IntArrayRef input_size,
+template <typename B>
+Tensor global_grad_input(const char* op, const Tensor& grad_output, IntArrayRef input_size,
                                 bool channels_last) {
   check_floating(op, "grad_output", grad_output);
   check_global_input(op, input_size);
@@ -243,7 +259,7 @@ inline Tensor global_grad_input(const char* op, const Tensor& grad_output, IntAr
               ": channels_last needs a 2d or 3d pool input, got shape ", detail::fmt(input_size));
   const auto fmt = channels_last ? channels_last_format(input_size.size())
                                  : at::MemoryFormat::Contiguous;
-  return at::empty(input_size, grad_output.options().memory_format(fmt));
+  return new_output<B>(input_size, grad_output.options().memory_format(fmt));
 }
 
 template <typename B>
@@ -252,7 +268,7 @@ Tensor global_max_pool_backward(const Tensor& grad_output, const Tensor& pos,
   const char* op = "global_max_pool_backward";
   B::check_same_device(op, grad_output, "grad_output", pos, "pos");
   const typename B::Guard guard(grad_output.device());
-  Tensor gin = global_grad_input(op, grad_output, input_size, channels_last);
+  Tensor gin = global_grad_input<B>(op, grad_output, input_size, channels_last);
   TORCH_CHECK(pos.scalar_type() == at::kLong && pos.sizes() == grad_output.sizes(), op,
               ": pos must be an int64 tensor of shape ", detail::fmt(grad_output.sizes()),
               ", got ", pos.scalar_type(), " of shape ", detail::fmt(pos.sizes()));
@@ -267,7 +283,7 @@ Tensor global_avg_pool_backward(const Tensor& grad_output, IntArrayRef input_siz
                                 bool channels_last) {
   const char* op = "global_avg_pool_backward";
   const typename B::Guard guard(grad_output.device());
-  Tensor gin = global_grad_input(op, grad_output, input_size, channels_last);
+  Tensor gin = global_grad_input<B>(op, grad_output, input_size, channels_last);
   if (gin.numel() == 0) return gin;
   B::global_bwd(grad_output.contiguous(), nullptr, gin, channels_last);
   return gin;

@@ -364,6 +364,9 @@ struct Hooks {
     TORCH_CHECK(g.window_cells() <= std::numeric_limits<int32_t>::max(), op, ": a window of ",
                 g.window_cells(), " cells is too large");
   }
+
+  // Device memory comes from the caching allocator: nothing to advise.
+  static void advise_fresh(const at::Tensor&) {}
 };
 
 }  // namespace torchpool::cuda
