@@ -730,9 +730,71 @@ void max_bwd_fused(const float* gout, const uint8_t* pos, float* gin, const Pool
 }
 #endif  // TORCHPOOL_AVX2
 
+// Planes of at most this many bytes (as acc_t) are built whole in cache by the scatter backward.
+constexpr int64_t kScatterPlaneBytes = 256 * 1024;
+
+// Max pool backward by plane, for planes that fit in L2: each task zeroes a plane, then every
+// output adds its gradient at its saved cell, in output order (torch's own order, so the sums
+// match torch's bit for bit), and the plane reaches memory once. One thread per plane and a
+// fixed order: deterministic. A saved position that falls outside the plane (never written by
+// the forward) is skipped rather than written out of bounds.
+template <typename scalar_t, typename pos_t>
+void max_bwd_scatter(const scalar_t* gout, const pos_t* pos, scalar_t* gin, const PoolGeometry& g,
+                     int64_t planes) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr bool kDirect = std::is_same_v<scalar_t, acc_t>;  // accumulate in the output itself
+  const int64_t P = g.in_plane(), OP = g.out_plane(), IH = g.in[1], IW = g.in[2];
+  // Offset of each output's window origin in the input plane (may lie in the padding), and of
+  // each window cell from its origin. A window that misses the input (possible with dilation)
+  // sends no gradient: its origin is put far outside the plane.
+  const DimTable td(g, 0, false), th(g, 1, false), tw(g, 2, false);
+  constexpr int64_t kNowhere = std::numeric_limits<int64_t>::min() / 4;
+  std::vector<int64_t> origin(OP), cell(g.window_cells());
+  for (int64_t od = 0, o = 0; od < g.out[0]; ++od) {
+    for (int64_t oh = 0; oh < g.out[1]; ++oh) {
+      for (int64_t ow = 0; ow < g.out[2]; ++ow, ++o) {
+        const bool hits = td.lo[od] < td.hi[od] && th.lo[oh] < th.hi[oh] && tw.lo[ow] < tw.hi[ow];
+        origin[o] = hits ? (g.input_coord(0, od, 0) * IH + g.input_coord(1, oh, 0)) * IW +
+                               g.input_coord(2, ow, 0)
+                         : kNowhere;
+      }
+    }
+  }
+  for (int64_t kd = 0, k = 0; kd < g.kernel[0]; ++kd) {
+    for (int64_t kh = 0; kh < g.kernel[1]; ++kh) {
+      for (int64_t kw = 0; kw < g.kernel[2]; ++kw, ++k) {
+        cell[k] = (kd * g.dilation[0] * IH + kh * g.dilation[1]) * IW + kw * g.dilation[2];
+      }
+    }
+  }
+  const uint64_t cells = static_cast<uint64_t>(g.window_cells());
+  at::parallel_for(0, planes, grain_for(P), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf(kDirect ? 0 : P);
+    for (int64_t pl = begin; pl < end; ++pl) {
+      acc_t* dst = kDirect ? reinterpret_cast<acc_t*>(gin + pl * P) : buf.data();
+      std::fill(dst, dst + P, acc_t(0));
+      const scalar_t* go = gout + pl * OP;
+      const pos_t* ps = pos + pl * OP;
+      for (int64_t o = 0; o < OP; ++o) {
+        const uint64_t k = static_cast<uint64_t>(static_cast<int64_t>(ps[o]));
+        const int64_t at = origin[o] + cell[k < cells ? k : 0];
+        if (static_cast<uint64_t>(at) < static_cast<uint64_t>(P) && k < cells) {
+          dst[at] += static_cast<acc_t>(go[o]);
+        }
+      }
+      if constexpr (!kDirect) convert(dst, gin + pl * P, P);
+    }
+  });
+}
+
 template <typename scalar_t, typename pos_t>
 void max_bwd_planar(const scalar_t* gout, const pos_t* pos, scalar_t* gin, const PoolGeometry& g,
                     int64_t planes) {
+  if (g.in_plane() * static_cast<int64_t>(sizeof(acc_type<scalar_t>)) <= kScatterPlaneBytes &&
+      g.window_cells() <= 4096 && planes >= at::get_num_threads()) {
+    max_bwd_scatter(gout, pos, gin, g, planes);
+    return;
+  }
 #if defined(TORCHPOOL_AVX2)
   if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<pos_t, uint8_t>) {
     if (fused_bwd_ok(g)) {
