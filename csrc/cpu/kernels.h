@@ -459,14 +459,20 @@ inline __m256 load8(const float* row, int64_t x0, int64_t w, __m256 fill) {
   return _mm256_blendv_ps(fill, v, _mm256_castsi256_ps(in));
 }
 
-// The 8 cells row[x0 + S*j], j < 8. For S == 2 the lanes come out in the order of
-// _mm256_shuffle_ps (j = 0 1 4 5 2 3 6 7); natural<S> restores it once per result.
-template <int S>
-inline __m256 load_run(const float* row, int64_t x0, int64_t w, __m256 fill) {
+// Calls f(kw, v) for kw = 0 .. KW-1 in order, v holding the 8 cells row[x0 + kw + S*j], j < 8,
+// cells outside [0, w) reading as `fill`. For S == 2 two neighbouring columns share one pair of
+// loads (even and odd lanes), and the lanes come out in the order of _mm256_shuffle_ps
+// (j = 0 1 4 5 2 3 6 7); natural<S> restores it once per result.
+template <int S, typename F>
+inline void for_window_row(const float* row, int64_t x0, int64_t w, int64_t KW, __m256 fill, F&& f) {
   if constexpr (S == 1) {
-    return load8(row, x0, w, fill);
+    for (int64_t kw = 0; kw < KW; ++kw) f(kw, load8(row, x0 + kw, w, fill));
   } else {
-    return _mm256_shuffle_ps(load8(row, x0, w, fill), load8(row, x0 + 8, w, fill), 0x88);
+    for (int64_t kw = 0; kw < KW; kw += 2) {
+      const __m256 lo = load8(row, x0 + kw, w, fill), hi = load8(row, x0 + kw + 8, w, fill);
+      f(kw, _mm256_shuffle_ps(lo, hi, 0x88));
+      if (kw + 1 < KW) f(kw + 1, _mm256_shuffle_ps(lo, hi, 0xDD));
+    }
   }
 }
 
@@ -479,6 +485,13 @@ inline __m256 natural(__m256 v) {
   }
 }
 
+// Start of the output chunk that begins at i: rows of at least 8 outputs end with a chunk moved
+// back to finish exactly at OW (it recomputes a few outputs of the chunk before, identically), so
+// every store is a full vector; shorter rows have one chunk and masked stores.
+inline int64_t chunk_start(int64_t i, int64_t OW) {
+  return OW >= 8 ? std::min(i, OW - 8) : i;
+}
+
 // Stores the first n (<= 8) lanes.
 inline void store8(float* dst, __m256 v, int64_t n) {
   if (n == 8) {
@@ -488,46 +501,68 @@ inline void store8(float* dst, __m256 v, int64_t n) {
   }
 }
 
+// Stores the first n (<= 8) int32 lanes as window positions.
+template <typename pos_t>
+inline void store_pos8(pos_t* dst, __m256i p, int64_t n) {
+  if constexpr (std::is_same_v<pos_t, uint8_t>) {
+    if (n == 8) {  // values < 256: the saturating packs keep them
+      const __m128i w16 = _mm_packus_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), _mm_packus_epi16(w16, w16));
+      return;
+    }
+  } else {
+    if (n == 8) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), p);
+      return;
+    }
+  }
+  alignas(32) int32_t t[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(t), p);
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<pos_t>(t[j]);
+}
+
 template <int S, bool kPos, typename pos_t>
 void max_rows_fused(const float* in, float* out, pos_t* pos, const PoolGeometry& g,
                     int64_t planes) {
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t IH = g.in[1], IW = g.in[2], KH = g.kernel[1], KW = g.kernel[2];
   const DimTable td(g, 0, false), th(g, 1, false), tw(g, 2, false);
+  // First in-input window column per output, for windows whose values never replace -inf.
+  std::vector<int32_t> wlo(OW + 8, 0);
+  for (int64_t ow = 0; ow < OW; ++ow) wlo[ow] = static_cast<int32_t>(tw.lo[ow]);
   const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   at::parallel_for(0, planes * OD * OH, grain_for(OW * g.window_cells()), [&](int64_t begin, int64_t end) {
-    alignas(32) int32_t bt[8];
     RowCounter it(begin, OD, OH);
     for (int64_t r = begin; r < end; ++r, it.next()) {
       const int64_t plane = it.a, od = it.b, oh = it.c;
-      for (int64_t ow0 = 0; ow0 < OW; ow0 += 8) {
+      for (int64_t i = 0; i < OW; i += 8) {
+        const int64_t ow0 = chunk_start(i, OW);
         __m256 m = ninf;
         __m256 b = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
         for (int64_t kd = td.lo[od]; kd < td.hi[od]; ++kd) {
           const int64_t id = g.input_coord(0, od, kd);
           for (int64_t kh = th.lo[oh]; kh < th.hi[oh]; ++kh) {
             const float* row = in + ((plane * g.in[0] + id) * IH + g.input_coord(1, oh, kh)) * IW;
-            const int64_t x0 = ow0 * S - g.pad[2];
             const int32_t base = static_cast<int32_t>((kd * KH + kh) * KW);
-            for (int64_t kw = 0; kw < KW; ++kw) {
-              const __m256 v = load_run<S>(row, x0 + kw, IW, ninf);
+            for_window_row<S>(row, ow0 * S - g.pad[2], IW, KW, ninf, [&](int64_t kw, __m256 v) {
               const __m256 t = take_mask(v, m);
               m = _mm256_blendv_ps(m, v, t);
               if (kPos) {
                 b = _mm256_blendv_ps(b, _mm256_castsi256_ps(_mm256_set1_epi32(base + int32_t(kw))), t);
               }
-            }
+            });
           }
         }
         const int64_t n = std::min<int64_t>(8, OW - ow0);
         store8(out + r * OW + ow0, natural<S>(m), n);
         if (kPos) {
-          _mm256_store_ps(reinterpret_cast<float*>(bt), natural<S>(b));
+          const __m256i bn = _mm256_castps_si256(natural<S>(b));
           const int32_t first_dh = static_cast<int32_t>((td.lo[od] * KH + th.lo[oh]) * KW);
-          pos_t* p = pos + r * OW + ow0;
-          for (int64_t j = 0; j < n; ++j) {
-            p[j] = static_cast<pos_t>(bt[j] >= 0 ? bt[j] : first_dh + int32_t(tw.lo[ow0 + j]));
-          }
+          const __m256i dflt = _mm256_add_epi32(
+              _mm256_set1_epi32(first_dh),
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wlo.data() + ow0)));
+          const __m256i never = _mm256_cmpgt_epi32(_mm256_setzero_si256(), bn);
+          store_pos8(pos + r * OW + ow0, _mm256_blendv_epi8(bn, dflt, never), n);
         }
       }
     }
@@ -939,14 +974,15 @@ void avg_rows_fused(const float* in, float* out, const PoolGeometry& g, int64_t 
       const int64_t plane = it.a, od = it.b, oh = it.c;
       // Products of counts are exact in float, so this divides by the same value torch does.
       const __m256 dh = _mm256_set1_ps(static_cast<float>(t.dh_factor(od, oh)));
-      for (int64_t ow0 = 0; ow0 < OW; ow0 += 8) {
+      for (int64_t i = 0; i < OW; i += 8) {
+        const int64_t ow0 = chunk_start(i, OW);
         __m256 sum = zero;
         for (int64_t kd = t.d.lo[od]; kd < t.d.hi[od]; ++kd) {
           const int64_t id = g.input_coord(0, od, kd);
           for (int64_t kh = t.h.lo[oh]; kh < t.h.hi[oh]; ++kh) {
             const float* row = in + ((plane * g.in[0] + id) * IH + g.input_coord(1, oh, kh)) * IW;
-            const int64_t x0 = ow0 * S - g.pad[2];
-            for (int64_t kw = 0; kw < KW; ++kw) sum = _mm256_add_ps(sum, load_run<S>(row, x0 + kw, IW, zero));
+            for_window_row<S>(row, ow0 * S - g.pad[2], IW, KW, zero,
+                              [&](int64_t, __m256 v) { sum = _mm256_add_ps(sum, v); });
           }
         }
         const __m256 div = _mm256_mul_ps(dh, _mm256_loadu_ps(wf.data() + ow0));
