@@ -450,26 +450,37 @@ inline __m256i lanes_inside(int64_t x0, int64_t w) {
                           _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(w)), x));
 }
 
-// row[x0 .. x0 + 8), cells outside [0, w) read as `fill`.
+// row[x0 .. x0 + 8), cells outside [0, w) read as `fill`. kEdge = false: the caller knows all
+// 8 cells are inside.
+template <bool kEdge = true>
 inline __m256 load8(const float* row, int64_t x0, int64_t w, __m256 fill) {
-  if (x0 >= 0 && x0 + 8 <= w) return _mm256_loadu_ps(row + x0);
+  if (!kEdge || (x0 >= 0 && x0 + 8 <= w)) return _mm256_loadu_ps(row + x0);
   const __m256i in = lanes_inside(x0, w);
   // Masked-off lanes are not read, so the address may point outside the row.
   const __m256 v = _mm256_maskload_ps(row + x0, in);
   return _mm256_blendv_ps(fill, v, _mm256_castsi256_ps(in));
 }
 
+// Cells past x0 that for_window_row loads: x0 + reach <= w means no cell is outside the row.
+template <int S>
+inline int64_t window_row_reach(int64_t KW) {
+  return S == 1 ? KW - 1 + 8 : ((KW - 1) & ~int64_t{1}) + 16;
+}
+
 // Calls f(kw, v) for kw = 0 .. KW-1 in order, v holding the 8 cells row[x0 + kw + S*j], j < 8,
 // cells outside [0, w) reading as `fill`. For S == 2 two neighbouring columns share one pair of
 // loads (even and odd lanes), and the lanes come out in the order of _mm256_shuffle_ps
-// (j = 0 1 4 5 2 3 6 7); natural<S> restores it once per result.
-template <int S, typename F>
+// (j = 0 1 4 5 2 3 6 7); natural<S> restores it once per result. KWc: the window width when
+// known at compile time (the loop unrolls), else 0.
+template <int S, int KWc, bool kEdge, typename F>
 inline void for_window_row(const float* row, int64_t x0, int64_t w, int64_t KW, __m256 fill, F&& f) {
+  if constexpr (KWc > 0) KW = KWc;
   if constexpr (S == 1) {
-    for (int64_t kw = 0; kw < KW; ++kw) f(kw, load8(row, x0 + kw, w, fill));
+    for (int64_t kw = 0; kw < KW; ++kw) f(kw, load8<kEdge>(row, x0 + kw, w, fill));
   } else {
     for (int64_t kw = 0; kw < KW; kw += 2) {
-      const __m256 lo = load8(row, x0 + kw, w, fill), hi = load8(row, x0 + kw + 8, w, fill);
+      const __m256 lo = load8<kEdge>(row, x0 + kw, w, fill);
+      const __m256 hi = load8<kEdge>(row, x0 + kw + 8, w, fill);
       f(kw, _mm256_shuffle_ps(lo, hi, 0x88));
       if (kw + 1 < KW) f(kw + 1, _mm256_shuffle_ps(lo, hi, 0xDD));
     }
@@ -521,50 +532,91 @@ inline void store_pos8(pos_t* dst, __m256i p, int64_t n) {
   for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<pos_t>(t[j]);
 }
 
-template <int S, bool kPos, typename pos_t>
-void max_rows_fused(const float* in, float* out, pos_t* pos, const PoolGeometry& g,
-                    int64_t planes) {
+// Calls f(std::integral_constant<int, S>, std::integral_constant<int, KWc>) for the pool's W
+// stride (1 or 2) and window width (2 and 3 compile-time, others 0 = run time).
+template <typename F>
+inline void with_fused_shape(const PoolGeometry& g, F&& f) {
+  using std::integral_constant;
+  auto kw = [&](auto S) {
+    switch (g.kernel[2]) {
+      case 2: return f(S, integral_constant<int, 2>{});
+      case 3: return f(S, integral_constant<int, 3>{});
+      default: return f(S, integral_constant<int, 0>{});
+    }
+  };
+  g.stride[2] == 1 ? kw(integral_constant<int, 1>{}) : kw(integral_constant<int, 2>{});
+}
+
+// The fused forward's walk: for every chunk of 8 outputs (chunk_start) of every output row,
+// chunk(r, od, oh, ow0, first, visit), where `first` is the window position of the row's first
+// in-input window cell and visit(f) calls f(window position, 8 cells) over the window in scan
+// order, cells outside the input reading as `fill`. The input rows of an output row are looked up
+// once per row; chunks whose cells all lie inside the row load without edge checks.
+template <int S, int KWc, typename Chunk>
+void for_fused_chunks(const float* in, const PoolGeometry& g, int64_t planes, __m256 fill,
+                      Chunk&& chunk) {
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t IH = g.in[1], IW = g.in[2], KH = g.kernel[1], KW = g.kernel[2];
-  const DimTable td(g, 0, false), th(g, 1, false), tw(g, 2, false);
+  const DimTable td(g, 0, false), th(g, 1, false);
+  const int64_t reach = window_row_reach<S>(KW);
+  at::parallel_for(0, planes * OD * OH, grain_for(OW * g.window_cells()), [&](int64_t begin, int64_t end) {
+    std::vector<const float*> rows(g.kernel[0] * KH);
+    std::vector<int32_t> bases(rows.size());
+    RowCounter it(begin, OD, OH);
+    for (int64_t r = begin; r < end; ++r, it.next()) {
+      const int64_t plane = it.a, od = it.b, oh = it.c;
+      int64_t nr = 0;
+      for (int64_t kd = td.lo[od]; kd < td.hi[od]; ++kd) {
+        const int64_t id = g.input_coord(0, od, kd);
+        for (int64_t kh = th.lo[oh]; kh < th.hi[oh]; ++kh, ++nr) {
+          rows[nr] = in + ((plane * g.in[0] + id) * IH + g.input_coord(1, oh, kh)) * IW;
+          bases[nr] = static_cast<int32_t>((kd * KH + kh) * KW);
+        }
+      }
+      const int32_t first = static_cast<int32_t>((td.lo[od] * KH + th.lo[oh]) * KW);
+      for (int64_t i = 0; i < OW; i += 8) {
+        const int64_t ow0 = chunk_start(i, OW), x0 = ow0 * S - g.pad[2];
+        const bool inside = x0 >= 0 && x0 + reach <= IW;
+        auto visit = [&](auto&& f) {
+          for (int64_t j = 0; j < nr; ++j) {
+            auto cell = [&](int64_t kw, __m256 v) { f(bases[j] + static_cast<int32_t>(kw), v); };
+            inside ? for_window_row<S, KWc, false>(rows[j], x0, IW, KW, fill, cell)
+                   : for_window_row<S, KWc, true>(rows[j], x0, IW, KW, fill, cell);
+          }
+        };
+        chunk(r, od, oh, ow0, first, visit);
+      }
+    }
+  });
+}
+
+template <int S, int KWc, bool kPos, typename pos_t>
+void max_rows_fused(const float* in, float* out, pos_t* pos, const PoolGeometry& g,
+                    int64_t planes) {
+  const int64_t OW = g.out[2];
+  const DimTable tw(g, 2, false);
   // First in-input window column per output, for windows whose values never replace -inf.
   std::vector<int32_t> wlo(OW + 8, 0);
   for (int64_t ow = 0; ow < OW; ++ow) wlo[ow] = static_cast<int32_t>(tw.lo[ow]);
   const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  at::parallel_for(0, planes * OD * OH, grain_for(OW * g.window_cells()), [&](int64_t begin, int64_t end) {
-    RowCounter it(begin, OD, OH);
-    for (int64_t r = begin; r < end; ++r, it.next()) {
-      const int64_t plane = it.a, od = it.b, oh = it.c;
-      for (int64_t i = 0; i < OW; i += 8) {
-        const int64_t ow0 = chunk_start(i, OW);
-        __m256 m = ninf;
-        __m256 b = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
-        for (int64_t kd = td.lo[od]; kd < td.hi[od]; ++kd) {
-          const int64_t id = g.input_coord(0, od, kd);
-          for (int64_t kh = th.lo[oh]; kh < th.hi[oh]; ++kh) {
-            const float* row = in + ((plane * g.in[0] + id) * IH + g.input_coord(1, oh, kh)) * IW;
-            const int32_t base = static_cast<int32_t>((kd * KH + kh) * KW);
-            for_window_row<S>(row, ow0 * S - g.pad[2], IW, KW, ninf, [&](int64_t kw, __m256 v) {
-              const __m256 t = take_mask(v, m);
-              m = _mm256_blendv_ps(m, v, t);
-              if (kPos) {
-                b = _mm256_blendv_ps(b, _mm256_castsi256_ps(_mm256_set1_epi32(base + int32_t(kw))), t);
-              }
-            });
-          }
-        }
-        const int64_t n = std::min<int64_t>(8, OW - ow0);
-        store8(out + r * OW + ow0, natural<S>(m), n);
-        if (kPos) {
-          const __m256i bn = _mm256_castps_si256(natural<S>(b));
-          const int32_t first_dh = static_cast<int32_t>((td.lo[od] * KH + th.lo[oh]) * KW);
-          const __m256i dflt = _mm256_add_epi32(
-              _mm256_set1_epi32(first_dh),
-              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wlo.data() + ow0)));
-          const __m256i never = _mm256_cmpgt_epi32(_mm256_setzero_si256(), bn);
-          store_pos8(pos + r * OW + ow0, _mm256_blendv_epi8(bn, dflt, never), n);
-        }
-      }
+  for_fused_chunks<S, KWc>(in, g, planes, ninf, [&](int64_t r, int64_t, int64_t, int64_t ow0,
+                                                    int32_t first, auto&& visit) {
+    __m256 m = ninf;
+    __m256 b = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+    visit([&](int32_t k, __m256 v) {
+      const __m256 t = take_mask(v, m);
+      m = _mm256_blendv_ps(m, v, t);
+      if (kPos) b = _mm256_blendv_ps(b, _mm256_castsi256_ps(_mm256_set1_epi32(k)), t);
+    });
+    const int64_t n = std::min<int64_t>(8, OW - ow0);
+    store8(out + r * OW + ow0, natural<S>(m), n);
+    if (kPos) {
+      const __m256i bn = _mm256_castps_si256(natural<S>(b));
+      const __m256i dflt = _mm256_add_epi32(
+          _mm256_set1_epi32(first),
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wlo.data() + ow0)));
+      const __m256i never = _mm256_cmpgt_epi32(_mm256_setzero_si256(), bn);
+      store_pos8(pos + r * OW + ow0, _mm256_blendv_epi8(bn, dflt, never), n);
     }
   });
 }
@@ -580,8 +632,9 @@ void max_fwd_planar(const scalar_t* in, scalar_t* out, pos_t* pos, const PoolGeo
 #if defined(TORCHPOOL_AVX2)
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (fused_rows_ok(g)) {
-      g.stride[2] == 1 ? max_rows_fused<1, kPos>(in, out, pos, g, planes)
-                       : max_rows_fused<2, kPos>(in, out, pos, g, planes);
+      with_fused_shape(g, [&](auto S, auto KW) {
+        max_rows_fused<S.value, KW.value, kPos>(in, out, pos, g, planes);
+      });
       return;
     }
   }
@@ -959,37 +1012,21 @@ inline void divide(const acc_t* __restrict a, const acc_t* __restrict div,
 }
 
 #if defined(TORCHPOOL_AVX2)
-template <int S>
+template <int S, int KWc>
 void avg_rows_fused(const float* in, float* out, const PoolGeometry& g, int64_t planes,
                     bool count_include_pad, int64_t divisor_override) {
-  const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
-  const int64_t IH = g.in[1], IW = g.in[2], KW = g.kernel[2];
+  const int64_t OW = g.out[2];
   const AvgTables t(g, false, count_include_pad, divisor_override);
-  const int64_t OW8 = (OW + 7) / 8 * 8;
+  const std::vector<float> wf = t.w_factors((OW + 7) / 8 * 8);
   const __m256 zero = _mm256_setzero_ps();
-  const std::vector<float> wf = t.w_factors(OW8);
-  at::parallel_for(0, planes * OD * OH, grain_for(OW * g.window_cells()), [&](int64_t begin, int64_t end) {
-    RowCounter it(begin, OD, OH);
-    for (int64_t r = begin; r < end; ++r, it.next()) {
-      const int64_t plane = it.a, od = it.b, oh = it.c;
-      // Products of counts are exact in float, so this divides by the same value torch does.
-      const __m256 dh = _mm256_set1_ps(static_cast<float>(t.dh_factor(od, oh)));
-      for (int64_t i = 0; i < OW; i += 8) {
-        const int64_t ow0 = chunk_start(i, OW);
-        __m256 sum = zero;
-        for (int64_t kd = t.d.lo[od]; kd < t.d.hi[od]; ++kd) {
-          const int64_t id = g.input_coord(0, od, kd);
-          for (int64_t kh = t.h.lo[oh]; kh < t.h.hi[oh]; ++kh) {
-            const float* row = in + ((plane * g.in[0] + id) * IH + g.input_coord(1, oh, kh)) * IW;
-            for_window_row<S>(row, ow0 * S - g.pad[2], IW, KW, zero,
-                              [&](int64_t, __m256 v) { sum = _mm256_add_ps(sum, v); });
-          }
-        }
-        const __m256 div = _mm256_mul_ps(dh, _mm256_loadu_ps(wf.data() + ow0));
-        const __m256 avg = _mm256_div_ps(natural<S>(sum), div);
-        store8(out + r * OW + ow0, avg, std::min<int64_t>(8, OW - ow0));
-      }
-    }
+  for_fused_chunks<S, KWc>(in, g, planes, zero, [&](int64_t r, int64_t od, int64_t oh, int64_t ow0,
+                                                    int32_t, auto&& visit) {
+    __m256 sum = zero;
+    visit([&](int32_t, __m256 v) { sum = _mm256_add_ps(sum, v); });
+    // Products of counts are exact in float, so this divides by the same value torch does.
+    const __m256 div = _mm256_mul_ps(_mm256_set1_ps(static_cast<float>(t.dh_factor(od, oh))),
+                                     _mm256_loadu_ps(wf.data() + ow0));
+    store8(out + r * OW + ow0, _mm256_div_ps(natural<S>(sum), div), std::min<int64_t>(8, OW - ow0));
   });
 }
 #endif  // TORCHPOOL_AVX2
@@ -1000,9 +1037,9 @@ void avg_fwd_planar(const scalar_t* in, scalar_t* out, const PoolGeometry& g, in
 #if defined(TORCHPOOL_AVX2)
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (fused_rows_ok(g)) {
-      g.stride[2] == 1
-          ? avg_rows_fused<1>(in, out, g, planes, count_include_pad, divisor_override)
-          : avg_rows_fused<2>(in, out, g, planes, count_include_pad, divisor_override);
+      with_fused_shape(g, [&](auto S, auto KW) {
+        avg_rows_fused<S.value, KW.value>(in, out, g, planes, count_include_pad, divisor_override);
+      });
       return;
     }
   }
