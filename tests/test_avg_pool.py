@@ -196,6 +196,18 @@ def test_larger_inputs(device, rng, layout, kw):
         check_parity(x, len(shape) - 2, kw, rng)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "kw", [dict(kernel_size=3, stride=1, padding=1, count_include_pad=False), dict(kernel_size=2)]
+)
+@pytest.mark.parametrize("shape", [(1, 1, 23, 29), (1, 2, 300, 260), (2, 1, 9, 130, 70)])
+def test_backward_large_and_single_planes(device, rng, shape, kw, dtype):
+    """The CPU backward builds planes of up to 256 KB whole in cache; it gathers per input row for
+    larger planes, or when there are fewer planes than threads. These shapes take the gather."""
+    x = make_input(shape, dtype, device, "contiguous", rng)
+    check_parity(x, len(shape) - 2, kw, rng)
+
+
 def test_wide_window(device, rng):
     x = make_input((2, 3, 40, 37), torch.float32, device, "contiguous", rng)
     check_parity(x, 2, dict(kernel_size=(20, 17), stride=3, padding=(10, 8), ceil_mode=True, count_include_pad=False), rng)

@@ -229,32 +229,6 @@ inline float reduce_sum(const float* __restrict src, int64_t n) {
   return s;
 }
 
-// Position of the maximum of n floats, as a sequential scan with the `takes` rule finds it: the
-// last NaN if there is one, else the first maximum. Lane j scans cells j, j + 8, ...; the lanes
-// are then merged.
-inline int64_t reduce_argmax(const float* __restrict src, int64_t n, float* value) {
-  __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  __m256i at = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);  // index each lane holds
-  __m256i cur = at;
-  const __m256i step = _mm256_set1_epi32(8);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8, cur = _mm256_add_epi32(cur, step)) {
-    const __m256 v = _mm256_loadu_ps(src + i);
-    const __m256 t = take_mask(v, m);
-    m = _mm256_blendv_ps(m, v, t);
-    at = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(at), _mm256_castsi256_ps(cur), t));
-  }
-  alignas(32) float mv[8];
-  alignas(32) int32_t av[8];
-  _mm256_store_ps(mv, m);
-  _mm256_store_si256(reinterpret_cast<__m256i*>(av), at);
-  ScanMerge<float> merged;
-  for (int j = 0; j < 8 && j < n; ++j) merged.add(mv[j], av[j]);
-  merged.tail(src, i, n);
-  *value = merged.value;
-  return merged.at;
-}
-
 // Maximum of n floats; NaN if any is NaN.
 inline float reduce_max(const float* __restrict src, int64_t n) {
   const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
@@ -279,6 +253,28 @@ inline float reduce_max(const float* __restrict src, int64_t n) {
   for (; i < n; ++i) m = takes(src[i], m) ? src[i] : m;
   return any_nan ? std::numeric_limits<float>::quiet_NaN() : m;
 }
+// Position of the maximum of n floats, as a sequential scan with the `takes` rule finds it: the
+// last NaN if there is one, else the first maximum. The maximum comes first (reduce_max), then a
+// scan for its first occurrence over the values it just brought into cache.
+inline int64_t reduce_argmax(const float* __restrict src, int64_t n, float* value) {
+  const float m = reduce_max(src, n);
+  int64_t at = 0;
+  if (m != m) {
+    for (at = n - 1; at > 0 && src[at] == src[at]; --at) {}
+  } else {
+    const __m256 mv = _mm256_set1_ps(m);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      const int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(src + i), mv, _CMP_EQ_OQ));
+      if (hit != 0) break;
+    }
+    while (i < n && !(src[i] == m)) ++i;  // within the hit vector, or the tail
+    at = i < n ? i : 0;                   // not found: every value is -inf (or n == 0)
+  }
+  *value = n > 0 ? src[at] : m;  // the cell's own value: +0 and -0 compare equal
+  return at;
+}
+
 #endif  // TORCHPOOL_AVX2
 
 // A C-vector as acc_t: the input itself when it already is, else converted into `tmp`.
@@ -355,7 +351,11 @@ inline void move_row(std::conditional_t<kLoad, const scalar_t*, scalar_t*> row, 
     } else {
       scalar_t* __restrict dst = row + first;
       const acc_t* __restrict src = ph_p + j0;
-      for (int64_t j = 0; j < cnt; ++j) dst[s * j] = static_cast<scalar_t>(src[j]);
+      if (s == 1) {
+        convert(src, dst, cnt);
+      } else {
+        for (int64_t j = 0; j < cnt; ++j) dst[s * j] = static_cast<scalar_t>(src[j]);
+      }
     }
   }
 }
@@ -621,6 +621,96 @@ void max_rows_fused(const float* in, float* out, pos_t* pos, const PoolGeometry&
   });
 }
 
+// ---------------------------------------------------------------------------------------------
+// Fused AVX2 channels-last forwards (float): the channels of one output cell are reduced over its
+// window in registers, 32 channels (4 vectors) at a time, then 8 at a time, the last block masked.
+
+// The in-input cells of one output cell's window: element offsets of their channel vectors and
+// their window positions, in scan order.
+struct ClWindow {
+  int64_t o, od, oh, ow;  // flat output cell and its coordinates
+  const int64_t* offs;
+  const int32_t* ks;
+  int64_t cells;
+  int32_t first;  // position of the first in-input cell (reported when nothing beats -inf)
+};
+
+template <typename Cell>
+void for_cl_windows(const PoolGeometry& g, int64_t N, int64_t C, Cell&& cell) {
+  const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
+  const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2], KH = g.kernel[1], KW = g.kernel[2];
+  const DimTable td(g, 0, false), th(g, 1, false), tw(g, 2, false);
+  at::parallel_for(0, N * OD * OH, grain_for(OW * C * g.window_cells()), [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> offs(g.window_cells());
+    std::vector<int32_t> ks(g.window_cells());
+    RowCounter it(begin, OD, OH);
+    for (int64_t r = begin; r < end; ++r, it.next()) {
+      const int64_t n = it.a, od = it.b, oh = it.c;
+      for (int64_t ow = 0; ow < OW; ++ow) {
+        int64_t nc = 0;
+        for (int64_t kd = td.lo[od]; kd < td.hi[od]; ++kd) {
+          const int64_t id = g.input_coord(0, od, kd);
+          for (int64_t kh = th.lo[oh]; kh < th.hi[oh]; ++kh) {
+            const int64_t ih = g.input_coord(1, oh, kh);
+            for (int64_t kw = tw.lo[ow]; kw < tw.hi[ow]; ++kw, ++nc) {
+              offs[nc] = (((n * ID + id) * IH + ih) * IW + g.input_coord(2, ow, kw)) * C;
+              ks[nc] = static_cast<int32_t>((kd * KH + kh) * KW + kw);
+            }
+          }
+        }
+        const int32_t first = static_cast<int32_t>((td.lo[od] * KH + th.lo[oh]) * KW + tw.lo[ow]);
+        cell(ClWindow{r * OW + ow, od, oh, ow, offs.data(), ks.data(), nc, first});
+      }
+    }
+  });
+}
+
+// Calls block(std::integral_constant<int, NV>, c, n) for channel blocks of NV vectors starting
+// at c; n (<= 8) is the number of valid lanes of each vector (8 except in a final partial one).
+template <typename Block>
+inline void for_channel_blocks(int64_t C, Block&& block) {
+  int64_t c = 0;
+  for (; c + 32 <= C; c += 32) block(std::integral_constant<int, 4>{}, c, int64_t{8});
+  for (; c + 8 <= C; c += 8) block(std::integral_constant<int, 1>{}, c, int64_t{8});
+  if (c < C) block(std::integral_constant<int, 1>{}, c, C - c);
+}
+
+// The first n (<= 8) floats at p; the other lanes read 0 and are not stored.
+inline __m256 load_lanes(const float* p, int64_t n) {
+  return n == 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, lanes_inside(0, n));
+}
+
+template <bool kPos, typename pos_t>
+void max_cl_fused(const float* in, float* out, pos_t* pos, const PoolGeometry& g, int64_t N,
+                  int64_t C) {
+  const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  for_cl_windows(g, N, C, [&](const ClWindow& w) {
+    for_channel_blocks(C, [&](auto NVc, int64_t c, int64_t n) {
+      constexpr int NV = decltype(NVc)::value;
+      __m256 m[NV], b[NV];
+      for (int v = 0; v < NV; ++v) {
+        m[v] = ninf;
+        b[v] = _mm256_castsi256_ps(_mm256_set1_epi32(w.first));
+      }
+      for (int64_t j = 0; j < w.cells; ++j) {
+        const float* src = in + w.offs[j] + c;
+        const __m256 k = _mm256_castsi256_ps(_mm256_set1_epi32(w.ks[j]));
+        for (int v = 0; v < NV; ++v) {
+          const __m256 x = load_lanes(src + 8 * v, n);
+          const __m256 t = take_mask(x, m[v]);
+          m[v] = _mm256_blendv_ps(m[v], x, t);
+          if (kPos) b[v] = _mm256_blendv_ps(b[v], k, t);
+        }
+      }
+      const int64_t o = w.o * C + c;
+      for (int v = 0; v < NV; ++v) {
+        store8(out + o + 8 * v, m[v], n);
+        if (kPos) store_pos8(pos + o + 8 * v, _mm256_castps_si256(b[v]), n);
+      }
+    });
+  });
+}
+
 #endif  // TORCHPOOL_AVX2
 
 // ---------------------------------------------------------------------------------------------
@@ -681,6 +771,12 @@ void max_fwd_planar(const scalar_t* in, scalar_t* out, pos_t* pos, const PoolGeo
 template <typename scalar_t, typename pos_t, bool kPos>
 void max_fwd_cl(const scalar_t* in, scalar_t* out, pos_t* pos, const PoolGeometry& g,
                 int64_t N, int64_t C) {
+#if defined(TORCHPOOL_AVX2)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    max_cl_fused<kPos>(in, out, pos, g, N, C);
+    return;
+  }
+#endif
   using acc_t = acc_type<scalar_t>;
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2], KH = g.kernel[1], KW = g.kernel[2];
@@ -818,8 +914,13 @@ void max_bwd_fused(const float* gout, const uint8_t* pos, float* gin, const Pool
 }
 #endif  // TORCHPOOL_AVX2
 
-// Planes of at most this many bytes (as acc_t) are built whole in cache by the scatter backward.
-constexpr int64_t kScatterPlaneBytes = 256 * 1024;
+// The backward builds whole planes in cache (max_bwd_scatter, avg_bwd_scatter) when a plane's
+// buffer of `elems` accumulators fits in 256 KB of L2 and there is a plane for every thread.
+template <typename acc_t>
+inline bool fits_scatter_plane(int64_t elems, int64_t planes) {
+  return elems * static_cast<int64_t>(sizeof(acc_t)) <= 256 * 1024 &&
+         planes >= at::get_num_threads();
+}
 
 // Max pool backward by plane, for planes that fit in L2: each task zeroes a plane, then every
 // output adds its gradient at its saved cell, in output order (torch's own order, so the sums
@@ -878,8 +979,7 @@ void max_bwd_scatter(const scalar_t* gout, const pos_t* pos, scalar_t* gin, cons
 template <typename scalar_t, typename pos_t>
 void max_bwd_planar(const scalar_t* gout, const pos_t* pos, scalar_t* gin, const PoolGeometry& g,
                     int64_t planes) {
-  if (g.in_plane() * static_cast<int64_t>(sizeof(acc_type<scalar_t>)) <= kScatterPlaneBytes &&
-      g.window_cells() <= 4096 && planes >= at::get_num_threads()) {
+  if (g.window_cells() <= 4096 && fits_scatter_plane<acc_type<scalar_t>>(g.in_plane(), planes)) {
     max_bwd_scatter(gout, pos, gin, g, planes);
     return;
   }
@@ -1029,6 +1129,23 @@ void avg_rows_fused(const float* in, float* out, const PoolGeometry& g, int64_t 
     store8(out + r * OW + ow0, _mm256_div_ps(natural<S>(sum), div), std::min<int64_t>(8, OW - ow0));
   });
 }
+void avg_cl_fused(const float* in, float* out, const PoolGeometry& g, int64_t N, int64_t C,
+                  bool count_include_pad, int64_t divisor_override) {
+  const AvgTables t(g, false, count_include_pad, divisor_override);
+  for_cl_windows(g, N, C, [&](const ClWindow& w) {
+    const __m256 div = _mm256_set1_ps(static_cast<float>(t.divisor(w.od, w.oh, w.ow)));
+    for_channel_blocks(C, [&](auto NVc, int64_t c, int64_t n) {
+      constexpr int NV = decltype(NVc)::value;
+      __m256 sum[NV];
+      for (int v = 0; v < NV; ++v) sum[v] = _mm256_setzero_ps();
+      for (int64_t j = 0; j < w.cells; ++j) {
+        const float* src = in + w.offs[j] + c;
+        for (int v = 0; v < NV; ++v) sum[v] = _mm256_add_ps(sum[v], load_lanes(src + 8 * v, n));
+      }
+      for (int v = 0; v < NV; ++v) store8(out + w.o * C + c + 8 * v, _mm256_div_ps(sum[v], div), n);
+    });
+  });
+}
 #endif  // TORCHPOOL_AVX2
 
 template <typename scalar_t>
@@ -1073,6 +1190,12 @@ void avg_fwd_planar(const scalar_t* in, scalar_t* out, const PoolGeometry& g, in
 template <typename scalar_t>
 void avg_fwd_cl(const scalar_t* in, scalar_t* out, const PoolGeometry& g, int64_t N, int64_t C,
                 bool count_include_pad, int64_t divisor_override) {
+#if defined(TORCHPOOL_AVX2)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    avg_cl_fused(in, out, g, N, C, count_include_pad, divisor_override);
+    return;
+  }
+#endif
   using acc_t = acc_type<scalar_t>;
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2];
@@ -1133,6 +1256,88 @@ void avg_bwd_fused(const float* gout, float* gin, const PoolGeometry& g, int64_t
 }
 #endif  // TORCHPOOL_AVX2
 
+// dst += the window columns of one output row, dst being a phase-split row (RowPhases layout,
+// phases of L cells, L a multiple of 8): dst[kw % S][ow + kw / S] += grad[ow] for every kw < KW.
+// `grad` reads as 0 outside [0, OW) (the caller's buffer has zero margins: KW cells before,
+// L + 8 after). Each dst vector is loaded and stored once with all its columns added in
+// registers: passes that stored to dst and reloaded it shifted by a cell would stall on every
+// load (a load spanning two recent stores is not forwarded).
+template <typename acc_t>
+inline void add_window_row(acc_t* __restrict dst, const acc_t* __restrict grad, int64_t S,
+                           int64_t KW, int64_t L) {
+  for (int64_t p = 0; p < S && p < KW; ++p) {
+    acc_t* d = dst + p * L;
+    for (int64_t j0 = 0; j0 < L; j0 += 8) {
+      acc_t v[8];
+      for (int l = 0; l < 8; ++l) v[l] = d[j0 + l];
+      for (int64_t kw = p, q = 0; kw < KW; kw += S, ++q) {  // q = kw / S
+        const acc_t* g = grad + j0 - q;
+        for (int l = 0; l < 8; ++l) v[l] += g[l];
+      }
+      for (int l = 0; l < 8; ++l) d[j0 + l] = v[l];
+    }
+  }
+}
+
+#if defined(TORCHPOOL_AVX2)
+inline void add_window_row(float* __restrict dst, const float* __restrict grad, int64_t S,
+                           int64_t KW, int64_t L) {
+  for (int64_t p = 0; p < S && p < KW; ++p) {
+    float* d = dst + p * L;
+    for (int64_t j0 = 0; j0 < L; j0 += 8) {
+      __m256 v = _mm256_loadu_ps(d + j0);
+      for (int64_t kw = p, q = 0; kw < KW; kw += S, ++q) {  // q = kw / S
+        v = _mm256_add_ps(v, _mm256_loadu_ps(grad + j0 - q));
+      }
+      _mm256_storeu_ps(d + j0, v);
+    }
+  }
+}
+#endif
+
+// Average pool backward by plane, for planes that fit in L2 (as max_bwd_scatter): each output
+// row's gradient is divided once, then added to the rows of its windows (add_window_row) in a
+// plane of phase-split rows, which then goes to memory once. One thread per plane and a fixed
+// order: deterministic.
+template <typename scalar_t>
+void avg_bwd_scatter(const scalar_t* gout, scalar_t* gin, const PoolGeometry& g, int64_t planes,
+                     const AvgTables& t) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
+  const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2], KW = g.kernel[2], S = g.stride[2];
+  RowPhases ph(g);
+  ph.len = (ph.len + 7) / 8 * 8;  // whole vectors per phase
+  const int64_t len = ph.size();
+  std::vector<acc_t> div(OD * OH * OW);  // every output's divisor, the same for each plane
+  for (int64_t od = 0; od < OD; ++od) {
+    for (int64_t oh = 0; oh < OH; ++oh) t.row_divisors(od, oh, div.data() + (od * OH + oh) * OW);
+  }
+  at::parallel_for(0, planes, grain_for(g.in_plane()), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf(ID * IH * len), tmp(OW);
+    std::vector<acc_t> scaled(KW + ph.len + 8, acc_t(0));  // zero margins around [KW, KW + OW)
+    acc_t* sc = scaled.data() + KW;
+    for (int64_t pl = begin; pl < end; ++pl) {
+      std::fill(buf.begin(), buf.end(), acc_t(0));
+      for (int64_t od = 0; od < OD; ++od) {
+        for (int64_t oh = 0; oh < OH; ++oh) {
+          const int64_t orow = (od * OH + oh) * OW;
+          divide(src_as_acc(gout + pl * OD * OH * OW + orow, tmp.data(), OW), div.data() + orow, sc, OW);
+          for (int64_t kd = t.d.lo[od]; kd < t.d.hi[od]; ++kd) {
+            const int64_t id = g.input_coord(0, od, kd);
+            for (int64_t kh = t.h.lo[oh]; kh < t.h.hi[oh]; ++kh) {
+              add_window_row(buf.data() + (id * IH + g.input_coord(1, oh, kh)) * len, sc, S, KW,
+                             ph.len);
+            }
+          }
+        }
+      }
+      for (int64_t r = 0; r < ID * IH; ++r) {
+        store_row(buf.data() + r * len, gin + (pl * ID * IH + r) * IW, ph, g.pad[2], IW);
+      }
+    }
+  });
+}
+
 template <typename scalar_t>
 void avg_bwd_planar(const scalar_t* gout, scalar_t* gin, const PoolGeometry& g, int64_t planes,
                     bool count_include_pad, int64_t divisor_override) {
@@ -1140,6 +1345,10 @@ void avg_bwd_planar(const scalar_t* gout, scalar_t* gin, const PoolGeometry& g, 
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2], KW = g.kernel[2];
   const AvgTables t(g, true, count_include_pad, divisor_override);
+  if (fits_scatter_plane<acc_type<scalar_t>>(RowPhases(g).size() * ID * IH, planes)) {
+    avg_bwd_scatter(gout, gin, g, planes, t);
+    return;
+  }
 #if defined(TORCHPOOL_AVX2)
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (fused_bwd_ok(g)) {
@@ -1255,11 +1464,19 @@ void global_max_planar(const scalar_t* in, scalar_t* out, int64_t* pos, int64_t 
   });
 }
 
+// Channels per task of the channels-last global pools: whole rows of C up to 2048 (one stream
+// through memory, accumulators in L1), halved while there are fewer than 4 tasks per thread.
+inline int64_t cl_channel_block(int64_t N, int64_t C) {
+  int64_t b = std::min<int64_t>(C, 2048);
+  while (b > 64 && N * ((C + b - 1) / b) < 4 * at::get_num_threads()) b = (b + 1) / 2;
+  return b;
+}
+
 template <typename scalar_t, bool kPos>
 void global_max_cl(const scalar_t* in, scalar_t* out, int64_t* pos, int64_t N, int64_t C,
                    int64_t P) {
   using acc_t = acc_type<scalar_t>;
-  constexpr int64_t kBlock = 256;  // channels per task
+  const int64_t kBlock = cl_channel_block(N, C);
   const int64_t cblocks = (C + kBlock - 1) / kBlock;
   at::parallel_for(0, N * cblocks, grain_for(P * std::min(C, kBlock)), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> m(kBlock), tmp(kBlock);
@@ -1311,7 +1528,7 @@ void global_avg_planar(const scalar_t* in, scalar_t* out, int64_t planes, int64_
 template <typename scalar_t>
 void global_avg_cl(const scalar_t* in, scalar_t* out, int64_t N, int64_t C, int64_t P) {
   using acc_t = acc_type<scalar_t>;
-  constexpr int64_t kBlock = 256;
+  const int64_t kBlock = cl_channel_block(N, C);
   const int64_t cblocks = (C + kBlock - 1) / kBlock;
   at::parallel_for(0, N * cblocks, grain_for(P * std::min(C, kBlock)), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> s(kBlock), tmp(kBlock);
