@@ -576,15 +576,20 @@ void for_fused_chunks(const float* in, const PoolGeometry& g, int64_t planes, __
       const int32_t first = static_cast<int32_t>((td.lo[od] * KH + th.lo[oh]) * KW);
       for (int64_t i = 0; i < OW; i += 8) {
         const int64_t ow0 = chunk_start(i, OW), x0 = ow0 * S - g.pad[2];
-        const bool inside = x0 >= 0 && x0 + reach <= IW;
-        auto visit = [&](auto&& f) {
-          for (int64_t j = 0; j < nr; ++j) {
-            auto cell = [&](int64_t kw, __m256 v) { f(bases[j] + static_cast<int32_t>(kw), v); };
-            inside ? for_window_row<S, KWc, false>(rows[j], x0, IW, KW, fill, cell)
-                   : for_window_row<S, KWc, true>(rows[j], x0, IW, KW, fill, cell);
-          }
+        // Two copies of the chunk: the interior one computes no edge masks at all.
+        auto visit_with = [&](auto edge) {
+          return [&, edge](auto&& f) {
+            for (int64_t j = 0; j < nr; ++j) {
+              auto cell = [&](int64_t kw, __m256 v) { f(bases[j] + static_cast<int32_t>(kw), v); };
+              for_window_row<S, KWc, decltype(edge)::value>(rows[j], x0, IW, KW, fill, cell);
+            }
+          };
         };
-        chunk(r, od, oh, ow0, first, visit);
+        if (x0 >= 0 && x0 + reach <= IW) {
+          chunk(r, od, oh, ow0, first, visit_with(std::false_type{}));
+        } else {
+          chunk(r, od, oh, ow0, first, visit_with(std::true_type{}));
+        }
       }
     }
   });
