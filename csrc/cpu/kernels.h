@@ -3,11 +3,13 @@
 // Every function here is templated on the element type and works on the 3-d geometry of
 // geometry.h, so 1d and 2d pools run the same code with unit leading dims.
 //
-// Contiguous (N, C, D, H, W) input is processed one output row at a time: each input row the row
-// needs is copied once into a padded float buffer split into `stride` phases, after which every
-// kernel column is a unit-stride pass over the output row that the compiler vectorizes.
-// Backward works per input row the same way, so each input cell is written by exactly one
-// thread in a fixed order: deterministic, no atomics.
+// Contiguous (N, C, D, H, W) input is processed one output row at a time: float rows with W
+// stride 1 or 2 are reduced 8 outputs at a time straight from the input rows in registers
+// (for_fused_chunks); other rows are copied once into a padded buffer split into `stride` phases,
+// after which every kernel column is a unit-stride pass over the output row.
+// Backward builds planes that fit in L2 whole in cache (max_bwd_scatter, avg_bwd_scatter) and
+// gathers per input row for larger ones; either way each plane is written by one thread in a
+// fixed order: deterministic, no atomics.
 //
 // Channels-last input (N, D, H, W, C) vectorizes over C: every window cell is a contiguous
 // C-vector.
