@@ -182,8 +182,13 @@ class Dist:
         if self.main:
             print(*a, **k, flush=True)
 
-    def close(self):
+    def close(self, ok=True):
+        """Ends the process group; after a clean run, only once every process got here (a
+        process that tears its connections down while another is still in a collective can
+        make that one abort at exit)."""
         if self.enabled and dist.is_initialized():
+            if ok:
+                dist.barrier()
             dist.destroy_process_group()
 
 
@@ -434,11 +439,14 @@ def load(args, d):
 def main(argv=None):
     args = parse_args(argv)
     d = Dist(args.device)
+    ok = False
     try:
         data = load(args, d)
-        return benchmark(args, d, data) if args.benchmark else train(args, d, data)
+        result = benchmark(args, d, data) if args.benchmark else train(args, d, data)
+        ok = True
+        return result
     finally:
-        d.close()
+        d.close(ok)
 
 
 if __name__ == "__main__":
