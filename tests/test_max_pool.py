@@ -286,9 +286,23 @@ def test_larger_inputs(device, rng, layout, kw):
 @pytest.mark.parametrize("shape", [(1, 1, 23, 29), (1, 2, 300, 260), (2, 1, 9, 130, 70)])
 def test_backward_large_and_single_planes(device, rng, shape, kw, dtype):
     """The CPU backward builds planes of up to 256 KB whole in cache; it gathers per input row for
-    larger planes, or when there are fewer planes than threads. These shapes take the gather."""
+    larger planes, or when there are fewer planes than threads. These shapes take the gather
+    (3x3 windows, and the single plane), or the direct tile writes (2x2 on the large planes)."""
     x = make_input(shape, dtype, device, "contiguous", rng, kind="distinct")
     check_parity(x, len(shape) - 2, kw, rng)
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 33), (2, 3, 17, 19), (4, 8, 26, 26), (2, 2, 7, 9, 21)])
+def test_backward_tiling_windows(device, rng, shape):
+    """2-wide windows that tile the input (kernel == stride, no padding): each input cell gets one
+    output's gradient or 0, so the gradient equals torch's exactly, including the cells past the
+    last window along each dim (odd sizes)."""
+    nd = len(shape) - 2
+    x = make_input(shape, torch.float32, device, "contiguous", rng, kind="distinct")
+    out, grad, g = run_fwd_bwd(lambda t: OURS[nd](t, 2), x, gen=rng)
+    rout, rgrad, _ = run_fwd_bwd(lambda t: TORCH[nd](t, 2), x, g=g)
+    assert torch.equal(out, rout)
+    assert torch.equal(grad, rgrad)
 
 
 @pytest.mark.parametrize("nd", [1, 2, 3])

@@ -983,9 +983,77 @@ void max_bwd_scatter(const scalar_t* gout, const pos_t* pos, scalar_t* gin, cons
   });
 }
 
+#if defined(TORCHPOOL_AVX2)
+// Backward of windows that tile the input (kernel == stride in every dim, 2 wide along W, no
+// padding or dilation), float NCHW with 1-byte positions: every input cell belongs to at most one
+// window, so each output row writes its KD x KH x 2 tile rows directly, 8 outputs (16 cells) a
+// chunk: the position compared with the two columns' cells selects the gradient or 0, and the two
+// columns are interleaved in registers. No zeroing pass, no sums (bit-identical to torch), one
+// write per cell; cells no window covers (odd sizes) are zeroed.
+inline bool tile_bwd_ok(const PoolGeometry& g) {
+  for (int d = 0; d < 3; ++d) {
+    if (g.kernel[d] != g.stride[d] || g.pad[d] != 0 || g.dilation[d] != 1 ||
+        g.out[d] * g.kernel[d] > g.in[d]) {
+      return false;
+    }
+  }
+  return g.kernel[2] == 2 && g.out[2] >= 8;
+}
+
+inline void max_bwd_tiles(const float* gout, const uint8_t* pos, float* gin, const PoolGeometry& g,
+                          int64_t planes) {
+  const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
+  const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2], KD = g.kernel[0], KH = g.kernel[1];
+  at::parallel_for(0, planes, grain_for(g.in_plane()), [&](int64_t begin, int64_t end) {
+    for (int64_t pl = begin; pl < end; ++pl) {
+      float* plane = gin + pl * ID * IH * IW;
+      // Rows no window covers: past the last window row, and every row of the depth slices past
+      // the last window slice.
+      for (int64_t id = 0; id < ID; ++id) {
+        for (int64_t ih = (id < OD * KD ? OH * KH : 0); ih < IH; ++ih) {
+          std::fill(plane + (id * IH + ih) * IW, plane + (id * IH + ih + 1) * IW, 0.f);
+        }
+      }
+      for (int64_t od = 0; od < OD; ++od) {
+        for (int64_t oh = 0; oh < OH; ++oh) {
+          const int64_t o = ((pl * OD + od) * OH + oh) * OW;
+          for (int64_t kd = 0; kd < KD; ++kd) {
+            for (int64_t kh = 0; kh < KH; ++kh) {
+              float* row = plane + ((od * KD + kd) * IH + oh * KH + kh) * IW;
+              const __m256i k0 = _mm256_set1_epi32(static_cast<int32_t>((kd * KH + kh) * 2));
+              const __m256i k1 = _mm256_add_epi32(k0, _mm256_set1_epi32(1));
+              for (int64_t i = 0; i < OW; i += 8) {
+                const int64_t ow0 = chunk_start(i, OW);
+                const __m256 g8 = _mm256_loadu_ps(gout + o + ow0);
+                const __m256i p8 = _mm256_cvtepu8_epi32(
+                    _mm_loadl_epi64(reinterpret_cast<const __m128i*>(pos + o + ow0)));
+                const __m256 v0 = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(p8, k0)), g8);
+                const __m256 v1 = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(p8, k1)), g8);
+                const __m256 lo = _mm256_unpacklo_ps(v0, v1), hi = _mm256_unpackhi_ps(v0, v1);
+                _mm256_storeu_ps(row + 2 * ow0, _mm256_permute2f128_ps(lo, hi, 0x20));
+                _mm256_storeu_ps(row + 2 * ow0 + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+              }
+              std::fill(row + 2 * OW, row + IW, 0.f);  // columns past the last window
+            }
+          }
+        }
+      }
+    }
+  });
+}
+#endif  // TORCHPOOL_AVX2
+
 template <typename scalar_t, typename pos_t>
 void max_bwd_planar(const scalar_t* gout, const pos_t* pos, scalar_t* gin, const PoolGeometry& g,
                     int64_t planes) {
+#if defined(TORCHPOOL_AVX2)
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<pos_t, uint8_t>) {
+    if (tile_bwd_ok(g) && planes >= at::get_num_threads()) {
+      max_bwd_tiles(gout, pos, gin, g, planes);
+      return;
+    }
+  }
+#endif
   if (g.window_cells() <= 4096 && fits_scatter_plane<acc_type<scalar_t>>(g.in_plane(), planes)) {
     max_bwd_scatter(gout, pos, gin, g, planes);
     return;
