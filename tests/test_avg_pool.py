@@ -208,6 +208,20 @@ def test_backward_large_and_single_planes(device, rng, shape, kw, dtype):
     check_parity(x, len(shape) - 2, kw, rng)
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(divisor_override=3)])
+@pytest.mark.parametrize("shape", [(3, 4, 33), (2, 3, 17, 19), (4, 8, 26, 26), (2, 2, 7, 9, 21)])
+def test_backward_tiling_windows(device, rng, shape, kw):
+    """2-wide windows that tile the input (kernel == stride, no padding): each input cell gets one
+    output's grad / divisor, so the gradient equals torch's exactly, including the cells past the
+    last window along each dim (odd sizes)."""
+    nd = len(shape) - 2
+    x = make_input(shape, torch.float32, device, "contiguous", rng)
+    out, grad, g = run_fwd_bwd(lambda t: OURS[nd](t, 2, **kw), x, gen=rng)
+    rout, rgrad, _ = run_fwd_bwd(lambda t: TORCH[nd](t, 2, **kw), x, g=g)
+    assert_close(out, rout, torch.float32)
+    assert torch.equal(grad, rgrad)
+
+
 def test_wide_window(device, rng):
     x = make_input((2, 3, 40, 37), torch.float32, device, "contiguous", rng)
     check_parity(x, 2, dict(kernel_size=(20, 17), stride=3, padding=(10, 8), ceil_mode=True, count_include_pad=False), rng)

@@ -985,11 +985,13 @@ void max_bwd_scatter(const scalar_t* gout, const pos_t* pos, scalar_t* gin, cons
 
 #if defined(TORCHPOOL_AVX2)
 // Backward of windows that tile the input (kernel == stride in every dim, 2 wide along W, no
-// padding or dilation), float NCHW with 1-byte positions: every input cell belongs to at most one
-// window, so each output row writes its KD x KH x 2 tile rows directly, 8 outputs (16 cells) a
-// chunk: the position compared with the two columns' cells selects the gradient or 0, and the two
-// columns are interleaved in registers. No zeroing pass, no sums (bit-identical to torch), one
-// write per cell; cells no window covers (odd sizes) are zeroed.
+// padding or dilation), float NCHW: every input cell belongs to at most one window, so each output
+// row writes its KD x KH x 2 tile rows directly, 8 outputs (16 cells) a chunk, the two window
+// columns interleaved in registers. No zeroing pass, no sums, one write per cell; cells no window
+// covers (odd sizes) are zeroed. `output_row(o, od, oh, tmp)` is called once per output row (o:
+// its first flat output index; tmp: OW floats of scratch) and returns a callable
+// cols(ow0, kd, kh, v0, v1) that sets the gradient of window columns 0 and 1 of tile row (kd, kh)
+// for the 8 outputs from ow0.
 inline bool tile_bwd_ok(const PoolGeometry& g) {
   for (int d = 0; d < 3; ++d) {
     if (g.kernel[d] != g.stride[d] || g.pad[d] != 0 || g.dilation[d] != 1 ||
@@ -1000,11 +1002,12 @@ inline bool tile_bwd_ok(const PoolGeometry& g) {
   return g.kernel[2] == 2 && g.out[2] >= 8;
 }
 
-inline void max_bwd_tiles(const float* gout, const uint8_t* pos, float* gin, const PoolGeometry& g,
-                          int64_t planes) {
+template <typename OutputRow>
+void write_tiles(float* gin, const PoolGeometry& g, int64_t planes, OutputRow&& output_row) {
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2], KD = g.kernel[0], KH = g.kernel[1];
   at::parallel_for(0, planes, grain_for(g.in_plane()), [&](int64_t begin, int64_t end) {
+    std::vector<float> tmp(OW);
     for (int64_t pl = begin; pl < end; ++pl) {
       float* plane = gin + pl * ID * IH * IW;
       // Rows no window covers: past the last window row, and every row of the depth slices past
@@ -1016,19 +1019,14 @@ inline void max_bwd_tiles(const float* gout, const uint8_t* pos, float* gin, con
       }
       for (int64_t od = 0; od < OD; ++od) {
         for (int64_t oh = 0; oh < OH; ++oh) {
-          const int64_t o = ((pl * OD + od) * OH + oh) * OW;
+          auto cols = output_row(((pl * OD + od) * OH + oh) * OW, od, oh, tmp.data());
           for (int64_t kd = 0; kd < KD; ++kd) {
             for (int64_t kh = 0; kh < KH; ++kh) {
               float* row = plane + ((od * KD + kd) * IH + oh * KH + kh) * IW;
-              const __m256i k0 = _mm256_set1_epi32(static_cast<int32_t>((kd * KH + kh) * 2));
-              const __m256i k1 = _mm256_add_epi32(k0, _mm256_set1_epi32(1));
               for (int64_t i = 0; i < OW; i += 8) {
                 const int64_t ow0 = chunk_start(i, OW);
-                const __m256 g8 = _mm256_loadu_ps(gout + o + ow0);
-                const __m256i p8 = _mm256_cvtepu8_epi32(
-                    _mm_loadl_epi64(reinterpret_cast<const __m128i*>(pos + o + ow0)));
-                const __m256 v0 = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(p8, k0)), g8);
-                const __m256 v1 = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(p8, k1)), g8);
+                __m256 v0, v1;
+                cols(ow0, kd, kh, v0, v1);
                 const __m256 lo = _mm256_unpacklo_ps(v0, v1), hi = _mm256_unpackhi_ps(v0, v1);
                 _mm256_storeu_ps(row + 2 * ow0, _mm256_permute2f128_ps(lo, hi, 0x20));
                 _mm256_storeu_ps(row + 2 * ow0 + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
@@ -1039,6 +1037,23 @@ inline void max_bwd_tiles(const float* gout, const uint8_t* pos, float* gin, con
         }
       }
     }
+  });
+}
+
+// Max: the saved position selects the column whose cell took the maximum; bit-identical to torch.
+inline void max_bwd_tiles(const float* gout, const uint8_t* pos, float* gin, const PoolGeometry& g,
+                          int64_t planes) {
+  const int32_t KH = static_cast<int32_t>(g.kernel[1]);
+  write_tiles(gin, g, planes, [&](int64_t o, int64_t, int64_t, float*) {
+    return [=](int64_t ow0, int64_t kd, int64_t kh, __m256& v0, __m256& v1) {
+      const __m256 g8 = _mm256_loadu_ps(gout + o + ow0);
+      const __m256i p8 =
+          _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(pos + o + ow0)));
+      const __m256i k0 = _mm256_set1_epi32((static_cast<int32_t>(kd) * KH + static_cast<int32_t>(kh)) * 2);
+      const __m256i k1 = _mm256_add_epi32(k0, _mm256_set1_epi32(1));
+      v0 = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(p8, k0)), g8);
+      v1 = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(p8, k1)), g8);
+    };
   });
 }
 #endif  // TORCHPOOL_AVX2
@@ -1331,6 +1346,28 @@ void avg_bwd_fused(const float* gout, float* gin, const PoolGeometry& g, int64_t
 }
 #endif  // TORCHPOOL_AVX2
 
+#if defined(TORCHPOOL_AVX2)
+// Average over windows that tile the input (write_tiles): both columns of every tile row get
+// grad / divisor, the one contribution torch adds there, so the result is bit-identical.
+inline void avg_bwd_tiles(const float* gout, float* gin, const PoolGeometry& g, int64_t planes,
+                          const AvgTables& t) {
+  const int64_t OW = g.out[2];
+  const std::vector<float> wf = t.w_factors((OW + 7) / 8 * 8);
+  write_tiles(gin, g, planes, [&](int64_t o, int64_t od, int64_t oh, float* scaled) {
+    // The row's grad / divisor once, for all its tile rows.
+    const __m256 dh = _mm256_set1_ps(static_cast<float>(t.dh_factor(od, oh)));
+    for (int64_t i = 0; i < OW; i += 8) {
+      const int64_t ow0 = chunk_start(i, OW);
+      const __m256 div = _mm256_mul_ps(dh, _mm256_loadu_ps(wf.data() + ow0));
+      _mm256_storeu_ps(scaled + ow0, _mm256_div_ps(_mm256_loadu_ps(gout + o + ow0), div));
+    }
+    return [=](int64_t ow0, int64_t, int64_t, __m256& v0, __m256& v1) {
+      v0 = v1 = _mm256_loadu_ps(scaled + ow0);
+    };
+  });
+}
+#endif  // TORCHPOOL_AVX2
+
 // dst += the window columns of one output row, dst being a phase-split row (RowPhases layout,
 // phases of L cells, L a multiple of 8): dst[kw % S][ow + kw / S] += grad[ow] for every kw < KW.
 // `grad` reads as 0 outside [0, OW) (the caller's buffer has zero margins: KW cells before,
@@ -1420,6 +1457,14 @@ void avg_bwd_planar(const scalar_t* gout, scalar_t* gin, const PoolGeometry& g, 
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2], KW = g.kernel[2];
   const AvgTables t(g, true, count_include_pad, divisor_override);
+#if defined(TORCHPOOL_AVX2)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (tile_bwd_ok(g) && planes >= at::get_num_threads()) {
+      avg_bwd_tiles(gout, gin, g, planes, t);
+      return;
+    }
+  }
+#endif
   if (fits_scatter_plane<acc_type<scalar_t>>(RowPhases(g).size() * ID * IH, planes)) {
     avg_bwd_scatter(gout, gin, g, planes, t);
     return;
