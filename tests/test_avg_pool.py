@@ -203,7 +203,8 @@ def test_larger_inputs(device, rng, layout, kw):
 @pytest.mark.parametrize("shape", [(1, 1, 23, 29), (1, 2, 300, 260), (2, 1, 9, 130, 70)])
 def test_backward_large_and_single_planes(device, rng, shape, kw, dtype):
     """The CPU backward builds planes of up to 256 KB whole in cache; it gathers per input row for
-    larger planes, or when there are fewer planes than threads. These shapes take the gather."""
+    larger planes, or when there are fewer planes than threads. These shapes take the gather
+    (3x3 windows, and the single plane), or the direct tile writes (2x2 on the large planes)."""
     x = make_input(shape, dtype, device, "contiguous", rng)
     check_parity(x, len(shape) - 2, kw, rng)
 

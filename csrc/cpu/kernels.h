@@ -7,9 +7,10 @@
 // stride 1 or 2 are reduced 8 outputs at a time straight from the input rows in registers
 // (for_fused_chunks); other rows are copied once into a padded buffer split into `stride` phases,
 // after which every kernel column is a unit-stride pass over the output row.
-// Backward builds planes that fit in L2 whole in cache (max_bwd_scatter, avg_bwd_scatter) and
-// gathers per input row for larger ones; either way each plane is written by one thread in a
-// fixed order: deterministic, no atomics.
+// Backward writes windows that tile the input straight into their cells (write_tiles), builds
+// other planes that fit in L2 whole in cache (max_bwd_scatter, avg_bwd_scatter) and gathers per
+// input row for larger ones; each plane is written by one thread in a fixed order:
+// deterministic, no atomics.
 //
 // Channels-last input (N, D, H, W, C) vectorizes over C: every window cell is a contiguous
 // C-vector.
@@ -255,6 +256,7 @@ inline float reduce_max(const float* __restrict src, int64_t n) {
   for (; i < n; ++i) m = takes(src[i], m) ? src[i] : m;
   return any_nan ? std::numeric_limits<float>::quiet_NaN() : m;
 }
+
 // Position of the maximum of n floats, as a sequential scan with the `takes` rule finds it: the
 // last NaN if there is one, else the first maximum. The maximum comes first (reduce_max), then a
 // scan for its first occurrence over the values it just brought into cache.
@@ -992,7 +994,8 @@ void max_bwd_scatter(const scalar_t* gout, const pos_t* pos, scalar_t* gin, cons
 // its first flat output index; tmp: OW floats of scratch) and returns a callable
 // cols(ow0, kd, kh, v0, v1) that sets the gradient of window columns 0 and 1 of tile row (kd, kh)
 // for the 8 outputs from ow0.
-inline bool tile_bwd_ok(const PoolGeometry& g) {
+inline bool tile_bwd_ok(const PoolGeometry& g, int64_t planes) {
+  if (planes < at::get_num_threads()) return false;  // one task per plane
   for (int d = 0; d < 3; ++d) {
     if (g.kernel[d] != g.stride[d] || g.pad[d] != 0 || g.dilation[d] != 1 ||
         g.out[d] * g.kernel[d] > g.in[d]) {
@@ -1063,7 +1066,7 @@ void max_bwd_planar(const scalar_t* gout, const pos_t* pos, scalar_t* gin, const
                     int64_t planes) {
 #if defined(TORCHPOOL_AVX2)
   if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<pos_t, uint8_t>) {
-    if (tile_bwd_ok(g) && planes >= at::get_num_threads()) {
+    if (tile_bwd_ok(g, planes)) {
       max_bwd_tiles(gout, pos, gin, g, planes);
       return;
     }
@@ -1195,6 +1198,17 @@ struct AvgTables {
   }
 };
 
+#if defined(TORCHPOOL_AVX2)
+// The float divisors of outputs ow0 .. ow0 + 7 of output row (od, oh); `wf` is
+// t.w_factors(OW rounded up to 8). Products of counts are exact in float, so this divides by the
+// same values torch does.
+inline __m256 divisors8(const AvgTables& t, const std::vector<float>& wf, int64_t od, int64_t oh,
+                        int64_t ow0) {
+  return _mm256_mul_ps(_mm256_set1_ps(static_cast<float>(t.dh_factor(od, oh))),
+                       _mm256_loadu_ps(wf.data() + ow0));
+}
+#endif
+
 template <typename scalar_t, typename acc_t>
 inline void divide(const acc_t* __restrict a, const acc_t* __restrict div,
                    scalar_t* __restrict out, int64_t n) {
@@ -1213,12 +1227,11 @@ void avg_rows_fused(const float* in, float* out, const PoolGeometry& g, int64_t 
                                                     int32_t, auto&& visit) {
     __m256 sum = zero;
     visit([&](int32_t, __m256 v) { sum = _mm256_add_ps(sum, v); });
-    // Products of counts are exact in float, so this divides by the same value torch does.
-    const __m256 div = _mm256_mul_ps(_mm256_set1_ps(static_cast<float>(t.dh_factor(od, oh))),
-                                     _mm256_loadu_ps(wf.data() + ow0));
-    store8(out + r * OW + ow0, _mm256_div_ps(natural<S>(sum), div), std::min<int64_t>(8, OW - ow0));
+    store8(out + r * OW + ow0, _mm256_div_ps(natural<S>(sum), divisors8(t, wf, od, oh, ow0)),
+           std::min<int64_t>(8, OW - ow0));
   });
 }
+
 void avg_cl_fused(const float* in, float* out, const PoolGeometry& g, int64_t N, int64_t C,
                   bool count_include_pad, int64_t divisor_override) {
   const AvgTables t(g, false, count_include_pad, divisor_override);
@@ -1334,8 +1347,7 @@ void avg_bwd_fused(const float* gout, float* gin, const PoolGeometry& g, int64_t
           for (int64_t ch = t.h.first[ih]; ch < t.h.first[ih + 1]; ++ch) {
             const int64_t od = t.d.cover_o[cd], oh = t.h.cover_o[ch];
             const __m256 g8 = load8(gout + ((plane * OD + od) * OH + oh) * OW, ow0, OW, zero);
-            const __m256 div = _mm256_mul_ps(_mm256_set1_ps(static_cast<float>(t.dh_factor(od, oh))),
-                                             _mm256_loadu_ps(wf.data() + ow0));
+            const __m256 div = divisors8(t, wf, od, oh, ow0);
             sum = _mm256_add_ps(sum, _mm256_div_ps(g8, div));
           }
         }
@@ -1355,11 +1367,10 @@ inline void avg_bwd_tiles(const float* gout, float* gin, const PoolGeometry& g, 
   const std::vector<float> wf = t.w_factors((OW + 7) / 8 * 8);
   write_tiles(gin, g, planes, [&](int64_t o, int64_t od, int64_t oh, float* scaled) {
     // The row's grad / divisor once, for all its tile rows.
-    const __m256 dh = _mm256_set1_ps(static_cast<float>(t.dh_factor(od, oh)));
     for (int64_t i = 0; i < OW; i += 8) {
       const int64_t ow0 = chunk_start(i, OW);
-      const __m256 div = _mm256_mul_ps(dh, _mm256_loadu_ps(wf.data() + ow0));
-      _mm256_storeu_ps(scaled + ow0, _mm256_div_ps(_mm256_loadu_ps(gout + o + ow0), div));
+      _mm256_storeu_ps(scaled + ow0, _mm256_div_ps(_mm256_loadu_ps(gout + o + ow0),
+                                                   divisors8(t, wf, od, oh, ow0)));
     }
     return [=](int64_t ow0, int64_t, int64_t, __m256& v0, __m256& v1) {
       v0 = v1 = _mm256_loadu_ps(scaled + ow0);
@@ -1459,7 +1470,7 @@ void avg_bwd_planar(const scalar_t* gout, scalar_t* gin, const PoolGeometry& g, 
   const AvgTables t(g, true, count_include_pad, divisor_override);
 #if defined(TORCHPOOL_AVX2)
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (tile_bwd_ok(g) && planes >= at::get_num_threads()) {
+    if (tile_bwd_ok(g, planes)) {
       avg_bwd_tiles(gout, gin, g, planes, t);
       return;
     }
