@@ -210,6 +210,14 @@ inline void interleave2(const float* __restrict a, const float* __restrict b,
 }
 #define TORCHPOOL_HAS_STRIDE2 1
 
+// Software prefetch two KiB ahead, for a streaming loop with much work per cache line (the argmax):
+// there the hardware prefetchers alone fall behind (NOTES §18). Prefetches do not fault, so running
+// past the end of the data is harmless.
+inline void prefetch_ahead(const float* p) {
+  _mm_prefetch(reinterpret_cast<const char*>(p + 512), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(p + 512 + 16), _MM_HINT_T0);
+}
+
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -257,25 +265,81 @@ inline float reduce_max(const float* __restrict src, int64_t n) {
   return any_nan ? std::numeric_limits<float>::quiet_NaN() : m;
 }
 
+// Every lane = the maximum of v's lanes (no NaN among them).
+inline __m256 hmax_all(__m256 v) {
+  v = _mm256_max_ps(v, _mm256_permute2f128_ps(v, v, 0x01));
+  v = _mm256_max_ps(v, _mm256_shuffle_ps(v, v, 0x4E));
+  return _mm256_max_ps(v, _mm256_shuffle_ps(v, v, 0xB1));
+}
+
+inline int32_t hmin_epi32(__m256i v) {
+  __m128i s = _mm_min_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_min_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  return _mm_cvtsi128_si32(_mm_min_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
+}
+
 // Position of the maximum of n floats, as a sequential scan with the `takes` rule finds it: the
-// last NaN if there is one, else the first maximum. The maximum comes first (reduce_max), then a
-// scan for its first occurrence over the values it just brought into cache.
+// last NaN if there is one, else the first maximum. One pass: 16 lanes each keep their largest
+// value and the first cell that held it; the lanes merge to the smallest cell among those holding
+// the maximum. A NaN anywhere (rare) sends it to a scan for the last NaN.
 inline int64_t reduce_argmax(const float* __restrict src, int64_t n, float* value) {
-  const float m = reduce_max(src, n);
-  int64_t at = 0;
-  if (m != m) {
-    for (at = n - 1; at > 0 && src[at] == src[at]; --at) {}
-  } else {
-    const __m256 mv = _mm256_set1_ps(m);
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-      const int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(src + i), mv, _CMP_EQ_OQ));
-      if (hit != 0) break;
-    }
-    while (i < n && !(src[i] == m)) ++i;  // within the hit vector, or the tail
-    at = i < n ? i : 0;                   // not found: every value is -inf (or n == 0)
+  // Set k of lanes sees the cells 32t + 8k + lane; each lane keeps its largest value and the block
+  // t where it first appeared.
+  const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  __m256 b[4] = {ninf, ninf, ninf, ninf}, nan = _mm256_setzero_ps();
+  __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  __m256i t = _mm256_setzero_si256();
+  const __m256i one = _mm256_set1_epi32(1);
+  auto take = [&](int k, __m256 v) {
+    const __m256 gt = _mm256_cmp_ps(v, b[k], _CMP_GT_OQ);
+    b[k] = _mm256_max_ps(v, b[k]);  // v > b ? v : b
+    a[k] = _mm256_blendv_ps(a[k], _mm256_castsi256_ps(t), gt);
+  };
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    prefetch_ahead(src + i);
+    const __m256 v0 = _mm256_loadu_ps(src + i), v1 = _mm256_loadu_ps(src + i + 8);
+    const __m256 v2 = _mm256_loadu_ps(src + i + 16), v3 = _mm256_loadu_ps(src + i + 24);
+    take(0, v0);
+    take(1, v1);
+    take(2, v2);
+    take(3, v3);
+    nan = _mm256_or_ps(nan, _mm256_or_ps(_mm256_cmp_ps(v0, v1, _CMP_UNORD_Q),
+                                         _mm256_cmp_ps(v2, v3, _CMP_UNORD_Q)));
+    t = _mm256_add_epi32(t, one);
   }
-  *value = n > 0 ? src[at] : m;  // the cell's own value: +0 and -0 compare equal
+  for (int k = 0; i + 8 <= n; i += 8, ++k) {
+    const __m256 v = _mm256_loadu_ps(src + i);
+    take(k, v);
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  }
+  int64_t at = 0;
+  if (_mm256_movemask_ps(nan) != 0) {
+    for (at = n - 1; src[at] == src[at]; --at) {}
+  } else {
+    // Branch-free merge (a mispredicted branch per plane stalls the loads of the next one): the
+    // smallest cell among the lanes that hold the maximum.
+    const __m256 mv = hmax_all(_mm256_max_ps(_mm256_max_ps(b[0], b[1]), _mm256_max_ps(b[2], b[3])));
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i none = _mm256_set1_epi32(std::numeric_limits<int32_t>::max());
+    __m256i best = none;
+    for (int k = 0; k < 4; ++k) {
+      const __m256i cell = _mm256_add_epi32(_mm256_slli_epi32(_mm256_castps_si256(a[k]), 5),
+                                            _mm256_add_epi32(lane, _mm256_set1_epi32(8 * k)));
+      const __m256 hit = _mm256_cmp_ps(b[k], mv, _CMP_EQ_OQ);
+      best = _mm256_min_epi32(best, _mm256_castps_si256(_mm256_blendv_ps(
+                                        _mm256_castsi256_ps(none), _mm256_castsi256_ps(cell), hit)));
+    }
+    float m = _mm256_cvtss_f32(mv);
+    at = hmin_epi32(best);
+    if (at >= n) at = 0;  // n == 0
+    for (; i < n; ++i) {
+      const bool t = takes(src[i], m);
+      m = t ? src[i] : m;
+      at = t ? i : at;
+    }
+  }
+  *value = n > 0 ? src[at] : -std::numeric_limits<float>::infinity();  // +0 and -0 compare equal
   return at;
 }
 
