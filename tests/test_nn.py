@@ -169,3 +169,28 @@ def test_double_backward_correct_or_refused(device, rng, name, args, ref):
         assert re.search(r"twice|double backward|second|higher order|once_differentiable", str(e)), str(e)
         return
     assert_close(got, expected)
+
+
+@pytest.mark.parametrize(
+    "ours,ref",
+    [
+        pytest.param(tpnn.MaxPool2d(3, 2, 1), nn.MaxPool2d(3, 2, 1), id="MaxPool2d"),
+        pytest.param(tpnn.AvgPool2d(3, 1, 1, count_include_pad=False), nn.AvgPool2d(3, 1, 1, count_include_pad=False),
+                     id="AvgPool2d"),
+        pytest.param(tpnn.GlobalMaxPool2d(), nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten()),
+                     id="GlobalMaxPool2d"),
+        pytest.param(tpnn.GlobalAvgPool2d(), nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()),
+                     id="GlobalAvgPool2d"),
+    ],
+)
+def test_torch_func_grad(device, rng, ours, ref):
+    """Under functorch transforms (torch.func.grad) the pools take torch's full autograd.Function
+    path; plain autograd takes the direct one. Both give torch's gradient."""
+    x = make_input((2, 3, 9, 10), torch.float32, device, "contiguous", rng, kind="distinct")
+    w = torch.randn((2, 3, 5, 5) if isinstance(ours, tpnn.MaxPool2d) else
+                    (2, 3, 9, 10) if isinstance(ours, tpnn.AvgPool2d) else (2, 3), generator=rng).to(device)
+    expected = torch.func.grad(lambda t: (ref(t) * w).sum())(x)
+    assert_close(torch.func.grad(lambda t: (ours(t) * w).sum())(x), expected)
+    xg = x.clone().requires_grad_()
+    (ours(xg) * w).sum().backward()
+    assert_close(xg.grad, expected)

@@ -30,7 +30,23 @@ def _gather(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return values.reshape(n, c, -1).gather(2, flat).reshape(index.shape)
 
 
-class MaxPool(torch.autograd.Function):
+class _Function(torch.autograd.Function):
+    """A Function whose forward takes every argument positionally, with no defaults.
+
+    ``Function.apply`` binds default arguments through ``inspect.signature`` on every call when
+    ``setup_context`` is defined (about 30 µs, several times the cost of a small pool). With all
+    arguments given positionally there is nothing to bind, so outside functorch transforms this
+    goes straight to the C++ apply; under vmap / grad / jvp it takes torch's full path.
+    """
+
+    @classmethod
+    def apply(cls, *args):
+        if torch._C._are_functorch_transforms_active():
+            return super().apply(*args)
+        return super(torch.autograd.Function, cls).apply(*args)
+
+
+class MaxPool(_Function):
     """Max pool that saves the 1-byte window position of each maximum for backward.
 
     Returns (output, pos); pos is non-differentiable and also feeds ``return_indices``.
@@ -56,7 +72,7 @@ class MaxPool(torch.autograd.Function):
         return MaxPoolBackward.apply(grad, pos, ctx.input_shape, ctx.g, ctx.layout), None
 
 
-class MaxPoolBackward(torch.autograd.Function):
+class MaxPoolBackward(_Function):
     @staticmethod
     def forward(grad, pos, input_shape, g, layout):
         return _in_layout(ops.max_pool_backward(grad, pos, input_shape, *g), layout)
@@ -74,7 +90,7 @@ class MaxPoolBackward(torch.autograd.Function):
         return _gather(grad_grad_input, index), None, None, None, None
 
 
-class AvgPool(torch.autograd.Function):
+class AvgPool(_Function):
     """Average pool; saves nothing but shapes."""
 
     @staticmethod
@@ -95,7 +111,7 @@ class AvgPool(torch.autograd.Function):
         return grad_input, None, None, None
 
 
-class AvgPoolBackward(torch.autograd.Function):
+class AvgPoolBackward(_Function):
     @staticmethod
     def forward(grad, input_shape, layout, g, count_include_pad, divisor_override):
         grad_input = ops.avg_pool_backward(grad, input_shape, g.kernel_size, g.stride,
@@ -118,7 +134,7 @@ def _global_layout(input: torch.Tensor) -> bool:
     return _args.layout_of(input) != torch.contiguous_format
 
 
-class GlobalMaxPool(torch.autograd.Function):
+class GlobalMaxPool(_Function):
     """(N, C, *spatial) -> (N, C); backward sends the gradient to the first maximum."""
 
     @staticmethod
@@ -138,7 +154,7 @@ class GlobalMaxPool(torch.autograd.Function):
         return GlobalMaxPoolBackward.apply(grad_output, pos, ctx.input_shape, ctx.channels_last)
 
 
-class GlobalMaxPoolBackward(torch.autograd.Function):
+class GlobalMaxPoolBackward(_Function):
     @staticmethod
     def forward(grad, pos, input_shape, channels_last):
         return ops.global_max_pool_backward(grad, pos, input_shape, channels_last)
@@ -153,7 +169,7 @@ class GlobalMaxPoolBackward(torch.autograd.Function):
         return _gather(grad_grad_input, pos.unsqueeze(-1)).squeeze(-1), None, None, None
 
 
-class GlobalAvgPool(torch.autograd.Function):
+class GlobalAvgPool(_Function):
     """(N, C, *spatial) -> (N, C); backward spreads grad / count."""
 
     @staticmethod
@@ -170,7 +186,7 @@ class GlobalAvgPool(torch.autograd.Function):
         return GlobalAvgPoolBackward.apply(grad_output, ctx.input_shape, ctx.channels_last)
 
 
-class GlobalAvgPoolBackward(torch.autograd.Function):
+class GlobalAvgPoolBackward(_Function):
     @staticmethod
     def forward(grad, input_shape, channels_last):
         return ops.global_avg_pool_backward(grad, input_shape, channels_last)
