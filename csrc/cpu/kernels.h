@@ -615,6 +615,30 @@ inline void with_fused_shape(const PoolGeometry& g, F&& f) {
   g.stride[2] == 1 ? kw(integral_constant<int, 1>{}) : kw(integral_constant<int, 2>{});
 }
 
+// The input rows (pointers to their first cell) inside the window of output row (od, oh) of a
+// plane, in scan order, and each one's window position of its first cell (kd * KH + kh) * KW.
+struct WindowRows {
+  const PoolGeometry& g;
+  std::vector<const float*> rows;
+  std::vector<int32_t> bases;
+  explicit WindowRows(const PoolGeometry& g_)
+      : g(g_), rows(g_.kernel[0] * g_.kernel[1]), bases(rows.size()) {}
+  // Fills rows/bases; returns how many there are. td, th: DimTable(g, 0 / 1, false).
+  int64_t find(const float* in, int64_t plane, int64_t od, int64_t oh, const DimTable& td,
+               const DimTable& th) {
+    const int64_t IH = g.in[1], IW = g.in[2], KH = g.kernel[1], KW = g.kernel[2];
+    int64_t nr = 0;
+    for (int64_t kd = td.lo[od]; kd < td.hi[od]; ++kd) {
+      const int64_t id = g.input_coord(0, od, kd);
+      for (int64_t kh = th.lo[oh]; kh < th.hi[oh]; ++kh, ++nr) {
+        rows[nr] = in + ((plane * g.in[0] + id) * IH + g.input_coord(1, oh, kh)) * IW;
+        bases[nr] = static_cast<int32_t>((kd * KH + kh) * KW);
+      }
+    }
+    return nr;
+  }
+};
+
 // The fused forward's walk: for every chunk of 8 outputs (chunk_start) of every output row,
 // chunk(r, od, oh, ow0, first, visit), where `first` is the window position of the row's first
 // in-input window cell and visit(f) calls f(window position, 8 cells) over the window in scan
@@ -624,23 +648,17 @@ template <int S, int KWc, typename Chunk>
 void for_fused_chunks(const float* in, const PoolGeometry& g, int64_t planes, __m256 fill,
                       Chunk&& chunk) {
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
-  const int64_t IH = g.in[1], IW = g.in[2], KH = g.kernel[1], KW = g.kernel[2];
+  const int64_t IW = g.in[2], KH = g.kernel[1], KW = g.kernel[2];
   const DimTable td(g, 0, false), th(g, 1, false);
   const int64_t reach = window_row_reach<S>(KW);
   at::parallel_for(0, planes * OD * OH, grain_for(OW * g.window_cells()), [&](int64_t begin, int64_t end) {
-    std::vector<const float*> rows(g.kernel[0] * KH);
-    std::vector<int32_t> bases(rows.size());
+    WindowRows wr(g);
+    const auto& rows = wr.rows;
+    const auto& bases = wr.bases;
     RowCounter it(begin, OD, OH);
     for (int64_t r = begin; r < end; ++r, it.next()) {
-      const int64_t plane = it.a, od = it.b, oh = it.c;
-      int64_t nr = 0;
-      for (int64_t kd = td.lo[od]; kd < td.hi[od]; ++kd) {
-        const int64_t id = g.input_coord(0, od, kd);
-        for (int64_t kh = th.lo[oh]; kh < th.hi[oh]; ++kh, ++nr) {
-          rows[nr] = in + ((plane * g.in[0] + id) * IH + g.input_coord(1, oh, kh)) * IW;
-          bases[nr] = static_cast<int32_t>((kd * KH + kh) * KW);
-        }
-      }
+      const int64_t od = it.b, oh = it.c;
+      const int64_t nr = wr.find(in, it.a, od, oh, td, th);
       const int32_t first = static_cast<int32_t>((td.lo[od] * KH + th.lo[oh]) * KW);
       for (int64_t i = 0; i < OW; i += 8) {
         const int64_t ow0 = chunk_start(i, OW), x0 = ow0 * S - g.pad[2];
@@ -1296,6 +1314,112 @@ void avg_rows_fused(const float* in, float* out, const PoolGeometry& g, int64_t 
   });
 }
 
+// v[x] = (kAcc ? v[x] : 0) + the sum of rows p, p + IW, ... (n of them) at x, for x < IW; whole
+// vectors are stored, the lanes past IW as 0 (`tail`: lanes_inside(0, IW % 8)). NC: n when known
+// at compile time, else 0.
+template <int NC, bool kAcc>
+inline void sum_rows(const float* p, int64_t n, int64_t IW, __m256i tail, float* v) {
+  if constexpr (NC > 0) n = NC;
+  auto column = [&](int64_t x, auto masked) {
+    auto load = [&](const float* q) {
+      return decltype(masked)::value ? _mm256_maskload_ps(q, tail) : _mm256_loadu_ps(q);
+    };
+    __m256 s = load(p + x);
+    if constexpr (kAcc) s = _mm256_add_ps(_mm256_loadu_ps(v + x), s);
+    for (int64_t j = 1; j < n; ++j) s = _mm256_add_ps(s, load(p + j * IW + x));
+    _mm256_storeu_ps(v + x, s);
+  };
+  int64_t x = 0;
+  for (; x + 8 <= IW; x += 8) column(x, std::false_type{});
+  if (x < IW) column(x, std::true_type{});
+}
+
+template <bool kAcc>
+inline void sum_rows_any(const float* p, int64_t n, int64_t IW, __m256i tail, float* v) {
+  switch (n) {
+    case 2: return sum_rows<2, kAcc>(p, n, IW, tail, v);
+    case 3: return sum_rows<3, kAcc>(p, n, IW, tail, v);
+    default: return sum_rows<0, kAcc>(p, n, IW, tail, v);
+  }
+}
+
+// Stride 1 along W, separable: the window's input rows of an output row are summed once into a
+// zero-padded row buffer (cells outside the input are zeros), then each chunk of 8 outputs adds KW
+// shifted loads of it: per output about nr + KW adds instead of nr * KW. The shifted loads read
+// the previous row's buffer (two buffers, the horizontal pass one row behind), so they never wait
+// on the stores just made. Each output is multiplied by 1 / divisor; with the sum's order differing
+// from torch's cell-by-cell one, results differ from torch's in the last bits.
+template <int KWc>
+void avg_rows_separable(const float* in, float* out, const PoolGeometry& g, int64_t planes,
+                        bool count_include_pad, int64_t divisor_override) {
+  const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
+  const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2], PW = g.pad[2];
+  const int64_t KW = KWc > 0 ? KWc : g.kernel[2];
+  const AvgTables t(g, false, count_include_pad, divisor_override);
+  const std::vector<float> wf = t.w_factors((OW + 7) / 8 * 8);
+  const DimTable td(g, 0, false), th(g, 1, false);
+  const __m256i tail = lanes_inside(0, IW % 8);
+  // Chunks read cells [ow0 - PW, ow0 - PW + 8 + KW - 1) with ow0 + 8 <= max(OW, 8); the vertical
+  // pass writes whole vectors up to IW rounded up to 8.
+  const int64_t buf_len = (PW + std::max(IW, std::max<int64_t>(OW, 8) + KW) + 15) / 8 * 8;
+  at::parallel_for(0, planes * OD * OH, grain_for(OW * g.window_cells()), [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(2 * buf_len, 0.f);
+    // 1 / divisor of each output of a row, per distinct row factor d count * h count (or override).
+    std::vector<std::pair<int64_t, std::vector<float>>> recs;
+    auto recip = [&](int64_t dh) -> const float* {
+      for (const auto& [f, rec] : recs) {
+        if (f == dh) return rec.data();
+      }
+      std::vector<float> rec((OW + 7) / 8 * 8, 0.f);
+      for (int64_t ow = 0; ow < OW; ++ow) rec[ow] = 1.f / (static_cast<float>(dh) * wf[ow]);
+      recs.emplace_back(dh, std::move(rec));
+      return recs.back().second.data();
+    };
+    // vs(r)[x]: the sum of input column x over the window rows of output row r (x from -PW).
+    auto vs = [&](int64_t r) { return buf.data() + (r & 1) * buf_len + PW; };
+    int64_t last_dh = -1;
+    const float* last_rc = nullptr;
+    auto horizontal = [&](int64_t r, int64_t dh) __attribute__((always_inline)) {
+      const float* v = vs(r) - PW;
+      if (dh != last_dh) {
+        last_dh = dh;
+        last_rc = recip(dh);
+      }
+      const float* rc = last_rc;
+      float* o = out + r * OW;
+      auto chunk = [&](int64_t ow0) {
+        __m256 s = _mm256_loadu_ps(v + ow0);
+        for (int64_t kw = 1; kw < KW; ++kw) s = _mm256_add_ps(s, _mm256_loadu_ps(v + ow0 + kw));
+        return _mm256_mul_ps(s, _mm256_loadu_ps(rc + ow0));
+      };
+      if (OW < 8) {
+        _mm256_maskstore_ps(o, lanes_inside(0, OW), chunk(0));
+        return;
+      }
+      int64_t ow0 = 0;
+      for (; ow0 + 8 <= OW; ow0 += 8) _mm256_storeu_ps(o + ow0, chunk(ow0));
+      if (ow0 < OW) _mm256_storeu_ps(o + OW - 8, chunk(OW - 8));  // overlaps, recomputed equal
+    };
+    int64_t prev_dh = 0;
+    RowCounter it(begin, OD, OH);
+    for (int64_t r = begin; r < end; ++r, it.next()) {
+      const int64_t od = it.b, oh = it.c, nh = th.hi[oh] - th.lo[oh];
+      const int64_t ih0 = g.input_coord(1, oh, th.lo[oh]);
+      float* v = vs(r);
+      auto rows_at = [&](int64_t kd) {
+        return in + ((it.a * ID + g.input_coord(0, od, kd)) * IH + ih0) * IW;
+      };
+      sum_rows_any<false>(rows_at(td.lo[od]), nh, IW, tail, v);
+      for (int64_t kd = td.lo[od] + 1; kd < td.hi[od]; ++kd) {
+        sum_rows_any<true>(rows_at(kd), nh, IW, tail, v);
+      }
+      if (r > begin) horizontal(r - 1, prev_dh);
+      prev_dh = t.dh_factor(od, oh);
+    }
+    horizontal(end - 1, prev_dh);
+  });
+}
+
 void avg_cl_fused(const float* in, float* out, const PoolGeometry& g, int64_t N, int64_t C,
                   bool count_include_pad, int64_t divisor_override) {
   const AvgTables t(g, false, count_include_pad, divisor_override);
@@ -1322,7 +1446,11 @@ void avg_fwd_planar(const scalar_t* in, scalar_t* out, const PoolGeometry& g, in
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (fused_rows_ok(g)) {
       with_fused_shape(g, [&](auto S, auto KW) {
-        avg_rows_fused<S.value, KW.value>(in, out, g, planes, count_include_pad, divisor_override);
+        if (S.value == 1 && g.kernel[2] > 1 && g.kernel[0] * g.kernel[1] > 1) {
+          avg_rows_separable<KW.value>(in, out, g, planes, count_include_pad, divisor_override);
+        } else {
+          avg_rows_fused<S.value, KW.value>(in, out, g, planes, count_include_pad, divisor_override);
+        }
       });
       return;
     }
