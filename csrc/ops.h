@@ -5,8 +5,8 @@
 //   * B::Guard, constructed from the device of the op's first tensor (a no-op on CPU);
 //   * B::check_same_device(op, ref, ref_name, t, name) (ops with two tensor arguments) and
 //     B::check_window(op, g) (max pool ops), the device's extra checks (no-ops in DefaultHooks);
-//   * B::advise_fresh(t), called on every output right after allocation, before anything writes
-//     to it (a no-op in DefaultHooks; the CPU backend asks for huge pages there);
+//   * B::empty(shape, options), which allocates every output (at::empty in DefaultHooks; the CPU
+//     backend takes large ones from its cache of freed blocks, cpu/output_cache.h);
 //   * the kernels, with the signatures of cpu::Kernels (csrc/cpu/dispatch.h): all tensors dense
 //     in the layout given by `cl`, outputs allocated, `pos` null when no position is written.
 //     Only the kernels of the registered op families are needed.
@@ -37,15 +37,15 @@ struct DefaultHooks {
   static void check_same_device(const char*, const Tensor&, const char*, const Tensor&,
                                 const char*) {}
   static void check_window(const char*, const PoolGeometry&) {}
-  static void advise_fresh(const Tensor&) {}
+  static Tensor empty(IntArrayRef shape, const at::TensorOptions& options) {
+    return at::empty(shape, options);
+  }
 };
 
-// Allocates an op's output and hands it to the backend before the kernel first writes it.
+// Allocates an op's output.
 template <typename B>
 Tensor new_output(IntArrayRef shape, const at::TensorOptions& options) {
-  Tensor t = at::empty(shape, options);
-  B::advise_fresh(t);
-  return t;
+  return B::empty(shape, options);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -20,4 +20,19 @@ def cuda_built() -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("torchpool::max_pool", "CUDA")
 
 
-__all__ = ["autograd", "functional", "nn", "cuda_built", "__version__"]
+def cpu_cache_stats() -> dict:
+    """The cache of freed large CPU outputs (16 MiB and more), which later outputs of the same
+    size reuse instead of mapping fresh pages: free bytes and blocks held, allocations served
+    from it (hits) and mapped fresh (misses), and the cap on free bytes (TORCHPOOL_CPU_CACHE_MB,
+    default 512; 0 turns the cache off)."""
+    held, blocks, hits, misses, limit = torch.ops.torchpool.cpu_cache_stats()
+    return dict(held_bytes=held, held_blocks=blocks, hits=hits, misses=misses, limit_bytes=limit)
+
+
+def empty_cpu_cache() -> int:
+    """Returns the free blocks of the CPU output cache to the system; returns their bytes. Tensors
+    in use are unaffected."""
+    return torch.ops.torchpool.empty_cpu_cache()
+
+
+__all__ = ["autograd", "functional", "nn", "cuda_built", "cpu_cache_stats", "empty_cpu_cache", "__version__"]

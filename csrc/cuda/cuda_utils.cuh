@@ -365,8 +365,10 @@ struct Hooks {
                 g.window_cells(), " cells is too large");
   }
 
-  // Device memory comes from the caching allocator: nothing to advise.
-  static void advise_fresh(const at::Tensor&) {}
+  // Outputs come from torch's CUDA caching allocator.
+  static at::Tensor empty(c10::IntArrayRef shape, const at::TensorOptions& options) {
+    return at::empty(shape, options);
+  }
 };
 
 }  // namespace torchpool::cuda
