@@ -210,9 +210,10 @@ inline void interleave2(const float* __restrict a, const float* __restrict b,
 }
 #define TORCHPOOL_HAS_STRIDE2 1
 
-// Software prefetch two KiB ahead, for a streaming loop with much work per cache line (the argmax):
-// there the hardware prefetchers alone fall behind (NOTES §18). Prefetches do not fault, so running
-// past the end of the data is harmless.
+// Software prefetch of the two cache lines two KiB ahead, for loops with much work per cache line
+// (the argmax, NOTES §18) or several interleaved streams (channels-last windows, §22): there the
+// hardware prefetchers alone fall behind. Prefetches do not fault, so running past the end of the
+// data is harmless.
 inline void prefetch_ahead(const float* p) {
   _mm_prefetch(reinterpret_cast<const char*>(p + 512), _MM_HINT_T0);
   _mm_prefetch(reinterpret_cast<const char*>(p + 512 + 16), _MM_HINT_T0);
@@ -786,6 +787,7 @@ void max_cl_fused(const float* in, float* out, pos_t* pos, const PoolGeometry& g
       for (int64_t j = 0; j < w.cells; ++j) {
         const float* src = in + w.offs[j] + c;
         const __m256 k = _mm256_castsi256_ps(_mm256_set1_epi32(w.ks[j]));
+        prefetch_ahead(src);
         for (int v = 0; v < NV; ++v) {
           const __m256 x = load_lanes(src + 8 * v, n);
           const __m256 t = take_mask(x, m[v]);
@@ -1431,6 +1433,7 @@ void avg_cl_fused(const float* in, float* out, const PoolGeometry& g, int64_t N,
       for (int v = 0; v < NV; ++v) sum[v] = _mm256_setzero_ps();
       for (int64_t j = 0; j < w.cells; ++j) {
         const float* src = in + w.offs[j] + c;
+        prefetch_ahead(src);
         for (int v = 0; v < NV; ++v) sum[v] = _mm256_add_ps(sum[v], load_lanes(src + 8 * v, n));
       }
       for (int v = 0; v < NV; ++v) store8(out + w.o * C + c + 8 * v, _mm256_div_ps(sum[v], div), n);
