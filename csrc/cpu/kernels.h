@@ -667,6 +667,10 @@ void for_fused_chunks(const float* in, const PoolGeometry& g, int64_t planes, __
         auto visit_with = [&](auto edge) {
           return [&, edge](auto&& f) {
             for (int64_t j = 0; j < nr; ++j) {
+              // Four or more input rows (3d windows): more streams than the hardware follows.
+              if constexpr (!decltype(edge)::value) {
+                if (nr >= 4) prefetch_ahead(rows[j] + x0);
+              }
               auto cell = [&](int64_t kw, __m256 v) { f(bases[j] + static_cast<int32_t>(kw), v); };
               for_window_row<S, KWc, decltype(edge)::value>(rows[j], x0, IW, KW, fill, cell);
             }
