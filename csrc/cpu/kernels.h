@@ -808,6 +808,67 @@ void max_cl_fused(const float* in, float* out, pos_t* pos, const PoolGeometry& g
   });
 }
 
+// 8 window positions (n <= 8 valid, the rest 0) widened to int32.
+inline __m256i load_pos8(const uint8_t* p, int64_t n) {
+  if (n == 8) return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  alignas(8) uint8_t t[8] = {};
+  for (int64_t i = 0; i < n; ++i) t[i] = p[i];
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(t)));
+}
+
+// Channels-last max backward, gathered per input cell in registers: the outputs whose windows
+// cover the cell are listed once (the depth/height part per input row, the width part per
+// cell), then each block of channels adds the gradients whose saved position is this cell and
+// is stored once. No accumulator row, no zero fill, no copy.
+inline void max_bwd_cl_fused(const float* gout, const uint8_t* pos, float* gin, const PoolGeometry& g,
+                             int64_t N, int64_t C) {
+  const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
+  const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2], KH = g.kernel[1], KW = g.kernel[2];
+  const DimTable td(g, 0, true), th(g, 1, true), tw(g, 2, true);
+  at::parallel_for(0, N * ID * IH, grain_for(IW * C), [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> row_o, offs;
+    std::vector<int32_t> row_k, ks;
+    RowCounter it(begin, ID, IH);
+    for (int64_t r = begin; r < end; ++r, it.next()) {
+      const int64_t n = it.a, id = it.b, ih = it.c;
+      row_o.clear();
+      row_k.clear();
+      for (int64_t cd = td.first[id]; cd < td.first[id + 1]; ++cd) {
+        for (int64_t ch = th.first[ih]; ch < th.first[ih + 1]; ++ch) {
+          row_o.push_back(((n * OD + td.cover_o[cd]) * OH + th.cover_o[ch]) * OW);
+          row_k.push_back(static_cast<int32_t>((td.cover_k[cd] * KH + th.cover_k[ch]) * KW));
+        }
+      }
+      for (int64_t iw = 0; iw < IW; ++iw) {
+        offs.clear();
+        ks.clear();
+        for (size_t j = 0; j < row_o.size(); ++j) {
+          for (int64_t cw = tw.first[iw]; cw < tw.first[iw + 1]; ++cw) {
+            offs.push_back((row_o[j] + tw.cover_o[cw]) * C);
+            ks.push_back(row_k[j] + static_cast<int32_t>(tw.cover_k[cw]));
+          }
+        }
+        float* dst = gin + (r * IW + iw) * C;
+        for_channel_blocks(C, [&](auto NVc, int64_t c, int64_t nl) {
+          constexpr int NV = decltype(NVc)::value;
+          __m256 acc[NV];
+          for (int v = 0; v < NV; ++v) acc[v] = _mm256_setzero_ps();
+          for (size_t j = 0; j < offs.size(); ++j) {
+            const float* gs = gout + offs[j] + c;
+            const uint8_t* ps = pos + offs[j] + c;
+            const __m256i kv = _mm256_set1_epi32(ks[j]);
+            for (int v = 0; v < NV; ++v) {
+              const __m256 m = _mm256_castsi256_ps(_mm256_cmpeq_epi32(load_pos8(ps + 8 * v, nl), kv));
+              acc[v] = _mm256_add_ps(acc[v], _mm256_and_ps(m, load_lanes(gs + 8 * v, nl)));
+            }
+          }
+          for (int v = 0; v < NV; ++v) store8(dst + c + 8 * v, acc[v], nl);
+        });
+      }
+    }
+  });
+}
+
 #endif  // TORCHPOOL_AVX2
 
 // ---------------------------------------------------------------------------------------------
@@ -1204,6 +1265,12 @@ void max_bwd_planar(const scalar_t* gout, const pos_t* pos, scalar_t* gin, const
 template <typename scalar_t, typename pos_t>
 void max_bwd_cl(const scalar_t* gout, const pos_t* pos, scalar_t* gin, const PoolGeometry& g,
                 int64_t N, int64_t C) {
+#if defined(TORCHPOOL_AVX2)
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<pos_t, uint8_t>) {
+    max_bwd_cl_fused(gout, pos, gin, g, N, C);
+    return;
+  }
+#endif
   using acc_t = acc_type<scalar_t>;
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2], KH = g.kernel[1], KW = g.kernel[2];
