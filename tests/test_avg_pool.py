@@ -78,17 +78,15 @@ CONFIGS = {
 GRID = config_grid(CONFIGS)
 
 
-def assert_float32_avg_close(actual, x, nd, kw):
-    """float32 averages against the float64 pool of the same input. The kernels may add a window's
-    cells in another order than torch (the stride-1 CPU path sums rows first, then columns), so the
-    fixed tolerance of a cell-by-cell comparison does not apply to large windows; the standard
-    bound does: a sum of n terms in any order is within (n - 1) u sum|x_i| of the exact sum
-    (u = 2^-24), and the division or multiplication by the reciprocal adds a few u of the result."""
-    ks = kw["kernel_size"]
-    n = ks ** nd if isinstance(ks, int) else torch.tensor(ks).prod().item()
+def assert_within_sum_bound(actual, exact, abs_sum, n):
+    """A float32 result that sums up to n terms (each rounded once) against the float64 value:
+    the kernels may add in another order than torch (the stride-1 CPU paths sum rows, then
+    columns), so the fixed tolerance of a cell-by-cell comparison does not fit large windows; the
+    standard bound does: a sum of n terms in any order is within (n - 1) u sum|terms| of the exact
+    sum (u = 2^-24), the terms' own rounding adds u sum|terms|, the final division or
+    multiplication a few u of the result. abs_sum: sum|terms| per element (float64)."""
     u = 2.0 ** -24
-    exact = TORCH[nd](x.double(), **kw)
-    bound = TORCH[nd](x.double().abs(), **kw).abs() * (n * u) + exact.abs() * (4 * u)  # abs: divisor < 0
+    bound = abs_sum * (n * u) + exact.abs() * (4 * u)
     assert actual.dtype == torch.float32 and actual.shape == exact.shape
     assert bool((exact != 0).any()), "reference is all zeros"
     err = (actual.double() - exact).abs()
@@ -97,6 +95,24 @@ def assert_float32_avg_close(actual, x, nd, kw):
         f"error {err.flatten()[worst].item():.3g} > bound {bound.flatten()[worst].item():.3g} "
         f"at flat index {worst.item()}"
     )
+
+
+def check_float32_parity(x, nd, kw, out_inf, out, grad, g):
+    """Values and gradient against torch's float64 pool within assert_within_sum_bound. The
+    gradient is linear in g, so the same backward on |g| gives each cell's sum of |terms|."""
+    ks = kw["kernel_size"]
+    n = ks ** nd if isinstance(ks, int) else torch.tensor(ks).prod().item()
+    x64 = x.detach().double()
+    exact = TORCH[nd](x64, **kw)
+    abs_sum = TORCH[nd](x64.abs(), **kw).abs()  # abs: a negative divisor_override
+    assert_within_sum_bound(out_inf, exact, abs_sum, n)
+    assert_within_sum_bound(out, exact, abs_sum, n)
+    x64.requires_grad_()
+    y64 = TORCH[nd](x64, **kw)
+    g64 = g.double()
+    (gexact,) = torch.autograd.grad(y64, x64, g64, retain_graph=True)
+    (gabs,) = torch.autograd.grad(y64, x64, g64.abs())
+    assert_within_sum_bound(grad, gexact, gabs.abs(), n)
 
 
 def check_parity(x, nd, kw, gen):
@@ -110,12 +126,11 @@ def check_parity(x, nd, kw, gen):
     rout, rgrad, _ = run_fwd_bwd(lambda t: TORCH[nd](t, **kw), x.to(rd), g=g.to(rd))
     assert out.device == x.device
     if dtype == torch.float32:
-        assert_float32_avg_close(out_inf, x, nd, kw)
-        assert_float32_avg_close(out, x, nd, kw)
+        check_float32_parity(x, nd, kw, out_inf, out, grad, g)
     else:
         assert_close(out_inf, rout.to(dtype), dtype)
         assert_close(out, rout.to(dtype), dtype)
-    assert_close(grad, rgrad.to(dtype), dtype)
+        assert_close(grad, rgrad.to(dtype), dtype)
     assert_layout_follows(x, out_inf, out, grad)
 
 

@@ -1727,6 +1727,78 @@ void avg_bwd_scatter(const scalar_t* gout, scalar_t* gin, const PoolGeometry& g,
   });
 }
 
+#if defined(TORCHPOOL_AVX2)
+// Stride 1 along W, by plane (planes that fit in L2, one per thread), separable like the forward
+// of avg_rows_separable: each output row's gradient times 1 / divisor is summed
+// along W once, H[o][iw] = sum over the row's windows covering iw; each input row is then the sum
+// of the H rows of the outputs whose windows cover it (DimTable cover order), stored once. Per
+// input cell about KW + KH adds instead of KH * KW; the order of the additions is not torch's.
+inline bool separable_bwd_ok(const PoolGeometry& g, int64_t planes) {
+  const int64_t rows = g.out[0] * g.out[1], width = (g.in[2] + 7) / 8 * 8;
+  return g.stride[2] == 1 && g.kernel[2] > 1 && g.kernel[0] * g.kernel[1] > 1 &&
+         fits_scatter_plane<float>(rows * width, planes);
+}
+
+inline void avg_bwd_separable(const float* gout, float* gin, const PoolGeometry& g, int64_t planes,
+                              const AvgTables& t) {
+  const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
+  const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2], KW = g.kernel[2], PW = g.pad[2];
+  const int64_t width = (IW + 7) / 8 * 8;  // H row stride: whole vectors
+  // 1 / every output's divisor, the same for each plane (8 spare lanes at the end)
+  std::vector<float> div(OD * OH * OW + 8, 1.f);
+  for (int64_t od = 0; od < OD; ++od) {
+    for (int64_t oh = 0; oh < OH; ++oh) t.row_divisors(od, oh, div.data() + (od * OH + oh) * OW);
+  }
+  for (int64_t i = 0; i < OD * OH * OW; ++i) div[i] = 1.f / div[i];
+  // sc[j] = gradient of output j / its divisor at j - (KW - 1), zero outside [0, OW): H[iw] adds
+  // sc[iw + PW - kw + KW - 1] over kw, reading up to index width + PW + KW - 1.
+  const int64_t sc_len = (KW - 1 + std::max(OW, width + PW) + 8 + 7) / 8 * 8;
+  at::parallel_for(0, planes, grain_for(g.in_plane()), [&](int64_t begin, int64_t end) {
+    std::vector<float> hbuf(OD * OH * width), sc(sc_len, 0.f);
+    std::vector<const float*> rows;  // the H rows covering one input row
+    float* const scv = sc.data() + (KW - 1);
+    for (int64_t pl = begin; pl < end; ++pl) {
+      const float* go = gout + pl * OD * OH * OW;
+      for (int64_t o = 0; o < OD * OH; ++o) {
+        const float* grow = go + o * OW;
+        const float* drow = div.data() + o * OW;
+        for (int64_t ow = 0; ow < OW; ow += 8) {  // lanes past OW: 0 * 1 (sc stays 0 there)
+          const int64_t nl = std::min<int64_t>(8, OW - ow);
+          _mm256_storeu_ps(scv + ow, _mm256_mul_ps(load_lanes(grow + ow, nl), _mm256_loadu_ps(drow + ow)));
+        }
+        float* h = hbuf.data() + o * width;
+        for (int64_t iw = 0; iw < width; iw += 8) {
+          const float* src = scv + iw + PW;  // kw = 0 reads output iw + PW
+          __m256 v = _mm256_loadu_ps(src);
+          for (int64_t kw = 1; kw < KW; ++kw) v = _mm256_add_ps(v, _mm256_loadu_ps(src - kw));
+          _mm256_storeu_ps(h + iw, v);
+        }
+      }
+      float* gi = gin + pl * ID * IH * IW;
+      for (int64_t id = 0; id < ID; ++id) {
+        for (int64_t ih = 0; ih < IH; ++ih) {
+          float* dst = gi + (id * IH + ih) * IW;
+          rows.clear();
+          for (int64_t cd = t.d.first[id]; cd < t.d.first[id + 1]; ++cd) {
+            for (int64_t ch = t.h.first[ih]; ch < t.h.first[ih + 1]; ++ch) {
+              rows.push_back(hbuf.data() + (t.d.cover_o[cd] * OH + t.h.cover_o[ch]) * width);
+            }
+          }
+          auto col = [&](int64_t x) {
+            __m256 v = _mm256_setzero_ps();
+            for (const float* row : rows) v = _mm256_add_ps(v, _mm256_loadu_ps(row + x));
+            return v;
+          };
+          int64_t x = 0;
+          for (; x + 8 <= IW; x += 8) _mm256_storeu_ps(dst + x, col(x));
+          if (x < IW) _mm256_maskstore_ps(dst + x, lanes_inside(0, IW - x), col(x));
+        }
+      }
+    }
+  });
+}
+#endif
+
 template <typename scalar_t>
 void avg_bwd_planar(const scalar_t* gout, scalar_t* gin, const PoolGeometry& g, int64_t planes,
                     bool count_include_pad, int64_t divisor_override) {
@@ -1738,6 +1810,10 @@ void avg_bwd_planar(const scalar_t* gout, scalar_t* gin, const PoolGeometry& g, 
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (tile_bwd_ok(g, planes)) {
       avg_bwd_tiles(gout, gin, g, planes, t);
+      return;
+    }
+    if (separable_bwd_ok(g, planes)) {
+      avg_bwd_separable(gout, gin, g, planes, t);
       return;
     }
   }
