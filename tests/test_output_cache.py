@@ -13,7 +13,7 @@ import torchpool.functional as tpf
 from conftest import assert_close
 
 MIB = 1 << 20
-SHAPE = (1, 64, 256, 256)  # 16 MiB of float32: the smallest size the cache serves
+SHAPE = (1, 64, 256, 256)  # 16 MiB of float32 (the cache serves 4 MiB and more)
 
 
 def _fwd(ours, ref):
@@ -57,7 +57,7 @@ def test_reused_block_is_fully_written(rng, name, layout):
     del first
     hits = torchpool.cpu_cache_stats()["hits"]
     second = ours(xs[1])
-    assert torchpool.cpu_cache_stats()["hits"] == hits + 1
+    assert torchpool.cpu_cache_stats()["hits"] > hits
     assert second.data_ptr() == ptr
     assert_close(second, ref(xs[1]))
 
@@ -80,9 +80,12 @@ def test_cached_output_is_an_ordinary_tensor(rng):
 
 def test_small_outputs_bypass_the_cache(rng):
     before = torchpool.cpu_cache_stats()
-    tpf.max_pool2d(torch.randn(8, 32, 26, 26, generator=rng), 2)
+    tpf.max_pool2d(torch.randn(8, 64, 80, 80, generator=rng), 2)  # 3.1 MiB out
     after = torchpool.cpu_cache_stats()
     assert (after["hits"], after["misses"]) == (before["hits"], before["misses"])
+    tpf.max_pool2d(torch.randn(8, 64, 92, 92, generator=rng), 2)  # 4.1 MiB out
+    after = torchpool.cpu_cache_stats()
+    assert after["hits"] + after["misses"] == before["hits"] + before["misses"] + 1
 
 
 def _run_with_env(value, code):
