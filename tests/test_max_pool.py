@@ -208,6 +208,21 @@ def test_infinities_and_padding(device, nd):
     assert torch.equal(idx, ridx)
 
 
+@pytest.mark.parametrize("kw", [dict(kernel_size=2), dict(kernel_size=3, stride=2, padding=1),
+                                dict(kernel_size=3, stride=1), dict(kernel_size=(2, 3), stride=(1, 2))])
+def test_all_minus_inf_windows_inside_wide_rows(device, rng, kw):
+    """Windows of -inf only, away from the row ends (rows of 40+ outputs): torch reports each
+    window's first cell."""
+    x = torch.randn(2, 3, 6, 90, generator=rng).to(device)
+    x[:, :, 1:5, 20:70] = float("-inf")
+    x[0, 1] = float("-inf")
+    out, idx = tpf.max_pool2d(x, return_indices=True, **kw)
+    rout, ridx = F.max_pool2d(x, return_indices=True, **kw)
+    assert bool((rout == float("-inf")).any())
+    assert torch.equal(out, rout)
+    assert torch.equal(idx, ridx)
+
+
 def test_keras_worked_example(device):
     x = torch.tensor([[1, 3, 2, 9], [5, 6, 1, 7], [4, 2, 8, 6], [3, 5, 7, 2]], dtype=torch.float32, device=device)
     out = tpf.max_pool2d(x[None, None], kernel_size=2, stride=2)

@@ -641,10 +641,11 @@ struct WindowRows {
 };
 
 // The fused forward's walk: for every chunk of 8 outputs (chunk_start) of every output row,
-// chunk(r, od, oh, ow0, first, visit), where `first` is the window position of the row's first
-// in-input window cell and visit(f) calls f(window position, 8 cells) over the window in scan
-// order, cells outside the input reading as `fill`. The input rows of an output row are looked up
-// once per row; chunks whose cells all lie inside the row load without edge checks.
+// chunk(r, od, oh, ow0, first, visit, edge), where `first` is the window position of the row's
+// first in-input window cell and visit(f) calls f(window position, 8 cells) over the window in
+// scan order, cells outside the input reading as `fill`. The input rows of an output row are
+// looked up once per row; chunks whose cells all lie inside the row (edge: std::false_type) load
+// without edge checks.
 template <int S, int KWc, typename Chunk>
 void for_fused_chunks(const float* in, const PoolGeometry& g, int64_t planes, __m256 fill,
                       Chunk&& chunk) {
@@ -677,9 +678,9 @@ void for_fused_chunks(const float* in, const PoolGeometry& g, int64_t planes, __
           };
         };
         if (x0 >= 0 && x0 + reach <= IW) {
-          chunk(r, od, oh, ow0, first, visit_with(std::false_type{}));
+          chunk(r, od, oh, ow0, first, visit_with(std::false_type{}), std::false_type{});
         } else {
-          chunk(r, od, oh, ow0, first, visit_with(std::true_type{}));
+          chunk(r, od, oh, ow0, first, visit_with(std::true_type{}), std::true_type{});
         }
       }
     }
@@ -696,9 +697,12 @@ void max_rows_fused(const float* in, float* out, pos_t* pos, const PoolGeometry&
   for (int64_t ow = 0; ow < OW; ++ow) wlo[ow] = static_cast<int32_t>(tw.lo[ow]);
   const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   for_fused_chunks<S, KWc>(in, g, planes, ninf, [&](int64_t r, int64_t, int64_t, int64_t ow0,
-                                                    int32_t first, auto&& visit) {
+                                                    int32_t first, auto&& visit, auto edge) {
+    constexpr bool kEdge = decltype(edge)::value;
+    // Interior chunks: every window's first in-input cell is `first` (no W clipping), so that is
+    // the position when nothing beats -inf, whatever the lane order. Edge chunks mark "never".
     __m256 m = ninf;
-    __m256 b = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+    __m256 b = _mm256_castsi256_ps(_mm256_set1_epi32(kEdge ? -1 : first));
     visit([&](int32_t k, __m256 v) {
       const __m256 t = take_mask(v, m);
       m = _mm256_blendv_ps(m, v, t);
@@ -706,7 +710,9 @@ void max_rows_fused(const float* in, float* out, pos_t* pos, const PoolGeometry&
     });
     const int64_t n = std::min<int64_t>(8, OW - ow0);
     store8(out + r * OW + ow0, natural<S>(m), n);
-    if (kPos) {
+    if (kPos && !kEdge) {
+      store_pos8(pos + r * OW + ow0, _mm256_castps_si256(natural<S>(b)), n);
+    } else if (kPos) {
       const __m256i bn = _mm256_castps_si256(natural<S>(b));
       const __m256i dflt = _mm256_add_epi32(
           _mm256_set1_epi32(first),
@@ -1379,7 +1385,7 @@ void avg_rows_fused(const float* in, float* out, const PoolGeometry& g, int64_t 
   const std::vector<float> wf = t.w_factors((OW + 7) / 8 * 8);
   const __m256 zero = _mm256_setzero_ps();
   for_fused_chunks<S, KWc>(in, g, planes, zero, [&](int64_t r, int64_t od, int64_t oh, int64_t ow0,
-                                                    int32_t, auto&& visit) {
+                                                    int32_t, auto&& visit, auto) {
     __m256 sum = zero;
     visit([&](int32_t, __m256 v) { sum = _mm256_add_ps(sum, v); });
     store8(out + r * OW + ow0, _mm256_div_ps(natural<S>(sum), divisors8(t, wf, od, oh, ow0)),
