@@ -642,8 +642,8 @@ struct WindowRows {
 
 // The fused forward's walk: for every chunk of 8 outputs (chunk_start) of every output row,
 // chunk(r, od, oh, ow0, first, visit, edge), where `first` is the window position of the row's
-// first in-input window cell and visit(f) calls f(window position, 8 cells) over the window in
-// scan order, cells outside the input reading as `fill`. The input rows of an output row are
+// first in-input window cell and visit(f) calls f(window position in 8 int32 lanes, 8 cells)
+// over the window in scan order, cells outside the input reading as `fill`. The input rows of an output row are
 // looked up once per row; chunks whose cells all lie inside the row (edge: std::false_type) load
 // without edge checks.
 template <int S, int KWc, typename Chunk>
@@ -668,11 +668,14 @@ void for_fused_chunks(const float* in, const PoolGeometry& g, int64_t planes, __
         auto visit_with = [&](auto edge) {
           return [&, edge](auto&& f) {
             for (int64_t j = 0; j < nr; ++j) {
+              const __m256i kb = _mm256_set1_epi32(bases[j]);
               // Four or more input rows (3d windows): more streams than the hardware follows.
               if constexpr (!decltype(edge)::value) {
                 if (nr >= 4) prefetch_ahead(rows[j] + x0);
               }
-              auto cell = [&](int64_t kw, __m256 v) { f(bases[j] + static_cast<int32_t>(kw), v); };
+              auto cell = [&](int64_t kw, __m256 v) {
+                f(_mm256_add_epi32(kb, _mm256_set1_epi32(static_cast<int32_t>(kw))), v);
+              };
               for_window_row<S, KWc, decltype(edge)::value>(rows[j], x0, IW, KW, fill, cell);
             }
           };
@@ -703,10 +706,10 @@ void max_rows_fused(const float* in, float* out, pos_t* pos, const PoolGeometry&
     // the position when nothing beats -inf, whatever the lane order. Edge chunks mark "never".
     __m256 m = ninf;
     __m256 b = _mm256_castsi256_ps(_mm256_set1_epi32(kEdge ? -1 : first));
-    visit([&](int32_t k, __m256 v) {
+    visit([&](__m256i k, __m256 v) {
       const __m256 t = take_mask(v, m);
       m = _mm256_blendv_ps(m, v, t);
-      if (kPos) b = _mm256_blendv_ps(b, _mm256_castsi256_ps(_mm256_set1_epi32(k)), t);
+      if (kPos) b = _mm256_blendv_ps(b, _mm256_castsi256_ps(k), t);
     });
     const int64_t n = std::min<int64_t>(8, OW - ow0);
     store8(out + r * OW + ow0, natural<S>(m), n);
@@ -1387,7 +1390,7 @@ void avg_rows_fused(const float* in, float* out, const PoolGeometry& g, int64_t 
   for_fused_chunks<S, KWc>(in, g, planes, zero, [&](int64_t r, int64_t od, int64_t oh, int64_t ow0,
                                                     int32_t, auto&& visit, auto) {
     __m256 sum = zero;
-    visit([&](int32_t, __m256 v) { sum = _mm256_add_ps(sum, v); });
+    visit([&](__m256i, __m256 v) { sum = _mm256_add_ps(sum, v); });
     store8(out + r * OW + ow0, _mm256_div_ps(natural<S>(sum), divisors8(t, wf, od, oh, ow0)),
            std::min<int64_t>(8, OW - ow0));
   });
