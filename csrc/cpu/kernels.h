@@ -999,27 +999,43 @@ inline bool fused_bwd_ok(const PoolGeometry& g) {
   return fused_rows_ok(g) && g.kernel[2] <= 8;
 }
 
+// Lanes j of concat(prev, cur)[8 + j - s], s in 1 .. 7: cur moved up by s lanes, the top s
+// lanes of prev coming in below.
+inline __m256 shift_in(__m256 prev, __m256 cur, int64_t s) {
+  const __m256i p = _mm256_castps_si256(prev), c = _mm256_castps_si256(cur);
+  const __m256i t = _mm256_permute2x128_si256(p, c, 0x21);  // prev's high half, cur's low half
+  switch (s) {
+    case 1: return _mm256_castsi256_ps(_mm256_alignr_epi8(c, t, 12));
+    case 2: return _mm256_castsi256_ps(_mm256_alignr_epi8(c, t, 8));
+    case 3: return _mm256_castsi256_ps(_mm256_alignr_epi8(c, t, 4));
+    case 4: return _mm256_castsi256_ps(t);
+    case 5: return _mm256_castsi256_ps(_mm256_alignr_epi8(t, p, 12));
+    case 6: return _mm256_castsi256_ps(_mm256_alignr_epi8(t, p, 8));
+    default: return _mm256_castsi256_ps(_mm256_alignr_epi8(t, p, 4));
+  }
+}
+
 template <int S, typename Contrib>
 inline void bwd_row_fused(float* row, const PoolGeometry& g, Contrib&& contrib) {
   const int64_t IW = g.in[2], KW = g.kernel[2], pad = g.pad[2];
-  alignas(32) float carry[8][16];  // [kw][0, 8): previous chunk, [8, 16): current chunk
-  for (int64_t kw = S; kw < KW; ++kw) _mm256_store_ps(carry[kw], _mm256_setzero_ps());
+  __m256 prev[8];  // each column's contributions of the previous chunk
+  for (int64_t kw = S; kw < KW; ++kw) prev[kw] = _mm256_setzero_ps();
   alignas(32) float edge[8 * S];
   __m256 C[8];
   for (int64_t ow0 = 0; S * ow0 - pad < IW; ow0 += 8) {
     contrib(ow0, C);
-    // Columns kw < S land in this chunk's own lanes; later ones are shifted by kw / S outputs.
+    // Columns kw < S land in this chunk's own lanes; later ones are shifted by kw / S outputs,
+    // in registers (through memory, the load spanning two fresh stores stalls on forwarding).
     __m256 even = C[0];
     __m256 odd = (S == 2 && KW > 1) ? C[1] : _mm256_setzero_ps();
     for (int64_t kw = S; kw < KW; ++kw) {
-      _mm256_store_ps(carry[kw] + 8, C[kw]);
-      const __m256 v = _mm256_loadu_ps(carry[kw] + 8 - kw / S);
+      const __m256 v = shift_in(prev[kw], C[kw], kw / S);
       if (S == 2 && (kw & 1)) {
         odd = _mm256_add_ps(odd, v);
       } else {
         even = _mm256_add_ps(even, v);
       }
-      _mm256_store_ps(carry[kw], C[kw]);
+      prev[kw] = C[kw];
     }
     const int64_t x0 = S * ow0 - pad;
     __m256 a = even, b = even;
