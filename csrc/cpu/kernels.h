@@ -643,9 +643,9 @@ struct WindowRows {
 // The fused forward's walk: for every chunk of 8 outputs (chunk_start) of every output row,
 // chunk(r, od, oh, ow0, first, visit, edge), where `first` is the window position of the row's
 // first in-input window cell and visit(f) calls f(window position in 8 int32 lanes, 8 cells)
-// over the window in scan order, cells outside the input reading as `fill`. The input rows of an output row are
-// looked up once per row; chunks whose cells all lie inside the row (edge: std::false_type) load
-// without edge checks.
+// over the window in scan order, cells outside the input reading as `fill`. The input rows of an
+// output row are looked up once per row; chunks whose cells all lie inside the row (edge:
+// std::false_type) load without edge checks.
 template <int S, int KWc, typename Chunk>
 void for_fused_chunks(const float* in, const PoolGeometry& g, int64_t planes, __m256 fill,
                       Chunk&& chunk) {
@@ -817,7 +817,8 @@ void max_cl_fused(const float* in, float* out, pos_t* pos, const PoolGeometry& g
   });
 }
 
-// 8 window positions (n <= 8 valid, the rest 0) widened to int32.
+// 8 saved window positions widened to int32: the first n (<= 8) read, the other lanes 0 (their
+// gradient lanes are 0 too).
 inline __m256i load_pos8(const uint8_t* p, int64_t n) {
   if (n == 8) return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
   alignas(8) uint8_t t[8] = {};
@@ -1055,17 +1056,6 @@ inline void bwd_row_fused(float* row, const PoolGeometry& g, Contrib&& contrib) 
   }
 }
 
-// Saved positions of outputs ow0 .. ow0 + 7 as int32 lanes (lanes past the row read 0; their
-// gradient lanes are 0).
-inline __m256i load_pos8(const uint8_t* p, int64_t ow0, int64_t OW) {
-  if (ow0 + 8 <= OW) {
-    return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + ow0)));
-  }
-  alignas(16) uint8_t t[16] = {};
-  for (int64_t j = 0; ow0 + j < OW; ++j) t[j] = p[ow0 + j];
-  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(t)));
-}
-
 template <int S>
 void max_bwd_fused(const float* gout, const uint8_t* pos, float* gin, const PoolGeometry& g,
                    int64_t planes) {
@@ -1083,7 +1073,7 @@ void max_bwd_fused(const float* gout, const uint8_t* pos, float* gin, const Pool
           for (int64_t ch = th.first[ih]; ch < th.first[ih + 1]; ++ch) {
             const int64_t orow = ((plane * OD + td.cover_o[cd]) * OH + th.cover_o[ch]) * OW;
             const __m256 g8 = load8(gout + orow, ow0, OW, zero);
-            const __m256i p8 = load_pos8(pos + orow, ow0, OW);
+            const __m256i p8 = load_pos8(pos + orow + ow0, std::min<int64_t>(8, OW - ow0));
             const int32_t base = static_cast<int32_t>((td.cover_k[cd] * KH + th.cover_k[ch]) * KW);
             for (int64_t kw = 0; kw < KW; ++kw) {
               const __m256i hit = _mm256_cmpeq_epi32(p8, _mm256_set1_epi32(base + int32_t(kw)));
