@@ -14,10 +14,12 @@
 #include <ATen/ops/empty.h>
 #include <c10/core/Allocator.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <deque>
 #include <mutex>
+#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
