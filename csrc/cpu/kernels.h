@@ -1754,10 +1754,12 @@ inline bool separable_bwd_ok(const PoolGeometry& g, int64_t planes) {
          fits_scatter_plane<float>(rows * width, planes);
 }
 
-inline void avg_bwd_separable(const float* gout, float* gin, const PoolGeometry& g, int64_t planes,
-                              const AvgTables& t) {
+template <int KWc>
+void avg_bwd_separable(const float* gout, float* gin, const PoolGeometry& g, int64_t planes,
+                       const AvgTables& t) {
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
-  const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2], KW = g.kernel[2], PW = g.pad[2];
+  const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2], PW = g.pad[2];
+  const int64_t KW = KWc > 0 ? KWc : g.kernel[2];
   const int64_t width = (IW + 7) / 8 * 8;  // H row stride: whole vectors
   // 1 / every output's divisor, the same for each plane (8 spare lanes at the end)
   std::vector<float> div(OD * OH * OW + 8, 1.f);
@@ -1799,14 +1801,23 @@ inline void avg_bwd_separable(const float* gout, float* gin, const PoolGeometry&
               rows.push_back(hbuf.data() + (t.d.cover_o[cd] * OH + t.h.cover_o[ch]) * width);
             }
           }
-          auto col = [&](int64_t x) {
-            __m256 v = _mm256_setzero_ps();
-            for (const float* row : rows) v = _mm256_add_ps(v, _mm256_loadu_ps(row + x));
-            return v;
+          // NC: the number of covering rows when known at compile time, else 0.
+          auto store_row = [&](auto NC) {
+            const int64_t n = NC.value > 0 ? NC.value : static_cast<int64_t>(rows.size());
+            auto col = [&](int64_t x) {
+              __m256 v = _mm256_setzero_ps();
+              for (int64_t j = 0; j < n; ++j) v = _mm256_add_ps(v, _mm256_loadu_ps(rows[j] + x));
+              return v;
+            };
+            int64_t x = 0;
+            for (; x + 8 <= IW; x += 8) _mm256_storeu_ps(dst + x, col(x));
+            if (x < IW) _mm256_maskstore_ps(dst + x, lanes_inside(0, IW - x), col(x));
           };
-          int64_t x = 0;
-          for (; x + 8 <= IW; x += 8) _mm256_storeu_ps(dst + x, col(x));
-          if (x < IW) _mm256_maskstore_ps(dst + x, lanes_inside(0, IW - x), col(x));
+          switch (rows.size()) {
+            case 2: store_row(std::integral_constant<int, 2>{}); break;
+            case 3: store_row(std::integral_constant<int, 3>{}); break;
+            default: store_row(std::integral_constant<int, 0>{});
+          }
         }
       }
     }
@@ -1828,7 +1839,8 @@ void avg_bwd_planar(const scalar_t* gout, scalar_t* gin, const PoolGeometry& g, 
       return;
     }
     if (separable_bwd_ok(g, planes)) {
-      avg_bwd_separable(gout, gin, g, planes, t);
+      g.kernel[2] == 3 ? avg_bwd_separable<3>(gout, gin, g, planes, t)
+                       : avg_bwd_separable<0>(gout, gin, g, planes, t);
       return;
     }
   }
