@@ -21,7 +21,7 @@ def cuda_built() -> bool:
 
 
 def cpu_cache_stats() -> dict:
-    """The cache of freed large CPU outputs (4 MiB and more), which later outputs of the same
+    """The cache of freed large CPU outputs (1 MiB and more), which later outputs of the same
     size reuse instead of mapping fresh pages: free bytes and blocks held, allocations served
     from it (hits) and mapped fresh (misses), and the cap on free bytes (TORCHPOOL_CPU_CACHE_MB,
     default 512; 0 turns the cache off)."""

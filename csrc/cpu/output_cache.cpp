@@ -28,12 +28,19 @@
 namespace torchpool::cpu {
 namespace {
 
-constexpr size_t kHuge = size_t{1} << 21;  // 2 MiB: block sizes are multiples of it
+constexpr size_t kHuge = size_t{1} << 21;  // 2 MiB: blocks are aligned to it
 // Smaller outputs come from malloc, whose heap reuses freed memory without new pages. Not much
 // larger: glibc maps a block fresh when it is at least its mmap threshold, which only rises when
 // a mapped block is freed, so with the large outputs served here, outputs of a few MB would be
-// fresh maps on every call (a 12.8 MB forward output: ~1 ms of faults).
-constexpr size_t kMinBytes = size_t{4} << 20;
+// fresh maps on every call (a 12.8 MB forward output: ~1 ms of faults; the 3.2 MB positions of
+// a max pool's training forward likewise).
+constexpr size_t kMinBytes = size_t{1} << 20;
+
+// Block sizes: multiples of 64 KiB below 8 MiB, of 2 MiB (a huge page) above.
+size_t block_bytes(size_t n) {
+  const size_t unit = n < (size_t{8} << 20) ? size_t{1} << 16 : kHuge;
+  return (std::max<size_t>(n, 1) + unit - 1) / unit * unit;
+}
 
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
 
@@ -63,7 +70,7 @@ struct Block {
   size_t bytes;
 };
 
-// A 2 MiB-aligned anonymous mapping of `bytes` (a multiple of 2 MiB), with huge pages asked for.
+// A 2 MiB-aligned anonymous mapping of `bytes`, with huge pages asked for.
 void* map_block(size_t bytes) {
   void* raw = mmap(nullptr, bytes + kHuge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   TORCH_CHECK(raw != MAP_FAILED, "torchpool: out of memory allocating ", bytes, " bytes for an output");
@@ -84,7 +91,7 @@ class OutputCache final : public c10::Allocator {
   bool enabled() const { return limit_ > 0; }
 
   c10::DataPtr allocate(size_t n) override {
-    const size_t bytes = (std::max<size_t>(n, 1) + kHuge - 1) / kHuge * kHuge;
+    const size_t bytes = block_bytes(n);
     Block b{nullptr, 0};
     {
       std::lock_guard<std::mutex> lock(mu_);
