@@ -23,6 +23,7 @@ from conftest import (
     pool_cases,
     ref_dtype,
     run_fwd_bwd,
+    to_layout,
 )
 
 OURS = {1: tpf.max_pool1d, 2: tpf.max_pool2d, 3: tpf.max_pool3d}
@@ -221,6 +222,48 @@ def test_all_minus_inf_windows_inside_wide_rows(device, rng, kw):
     assert bool((rout == float("-inf")).any())
     assert torch.equal(out, rout)
     assert torch.equal(idx, ridx)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("kw", [dict(kernel_size=2), dict(kernel_size=3, stride=2, padding=1),
+                                dict(kernel_size=3, stride=1)])
+def test_signed_zero_ties_keep_the_first(device, rng, layout, kw):
+    """Windows whose maximum is 0, held by +0 and -0 cells: torch keeps the first in scan order, sign
+    included (the output's sign bit and the index must match)."""
+    sign = torch.randint(0, 2, (2, 4, 10, 70), generator=rng).bool()
+    zeros = torch.where(sign, torch.tensor(-0.0), torch.tensor(0.0))
+    neg = -torch.rand(2, 4, 10, 70, generator=rng) - 0.5
+    x = torch.where(torch.rand(2, 4, 10, 70, generator=rng) < 0.7, zeros, neg)
+    x = to_layout(x.to(device), layout)
+    out, idx = tpf.max_pool2d(x, return_indices=True, **kw)
+    rout, ridx = F.max_pool2d(x, return_indices=True, **kw)
+    zero = rout == 0
+    assert zero.float().mean() > 0.9
+    assert bool(torch.signbit(rout[zero]).any()) and not bool(torch.signbit(rout[zero]).all())
+    assert torch.equal(out, rout)
+    assert torch.equal(torch.signbit(out), torch.signbit(rout))
+    assert torch.equal(idx, ridx)
+    with torch.no_grad():
+        assert torch.equal(torch.signbit(tpf.max_pool2d(x, **kw)), torch.signbit(rout))
+
+
+@pytest.mark.parametrize("kw", [dict(kernel_size=2), dict(kernel_size=3, stride=2, padding=1),
+                                dict(kernel_size=3, stride=1)])
+def test_nan_inside_wide_rows(device, rng, kw):
+    """Single NaNs at random cells of rows of 90 (chunks away from the row ends), any window cell:
+    the output is NaN exactly where torch's is, with torch's indices."""
+    x = torch.randn(2, 3, 8, 90, generator=rng)
+    x.view(-1)[torch.randperm(x.numel(), generator=rng)[:40]] = float("nan")
+    x = x.to(device)
+    rout, ridx = F.max_pool2d(x, return_indices=True, **kw)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            out, idx = tpf.max_pool2d(x.clone().requires_grad_(grad), return_indices=True, **kw)
+            assert torch.equal(torch.isnan(out), torch.isnan(rout))
+            assert_close(out.detach(), rout, exact=True, equal_nan=True)
+            assert torch.equal(idx, ridx)
+    with torch.no_grad():
+        assert_close(tpf.max_pool2d(x, **kw), rout, exact=True, equal_nan=True)
 
 
 def test_keras_worked_example(device):
