@@ -653,6 +653,10 @@ void for_fused_chunks(const float* in, const PoolGeometry& g, int64_t planes, __
   const int64_t IW = g.in[2], KH = g.kernel[1], KW = g.kernel[2];
   const DimTable td(g, 0, false), th(g, 1, false);
   const int64_t reach = window_row_reach<S>(KW);
+  // Windows that read each input row once (no overlap along D and H) and rows of 64 cells or
+  // more: the prefetch below pays for two-row windows too (NOTES §29); with overlapping windows
+  // or short rows it costs more than it gains.
+  const bool rows_once = g.kernel[0] <= g.stride[0] && KH <= g.stride[1] && IW >= 64;
   at::parallel_for(0, planes * OD * OH, grain_for(OW * g.window_cells()), [&](int64_t begin, int64_t end) {
     WindowRows wr(g);
     const auto& rows = wr.rows;
@@ -669,9 +673,10 @@ void for_fused_chunks(const float* in, const PoolGeometry& g, int64_t planes, __
           return [&, edge](auto&& f) {
             for (int64_t j = 0; j < nr; ++j) {
               const __m256i kb = _mm256_set1_epi32(bases[j]);
-              // Four or more input rows (3d windows): more streams than the hardware follows.
+              // Four or more input rows (3d windows): more streams than the hardware follows;
+              // long rows each read once (rows_once) gain as well.
               if constexpr (!decltype(edge)::value) {
-                if (nr >= 4) prefetch_ahead(rows[j] + x0);
+                if (nr >= 4 || (rows_once && nr >= 2)) prefetch_ahead(rows[j] + x0);
               }
               auto cell = [&](int64_t kw, __m256 v) {
                 f(_mm256_add_epi32(kb, _mm256_set1_epi32(static_cast<int32_t>(kw))), v);
