@@ -210,13 +210,14 @@ inline void interleave2(const float* __restrict a, const float* __restrict b,
 }
 #define TORCHPOOL_HAS_STRIDE2 1
 
-// Software prefetch of the two cache lines two KiB ahead, for loops with much work per cache line
-// (the argmax, NOTES §18) or several interleaved streams (channels-last windows, §22): there the
-// hardware prefetchers alone fall behind. Prefetches do not fault, so running past the end of the
-// data is harmless.
+// Software prefetch of the two cache lines kAhead floats (default two KiB) ahead, for loops with
+// much work per cache line (the argmax, NOTES §18) or several interleaved streams (channels-last
+// windows, §22; NCHW window rows, §29): there the hardware prefetchers alone fall behind.
+// Prefetches do not fault, so running past the end of the data is harmless.
+template <int64_t kAhead = 512>
 inline void prefetch_ahead(const float* p) {
-  _mm_prefetch(reinterpret_cast<const char*>(p + 512), _MM_HINT_T0);
-  _mm_prefetch(reinterpret_cast<const char*>(p + 512 + 16), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(p + kAhead), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(p + kAhead + 16), _MM_HINT_T0);
 }
 
 inline float hsum(__m256 v) {
@@ -653,10 +654,9 @@ void for_fused_chunks(const float* in, const PoolGeometry& g, int64_t planes, __
   const int64_t IW = g.in[2], KH = g.kernel[1], KW = g.kernel[2];
   const DimTable td(g, 0, false), th(g, 1, false);
   const int64_t reach = window_row_reach<S>(KW);
-  // Windows that read each input row once (no overlap along D and H) and rows of 64 cells or
-  // more: the prefetch below pays for two-row windows too (NOTES §29); with overlapping windows
-  // or short rows it costs more than it gains.
-  const bool rows_once = g.kernel[0] <= g.stride[0] && KH <= g.stride[1] && IW >= 64;
+  // Rows of 64 cells or more: the prefetch below pays for windows of two or three rows too
+  // (NOTES §29); for shorter rows it costs about what it gains.
+  const bool long_rows = IW >= 64;
   at::parallel_for(0, planes * OD * OH, grain_for(OW * g.window_cells()), [&](int64_t begin, int64_t end) {
     WindowRows wr(g);
     const auto& rows = wr.rows;
@@ -673,10 +673,10 @@ void for_fused_chunks(const float* in, const PoolGeometry& g, int64_t planes, __
           return [&, edge](auto&& f) {
             for (int64_t j = 0; j < nr; ++j) {
               const __m256i kb = _mm256_set1_epi32(bases[j]);
-              // Four or more input rows (3d windows): more streams than the hardware follows;
-              // long rows each read once (rows_once) gain as well.
+              // Several input rows are several streams a few hundred bytes apart, which the
+              // hardware prefetchers follow badly: four KiB ahead in each.
               if constexpr (!decltype(edge)::value) {
-                if (nr >= 4 || (rows_once && nr >= 2)) prefetch_ahead(rows[j] + x0);
+                if (nr >= 4 || (long_rows && nr >= 2)) prefetch_ahead<1024>(rows[j] + x0);
               }
               auto cell = [&](int64_t kw, __m256 v) {
                 f(_mm256_add_epi32(kb, _mm256_set1_epi32(static_cast<int32_t>(kw))), v);
