@@ -210,14 +210,14 @@ inline void interleave2(const float* __restrict a, const float* __restrict b,
 }
 #define TORCHPOOL_HAS_STRIDE2 1
 
-// Software prefetch of the two cache lines kAhead floats (default two KiB) ahead, for loops with
+// Software prefetch of the two cache lines kAhead bytes (default two KiB) ahead, for loops with
 // much work per cache line (the argmax, NOTES §18) or several interleaved streams (channels-last
 // windows, §22; NCHW window rows, §29): there the hardware prefetchers alone fall behind.
 // Prefetches do not fault, so running past the end of the data is harmless.
-template <int64_t kAhead = 512>
-inline void prefetch_ahead(const float* p) {
-  _mm_prefetch(reinterpret_cast<const char*>(p + kAhead), _MM_HINT_T0);
-  _mm_prefetch(reinterpret_cast<const char*>(p + kAhead + 16), _MM_HINT_T0);
+template <int64_t kAhead = 2048>
+inline void prefetch_ahead(const void* p) {
+  _mm_prefetch(static_cast<const char*>(p) + kAhead, _MM_HINT_T0);
+  _mm_prefetch(static_cast<const char*>(p) + kAhead + 64, _MM_HINT_T0);
 }
 
 inline float hsum(__m256 v) {
@@ -520,15 +520,75 @@ inline __m256i lanes_inside(int64_t x0, int64_t w) {
                           _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(w)), x));
 }
 
+// Element types of the fused forwards: float, and bfloat16 / half converted to float in
+// registers as they are loaded and rounded to nearest even (torch's rounding) as they are stored.
+template <typename T>
+constexpr bool kFusedType = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16> ||
+                            std::is_same_v<T, c10::Half>;
+
+// 8 elements at p as floats.
+inline __m256 loadf(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 loadf(const c10::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline __m256 loadf(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// Stores 8 floats at p as T.
+inline void storef(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void storef(c10::BFloat16* p, __m256 v) {
+  // c10::BFloat16's rounding: + 0x7FFF + the kept part's lowest bit, keep the top 16 bits;
+  // NaN -> 0x7FC0.
+  const __m256i b = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+inline void storef(c10::Half* p, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+
+// The first n (<= 8) elements at p as floats; the other lanes are 0 and are not read.
+inline __m256 load_lanes(const float* p, int64_t n) {
+  return n == 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, lanes_inside(0, n));
+}
+template <typename T>
+inline __m256 load_lanes(const T* p, int64_t n) {
+  if (n == 8) return loadf(p);
+  T t[8] = {};
+  for (int64_t j = 0; j < n; ++j) t[j] = p[j];
+  return loadf(t);
+}
+
 // row[x0 .. x0 + 8), cells outside [0, w) read as `fill`. kEdge = false: the caller knows all
 // 8 cells are inside.
-template <bool kEdge = true>
-inline __m256 load8(const float* row, int64_t x0, int64_t w, __m256 fill) {
-  if (!kEdge || (x0 >= 0 && x0 + 8 <= w)) return _mm256_loadu_ps(row + x0);
-  const __m256i in = lanes_inside(x0, w);
-  // Masked-off lanes are not read, so the address may point outside the row.
-  const __m256 v = _mm256_maskload_ps(row + x0, in);
-  return _mm256_blendv_ps(fill, v, _mm256_castsi256_ps(in));
+template <bool kEdge = true, typename T>
+inline __m256 load8(const T* row, int64_t x0, int64_t w, __m256 fill) {
+  if (!kEdge || (x0 >= 0 && x0 + 8 <= w)) return loadf(row + x0);
+  if constexpr (std::is_same_v<T, float>) {
+    const __m256i in = lanes_inside(x0, w);
+    // Masked-off lanes are not read, so the address may point outside the row.
+    const __m256 v = _mm256_maskload_ps(row + x0, in);
+    return _mm256_blendv_ps(fill, v, _mm256_castsi256_ps(in));
+  } else if (w >= 8) {
+    // The 8 cells of the row nearest to x0, moved to their lanes.
+    const int64_t base = std::min(std::max<int64_t>(x0, 0), w - 8);
+    const __m256i from = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                          _mm256_set1_epi32(static_cast<int32_t>(x0 - base)));
+    const __m256 v = _mm256_permutevar8x32_ps(loadf(row + base), from);
+    return _mm256_blendv_ps(fill, v, _mm256_castsi256_ps(lanes_inside(x0, w)));
+  } else {
+    alignas(32) float t[8];
+    _mm256_store_ps(t, fill);
+    for (int64_t j = std::max<int64_t>(0, -x0); j < 8 && x0 + j < w; ++j) {
+      t[j] = static_cast<float>(row[x0 + j]);
+    }
+    return _mm256_load_ps(t);
+  }
 }
 
 // Cells past x0 that for_window_row loads: x0 + reach <= w means no cell is outside the row.
@@ -542,8 +602,8 @@ inline int64_t window_row_reach(int64_t KW) {
 // loads (even and odd lanes), and the lanes come out in the order of _mm256_shuffle_ps
 // (j = 0 1 4 5 2 3 6 7); natural<S> restores it once per result. KWc: the window width when
 // known at compile time (the loop unrolls), else 0.
-template <int S, int KWc, bool kEdge, typename F>
-inline void for_window_row(const float* row, int64_t x0, int64_t w, int64_t KW, __m256 fill, F&& f) {
+template <int S, int KWc, bool kEdge, typename T, typename F>
+inline void for_window_row(const T* row, int64_t x0, int64_t w, int64_t KW, __m256 fill, F&& f) {
   if constexpr (KWc > 0) KW = KWc;
   if constexpr (S == 1) {
     for (int64_t kw = 0; kw < KW; ++kw) f(kw, load8<kEdge>(row, x0 + kw, w, fill));
@@ -579,6 +639,16 @@ inline void store8(float* dst, __m256 v, int64_t n) {
     _mm256_storeu_ps(dst, v);
   } else {
     _mm256_maskstore_ps(dst, lanes_inside(0, n), v);
+  }
+}
+template <typename T>
+inline void store8(T* dst, __m256 v, int64_t n) {
+  if (n == 8) {
+    storef(dst, v);
+  } else {
+    T t[8];
+    storef(t, v);
+    for (int64_t j = 0; j < n; ++j) dst[j] = t[j];
   }
 }
 
@@ -619,14 +689,15 @@ inline void with_fused_shape(const PoolGeometry& g, F&& f) {
 
 // The input rows (pointers to their first cell) inside the window of output row (od, oh) of a
 // plane, in scan order, and each one's window position of its first cell (kd * KH + kh) * KW.
+template <typename T>
 struct WindowRows {
   const PoolGeometry& g;
-  std::vector<const float*> rows;
+  std::vector<const T*> rows;
   std::vector<int32_t> bases;
   explicit WindowRows(const PoolGeometry& g_)
       : g(g_), rows(g_.kernel[0] * g_.kernel[1]), bases(rows.size()) {}
   // Fills rows/bases; returns how many there are. td, th: DimTable(g, 0 / 1, false).
-  int64_t find(const float* in, int64_t plane, int64_t od, int64_t oh, const DimTable& td,
+  int64_t find(const T* in, int64_t plane, int64_t od, int64_t oh, const DimTable& td,
                const DimTable& th) {
     const int64_t IH = g.in[1], IW = g.in[2], KH = g.kernel[1], KW = g.kernel[2];
     int64_t nr = 0;
@@ -647,8 +718,8 @@ struct WindowRows {
 // over the window in scan order, cells outside the input reading as `fill`. The input rows of an
 // output row are looked up once per row; chunks whose cells all lie inside the row (edge:
 // std::false_type) load without edge checks.
-template <int S, int KWc, typename Chunk>
-void for_fused_chunks(const float* in, const PoolGeometry& g, int64_t planes, __m256 fill,
+template <int S, int KWc, typename T, typename Chunk>
+void for_fused_chunks(const T* in, const PoolGeometry& g, int64_t planes, __m256 fill,
                       Chunk&& chunk) {
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t IW = g.in[2], KH = g.kernel[1], KW = g.kernel[2];
@@ -658,7 +729,7 @@ void for_fused_chunks(const float* in, const PoolGeometry& g, int64_t planes, __
   // (NOTES §29); for shorter rows it costs about what it gains.
   const bool long_rows = IW >= 64;
   at::parallel_for(0, planes * OD * OH, grain_for(OW * g.window_cells()), [&](int64_t begin, int64_t end) {
-    WindowRows wr(g);
+    WindowRows<T> wr(g);
     const auto& rows = wr.rows;
     const auto& bases = wr.bases;
     RowCounter it(begin, OD, OH);
@@ -676,7 +747,7 @@ void for_fused_chunks(const float* in, const PoolGeometry& g, int64_t planes, __
               // Several input rows are several streams a few hundred bytes apart, which the
               // hardware prefetchers follow badly: four KiB ahead in each.
               if constexpr (!decltype(edge)::value) {
-                if (nr >= 4 || (long_rows && nr >= 2)) prefetch_ahead<1024>(rows[j] + x0);
+                if (nr >= 4 || (long_rows && nr >= 2)) prefetch_ahead<4096>(rows[j] + x0);
               }
               auto cell = [&](int64_t kw, __m256 v) {
                 f(_mm256_add_epi32(kb, _mm256_set1_epi32(static_cast<int32_t>(kw))), v);
@@ -695,8 +766,8 @@ void for_fused_chunks(const float* in, const PoolGeometry& g, int64_t planes, __
   });
 }
 
-template <int S, int KWc, bool kPos, typename pos_t>
-void max_rows_fused(const float* in, float* out, pos_t* pos, const PoolGeometry& g,
+template <int S, int KWc, bool kPos, typename pos_t, typename T>
+void max_rows_fused(const T* in, T* out, pos_t* pos, const PoolGeometry& g,
                     int64_t planes) {
   const int64_t OW = g.out[2];
   const DimTable tw(g, 2, false);
@@ -785,13 +856,8 @@ inline void for_channel_blocks(int64_t C, Block&& block) {
   if (c < C) block(std::integral_constant<int, 1>{}, c, C - c);
 }
 
-// The first n (<= 8) floats at p; the other lanes read 0 and are not stored.
-inline __m256 load_lanes(const float* p, int64_t n) {
-  return n == 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, lanes_inside(0, n));
-}
-
-template <bool kPos, typename pos_t>
-void max_cl_fused(const float* in, float* out, pos_t* pos, const PoolGeometry& g, int64_t N,
+template <bool kPos, typename pos_t, typename T>
+void max_cl_fused(const T* in, T* out, pos_t* pos, const PoolGeometry& g, int64_t N,
                   int64_t C) {
   const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   for_cl_windows(g, N, C, [&](const ClWindow& w) {
@@ -803,7 +869,7 @@ void max_cl_fused(const float* in, float* out, pos_t* pos, const PoolGeometry& g
         b[v] = _mm256_castsi256_ps(_mm256_set1_epi32(w.first));
       }
       for (int64_t j = 0; j < w.cells; ++j) {
-        const float* src = in + w.offs[j] + c;
+        const T* src = in + w.offs[j] + c;
         const __m256 k = _mm256_castsi256_ps(_mm256_set1_epi32(w.ks[j]));
         prefetch_ahead(src);
         for (int v = 0; v < NV; ++v) {
@@ -893,7 +959,7 @@ template <typename scalar_t, typename pos_t, bool kPos>
 void max_fwd_planar(const scalar_t* in, scalar_t* out, pos_t* pos, const PoolGeometry& g,
                     int64_t planes) {
 #if defined(TORCHPOOL_AVX2)
-  if constexpr (std::is_same_v<scalar_t, float>) {
+  if constexpr (kFusedType<scalar_t>) {
     if (fused_rows_ok(g)) {
       with_fused_shape(g, [&](auto S, auto KW) {
         max_rows_fused<S.value, KW.value, kPos>(in, out, pos, g, planes);
@@ -945,7 +1011,7 @@ template <typename scalar_t, typename pos_t, bool kPos>
 void max_fwd_cl(const scalar_t* in, scalar_t* out, pos_t* pos, const PoolGeometry& g,
                 int64_t N, int64_t C) {
 #if defined(TORCHPOOL_AVX2)
-  if constexpr (std::is_same_v<scalar_t, float>) {
+  if constexpr (kFusedType<scalar_t>) {
     max_cl_fused<kPos>(in, out, pos, g, N, C);
     return;
   }
@@ -1391,8 +1457,8 @@ inline void divide(const acc_t* __restrict a, const acc_t* __restrict div,
 }
 
 #if defined(TORCHPOOL_AVX2)
-template <int S, int KWc>
-void avg_rows_fused(const float* in, float* out, const PoolGeometry& g, int64_t planes,
+template <int S, int KWc, typename T>
+void avg_rows_fused(const T* in, T* out, const PoolGeometry& g, int64_t planes,
                     bool count_include_pad, int64_t divisor_override) {
   const int64_t OW = g.out[2];
   const AvgTables t(g, false, count_include_pad, divisor_override);
@@ -1410,12 +1476,16 @@ void avg_rows_fused(const float* in, float* out, const PoolGeometry& g, int64_t 
 // v[x] = (kAcc ? v[x] : 0) + the sum of rows p, p + IW, ... (n of them) at x, for x < IW; whole
 // vectors are stored, the lanes past IW as 0 (`tail`: lanes_inside(0, IW % 8)). NC: n when known
 // at compile time, else 0.
-template <int NC, bool kAcc>
-inline void sum_rows(const float* p, int64_t n, int64_t IW, __m256i tail, float* v) {
+template <int NC, bool kAcc, typename T>
+inline void sum_rows(const T* p, int64_t n, int64_t IW, __m256i tail, float* v) {
   if constexpr (NC > 0) n = NC;
   auto column = [&](int64_t x, auto masked) {
-    auto load = [&](const float* q) {
-      return decltype(masked)::value ? _mm256_maskload_ps(q, tail) : _mm256_loadu_ps(q);
+    auto load = [&](const T* q) {
+      if constexpr (std::is_same_v<T, float>) {
+        return decltype(masked)::value ? _mm256_maskload_ps(q, tail) : _mm256_loadu_ps(q);
+      } else {
+        return decltype(masked)::value ? load8(q - x, x, IW, _mm256_setzero_ps()) : loadf(q);
+      }
     };
     __m256 s = load(p + x);
     if constexpr (kAcc) s = _mm256_add_ps(_mm256_loadu_ps(v + x), s);
@@ -1427,8 +1497,8 @@ inline void sum_rows(const float* p, int64_t n, int64_t IW, __m256i tail, float*
   if (x < IW) column(x, std::true_type{});
 }
 
-template <bool kAcc>
-inline void sum_rows_any(const float* p, int64_t n, int64_t IW, __m256i tail, float* v) {
+template <bool kAcc, typename T>
+inline void sum_rows_any(const T* p, int64_t n, int64_t IW, __m256i tail, float* v) {
   switch (n) {
     case 2: return sum_rows<2, kAcc>(p, n, IW, tail, v);
     case 3: return sum_rows<3, kAcc>(p, n, IW, tail, v);
@@ -1442,8 +1512,8 @@ inline void sum_rows_any(const float* p, int64_t n, int64_t IW, __m256i tail, fl
 // the previous row's buffer (two buffers, the horizontal pass one row behind), so they never wait
 // on the stores just made. Each output is multiplied by 1 / divisor; with the sum's order differing
 // from torch's cell-by-cell one, results differ from torch's in the last bits.
-template <int KWc>
-void avg_rows_separable(const float* in, float* out, const PoolGeometry& g, int64_t planes,
+template <int KWc, typename T>
+void avg_rows_separable(const T* in, T* out, const PoolGeometry& g, int64_t planes,
                         bool count_include_pad, int64_t divisor_override) {
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2], PW = g.pad[2];
@@ -1479,19 +1549,19 @@ void avg_rows_separable(const float* in, float* out, const PoolGeometry& g, int6
         last_rc = recip(dh);
       }
       const float* rc = last_rc;
-      float* o = out + r * OW;
+      T* o = out + r * OW;
       auto chunk = [&](int64_t ow0) {
         __m256 s = _mm256_loadu_ps(v + ow0);
         for (int64_t kw = 1; kw < KW; ++kw) s = _mm256_add_ps(s, _mm256_loadu_ps(v + ow0 + kw));
         return _mm256_mul_ps(s, _mm256_loadu_ps(rc + ow0));
       };
       if (OW < 8) {
-        _mm256_maskstore_ps(o, lanes_inside(0, OW), chunk(0));
+        store8(o, chunk(0), OW);
         return;
       }
       int64_t ow0 = 0;
-      for (; ow0 + 8 <= OW; ow0 += 8) _mm256_storeu_ps(o + ow0, chunk(ow0));
-      if (ow0 < OW) _mm256_storeu_ps(o + OW - 8, chunk(OW - 8));  // overlaps, recomputed equal
+      for (; ow0 + 8 <= OW; ow0 += 8) storef(o + ow0, chunk(ow0));
+      if (ow0 < OW) storef(o + OW - 8, chunk(OW - 8));  // overlaps, recomputed equal
     };
     int64_t prev_dh = 0;
     RowCounter it(begin, OD, OH);
@@ -1513,7 +1583,8 @@ void avg_rows_separable(const float* in, float* out, const PoolGeometry& g, int6
   });
 }
 
-void avg_cl_fused(const float* in, float* out, const PoolGeometry& g, int64_t N, int64_t C,
+template <typename T>
+void avg_cl_fused(const T* in, T* out, const PoolGeometry& g, int64_t N, int64_t C,
                   bool count_include_pad, int64_t divisor_override) {
   const AvgTables t(g, false, count_include_pad, divisor_override);
   for_cl_windows(g, N, C, [&](const ClWindow& w) {
@@ -1523,7 +1594,7 @@ void avg_cl_fused(const float* in, float* out, const PoolGeometry& g, int64_t N,
       __m256 sum[NV];
       for (int v = 0; v < NV; ++v) sum[v] = _mm256_setzero_ps();
       for (int64_t j = 0; j < w.cells; ++j) {
-        const float* src = in + w.offs[j] + c;
+        const T* src = in + w.offs[j] + c;
         prefetch_ahead(src);
         for (int v = 0; v < NV; ++v) sum[v] = _mm256_add_ps(sum[v], load_lanes(src + 8 * v, n));
       }
@@ -1537,7 +1608,7 @@ template <typename scalar_t>
 void avg_fwd_planar(const scalar_t* in, scalar_t* out, const PoolGeometry& g, int64_t planes,
                     bool count_include_pad, int64_t divisor_override) {
 #if defined(TORCHPOOL_AVX2)
-  if constexpr (std::is_same_v<scalar_t, float>) {
+  if constexpr (kFusedType<scalar_t>) {
     if (fused_rows_ok(g)) {
       with_fused_shape(g, [&](auto S, auto KW) {
         if (S.value == 1 && g.kernel[2] > 1 && g.kernel[0] * g.kernel[1] > 1) {
@@ -1580,7 +1651,7 @@ template <typename scalar_t>
 void avg_fwd_cl(const scalar_t* in, scalar_t* out, const PoolGeometry& g, int64_t N, int64_t C,
                 bool count_include_pad, int64_t divisor_override) {
 #if defined(TORCHPOOL_AVX2)
-  if constexpr (std::is_same_v<scalar_t, float>) {
+  if constexpr (kFusedType<scalar_t>) {
     avg_cl_fused(in, out, g, N, C, count_include_pad, divisor_override);
     return;
   }

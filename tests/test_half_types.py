@@ -1,0 +1,104 @@
+"""bfloat16 / float16 forwards, which are computed in float32 registers: values and indices against
+torch on shapes that reach every load and store variant (rows shorter and longer than 8 cells,
+windows clipped at both row ends, row tails, stride 1 and 2, 3d windows, channel counts that end
+in a partial vector), and the rounding back to the half type bit for bit."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import torchpool.functional as tpf
+from conftest import HALF_DTYPES, to_layout
+
+OURS = {1: (tpf.max_pool1d, tpf.avg_pool1d), 2: (tpf.max_pool2d, tpf.avg_pool2d),
+        3: (tpf.max_pool3d, tpf.avg_pool3d)}
+TORCH = {1: (F.max_pool1d, F.avg_pool1d), 2: (F.max_pool2d, F.avg_pool2d),
+         3: (F.max_pool3d, F.avg_pool3d)}
+
+# (shape, kwargs): rows of 5, 13, 35 and 61 cells; padding clips the windows at both row ends.
+CASES = [
+    ((2, 3, 13), dict(kernel_size=3, stride=2, padding=1)),
+    ((2, 3, 61), dict(kernel_size=2)),
+    ((2, 5, 9, 5), dict(kernel_size=3, stride=1, padding=1)),
+    ((2, 5, 11, 35), dict(kernel_size=3, stride=1, padding=1)),
+    ((2, 5, 12, 61), dict(kernel_size=3, stride=2, padding=1)),
+    ((2, 5, 10, 26), dict(kernel_size=2, stride=2)),
+    ((2, 5, 9, 37), dict(kernel_size=5, stride=1, padding=2)),
+    ((2, 5, 10, 40), dict(kernel_size=(2, 4), stride=(2, 2), padding=(1, 2), ceil_mode=True)),
+    ((2, 3, 6, 8, 27), dict(kernel_size=2, stride=2)),
+    ((2, 3, 5, 7, 19), dict(kernel_size=3, stride=1, padding=1)),
+]
+LAYOUTS_FOR = {1: ("contiguous",), 2: ("contiguous", "channels_last"),
+               3: ("contiguous", "channels_last")}
+
+
+def _cases():
+    for shape, kw in CASES:
+        nd = len(shape) - 2
+        for layout in LAYOUTS_FOR[nd]:
+            yield pytest.param(shape, kw, layout, id=f"{'x'.join(map(str, shape))}-{layout}")
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("shape,kw,layout", list(_cases()))
+def test_max_values_and_indices_match_torch(rng, dtype, shape, kw, layout):
+    nd = len(shape) - 2
+    x = to_layout((torch.randn(shape, generator=rng) * 4).to(dtype), layout)
+    ours, ref = OURS[nd][0], TORCH[nd][0]
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            out, idx = ours(x.clone().requires_grad_(grad), return_indices=True, **kw)
+        rout, ridx = ref(x.float(), return_indices=True, **kw)
+        assert out.dtype == dtype
+        assert torch.equal(out.detach().float(), rout)  # a max is one of the inputs: exact
+        assert torch.equal(idx, ridx)
+    with torch.no_grad():
+        assert torch.equal(ours(x, **kw).float(), rout)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("count_include_pad", [True, False])
+@pytest.mark.parametrize("shape,kw,layout", list(_cases()))
+def test_avg_within_half_an_ulp_of_float64(rng, dtype, shape, kw, layout, count_include_pad):
+    """The float32 average rounded once: within half an ulp of the exact (float64) average, up
+    to float32's own error, and equal to torch's rounded float32 average in almost every cell."""
+    nd = len(shape) - 2
+    x = to_layout((torch.randn(shape, generator=rng) * 4).to(dtype), layout)
+    kw = dict(kw, count_include_pad=count_include_pad)
+    with torch.no_grad():
+        out = OURS[nd][1](x, **kw)
+    exact = TORCH[nd][1](x.double(), **kw)
+    assert out.dtype == dtype and out.shape == exact.shape
+    # eps * 2^floor(log2|exact|): the half type's ulp at |exact| (normal values).
+    ulp = torch.finfo(dtype).eps * torch.exp2(torch.floor(torch.log2(exact.abs().clamp_min(
+        torch.finfo(dtype).tiny))))
+    err = (out.double() - exact).abs()
+    assert bool((err <= 0.5 * ulp + 1e-6 * exact.abs() + 1e-30).all()), float((err / ulp).max())
+    # torch's CPU half-type pools average in float32 and round once (avg_pool3d has no float16
+    # kernel, so the float32 pool rounded stands in for it).
+    same = (out == TORCH[nd][1](x.float(), **kw).to(dtype)).float().mean().item()
+    assert same > 0.99, same
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_rounding_to_the_half_type_is_torchs(rng, dtype, layout):
+    """2x2 averages of half-type values are exact in float32 (four values, a division by 4), so
+    ours must equal torch's float32 average converted by torch, bit for bit: ties to even,
+    carries into the exponent, infinities and NaN."""
+    x = (torch.randn(4, 16, 24, 40, generator=rng) * 8).to(dtype)
+    x[0, 1, 0, 0] = float("nan")
+    x[0, 1, 2, 2] = float("inf")
+    x[0, 1, 2, 3] = float("-inf")  # inf + -inf: NaN
+    x = to_layout(x, layout)
+    with torch.no_grad():
+        out = tpf.avg_pool2d(x, 2)
+    ref = F.avg_pool2d(x.float(), 2).to(dtype)
+    bits = {torch.bfloat16: torch.int16, torch.float16: torch.int16}[dtype]
+    nan = torch.isnan(ref)
+    assert torch.equal(torch.isnan(out), nan) and bool(nan.any())
+    assert torch.equal(out[~nan].view(bits), ref[~nan].view(bits))
+    # Ties occur: some float32 averages lie exactly halfway between two half-type values.
+    f32 = F.avg_pool2d(x.float(), 2)[~nan]
+    lo = f32.to(dtype).float()
+    step = torch.finfo(dtype).eps * torch.exp2(torch.floor(torch.log2(f32.abs().clamp_min(1e-3))))
+    assert bool(((f32 - lo).abs() == step / 2).any())
