@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import torchpool.functional as tpf
-from conftest import HALF_DTYPES, to_layout
+from conftest import HALF_DTYPES, assert_close, to_layout
 
 OURS = {1: (tpf.max_pool1d, tpf.avg_pool1d), 2: (tpf.max_pool2d, tpf.avg_pool2d),
         3: (tpf.max_pool3d, tpf.avg_pool3d)}
@@ -102,3 +102,27 @@ def test_rounding_to_the_half_type_is_torchs(rng, dtype, layout):
     lo = f32.to(dtype).float()
     step = torch.finfo(dtype).eps * torch.exp2(torch.floor(torch.log2(f32.abs().clamp_min(1e-3))))
     assert bool(((f32 - lo).abs() == step / 2).any())
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("shape", [(3, 5, 14, 14), (2, 3, 96, 96), (2, 4, 3, 7)])
+def test_global_pools_match_torch(rng, dtype, shape):
+    """Global max (value, and index of the first maximum; ties are many in a half type) and
+    average (float32 sum, one rounding) on planes of 21 to 9216 cells, one plane with a NaN."""
+    x = (torch.randn(shape, generator=rng) * 4).to(dtype)
+    x[1, 2, 1, 3] = float("nan")
+    out = tpf.global_max_pool2d(x.clone().requires_grad_(), keepdim=True)
+    rout, ridx = F.adaptive_max_pool2d(x.float(), 1, return_indices=True)
+    with torch.no_grad():
+        inf_out = tpf.global_max_pool2d(x)
+    assert_close(out.detach().float(), rout, exact=True, equal_nan=True)
+    assert_close(inf_out.float(), rout.flatten(1), exact=True, equal_nan=True)
+    # The index (from the gradient's single nonzero cell) is torch's.
+    xg = x.clone().requires_grad_()
+    tpf.global_max_pool2d(xg).sum().backward()
+    picked = xg.grad.flatten(2).float().argmax(-1)
+    assert torch.equal(picked, ridx.flatten(1))
+    with torch.no_grad():
+        avg = tpf.global_avg_pool2d(x)
+    ravg = x.float().mean((2, 3)).to(dtype)  # torch's: a float32 mean rounded once
+    assert_close(avg, ravg, dtype, equal_nan=True)

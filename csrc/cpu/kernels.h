@@ -226,35 +226,69 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-// Sum of n floats with four independent vector accumulators.
-inline float reduce_sum(const float* __restrict src, int64_t n) {
+// Element types of the fused forwards: float, and bfloat16 / half converted to float in
+// registers as they are loaded and rounded to nearest even (torch's rounding) as they are stored.
+template <typename T>
+constexpr bool kFusedType = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16> ||
+                            std::is_same_v<T, c10::Half>;
+
+// 8 elements at p as floats.
+inline __m256 loadf(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 loadf(const c10::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline __m256 loadf(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// Stores 8 floats at p as T.
+inline void storef(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void storef(c10::BFloat16* p, __m256 v) {
+  // c10::BFloat16's rounding: + 0x7FFF + the kept part's lowest bit, keep the top 16 bits;
+  // NaN -> 0x7FC0.
+  const __m256i b = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+inline void storef(c10::Half* p, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+
+// Sum of n elements (as floats) with four independent vector accumulators.
+template <typename T>
+inline float reduce_sum(const T* __restrict src, int64_t n) {
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {
-    a0 = _mm256_add_ps(a0, _mm256_loadu_ps(src + i));
-    a1 = _mm256_add_ps(a1, _mm256_loadu_ps(src + i + 8));
-    a2 = _mm256_add_ps(a2, _mm256_loadu_ps(src + i + 16));
-    a3 = _mm256_add_ps(a3, _mm256_loadu_ps(src + i + 24));
+    a0 = _mm256_add_ps(a0, loadf(src + i));
+    a1 = _mm256_add_ps(a1, loadf(src + i + 8));
+    a2 = _mm256_add_ps(a2, loadf(src + i + 16));
+    a3 = _mm256_add_ps(a3, loadf(src + i + 24));
   }
-  for (; i + 8 <= n; i += 8) a0 = _mm256_add_ps(a0, _mm256_loadu_ps(src + i));
+  for (; i + 8 <= n; i += 8) a0 = _mm256_add_ps(a0, loadf(src + i));
   float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-  for (; i < n; ++i) s += src[i];
+  for (; i < n; ++i) s += static_cast<float>(src[i]);
   return s;
 }
 
-// Maximum of n floats; NaN if any is NaN.
-inline float reduce_max(const float* __restrict src, int64_t n) {
+// Maximum of n elements (as a float); NaN if any is NaN.
+template <typename T>
+inline float reduce_max(const T* __restrict src, int64_t n) {
   const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   __m256 m0 = ninf, m1 = ninf, nan = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    const __m256 v0 = _mm256_loadu_ps(src + i), v1 = _mm256_loadu_ps(src + i + 8);
+    const __m256 v0 = loadf(src + i), v1 = loadf(src + i + 8);
     m0 = _mm256_max_ps(m0, v0);
     m1 = _mm256_max_ps(m1, v1);
     nan = _mm256_or_ps(nan, _mm256_cmp_ps(v0, v1, _CMP_UNORD_Q));
   }
   for (; i + 8 <= n; i += 8) {
-    const __m256 v = _mm256_loadu_ps(src + i);
+    const __m256 v = loadf(src + i);
     m0 = _mm256_max_ps(m0, v);
     nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
   }
@@ -263,7 +297,10 @@ inline float reduce_max(const float* __restrict src, int64_t n) {
   float m = lanes[0];
   for (int j = 1; j < 8; ++j) m = lanes[j] > m ? lanes[j] : m;
   const bool any_nan = _mm256_movemask_ps(nan) != 0;
-  for (; i < n; ++i) m = takes(src[i], m) ? src[i] : m;
+  for (; i < n; ++i) {
+    const float v = static_cast<float>(src[i]);
+    m = takes(v, m) ? v : m;
+  }
   return any_nan ? std::numeric_limits<float>::quiet_NaN() : m;
 }
 
@@ -284,7 +321,8 @@ inline int32_t hmin_epi32(__m256i v) {
 // last NaN if there is one, else the first maximum. One pass: 16 lanes each keep their largest
 // value and the first cell that held it; the lanes merge to the smallest cell among those holding
 // the maximum. A NaN anywhere (rare) sends it to a scan for the last NaN.
-inline int64_t reduce_argmax(const float* __restrict src, int64_t n, float* value) {
+template <typename T>
+inline int64_t reduce_argmax(const T* __restrict src, int64_t n, T* value) {
   // Set k of lanes sees the cells 32t + 8k + lane; each lane keeps its largest value and the block
   // t where it first appeared.
   const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
@@ -300,8 +338,8 @@ inline int64_t reduce_argmax(const float* __restrict src, int64_t n, float* valu
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {
     prefetch_ahead(src + i);
-    const __m256 v0 = _mm256_loadu_ps(src + i), v1 = _mm256_loadu_ps(src + i + 8);
-    const __m256 v2 = _mm256_loadu_ps(src + i + 16), v3 = _mm256_loadu_ps(src + i + 24);
+    const __m256 v0 = loadf(src + i), v1 = loadf(src + i + 8);
+    const __m256 v2 = loadf(src + i + 16), v3 = loadf(src + i + 24);
     take(0, v0);
     take(1, v1);
     take(2, v2);
@@ -311,13 +349,13 @@ inline int64_t reduce_argmax(const float* __restrict src, int64_t n, float* valu
     t = _mm256_add_epi32(t, one);
   }
   for (int k = 0; i + 8 <= n; i += 8, ++k) {
-    const __m256 v = _mm256_loadu_ps(src + i);
+    const __m256 v = loadf(src + i);
     take(k, v);
     nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
   }
   int64_t at = 0;
   if (_mm256_movemask_ps(nan) != 0) {
-    for (at = n - 1; src[at] == src[at]; --at) {}
+    for (at = n - 1; !std::isnan(static_cast<float>(src[at])); --at) {}
   } else {
     // Branch-free merge (a mispredicted branch per plane stalls the loads of the next one): the
     // smallest cell among the lanes that hold the maximum.
@@ -336,12 +374,14 @@ inline int64_t reduce_argmax(const float* __restrict src, int64_t n, float* valu
     at = hmin_epi32(best);
     if (at >= n) at = 0;  // n == 0
     for (; i < n; ++i) {
-      const bool t = takes(src[i], m);
-      m = t ? src[i] : m;
+      const float v = static_cast<float>(src[i]);
+      const bool t = takes(v, m);
+      m = t ? v : m;
       at = t ? i : at;
     }
   }
-  *value = n > 0 ? src[at] : -std::numeric_limits<float>::infinity();  // +0 and -0 compare equal
+  // The cell itself (+0 and -0 compare equal).
+  *value = n > 0 ? src[at] : static_cast<T>(-std::numeric_limits<float>::infinity());
   return at;
 }
 
@@ -518,38 +558,6 @@ inline __m256i lanes_inside(int64_t x0, int64_t w) {
                                      _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   return _mm256_and_si256(_mm256_cmpgt_epi32(x, _mm256_set1_epi32(-1)),
                           _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(w)), x));
-}
-
-// Element types of the fused forwards: float, and bfloat16 / half converted to float in
-// registers as they are loaded and rounded to nearest even (torch's rounding) as they are stored.
-template <typename T>
-constexpr bool kFusedType = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16> ||
-                            std::is_same_v<T, c10::Half>;
-
-// 8 elements at p as floats.
-inline __m256 loadf(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 loadf(const c10::BFloat16* p) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-inline __m256 loadf(const c10::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-
-// Stores 8 floats at p as T.
-inline void storef(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
-inline void storef(c10::BFloat16* p, __m256 v) {
-  // c10::BFloat16's rounding: + 0x7FFF + the kept part's lowest bit, keep the top 16 bits;
-  // NaN -> 0x7FC0.
-  const __m256i b = _mm256_castps_si256(v);
-  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
-  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
-  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
-  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
-}
-inline void storef(c10::Half* p, __m256 v) {
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
 }
 
 // The first n (<= 8) elements at p as floats; the other lanes are 0 and are not read.
@@ -2005,13 +2013,13 @@ void global_max_planar(const scalar_t* in, scalar_t* out, int64_t* pos, int64_t 
     for (int64_t pl = begin; pl < end; ++pl) {
       const scalar_t* src = in + pl * P;
 #if defined(TORCHPOOL_AVX2)
-      if constexpr (std::is_same_v<scalar_t, float>) {
+      if constexpr (kFusedType<scalar_t>) {
         if (kPos && P < (int64_t{1} << 31)) {
           pos[pl] = reduce_argmax(src, P, out + pl);
           continue;
         }
         if (!kPos) {
-          out[pl] = reduce_max(src, P);
+          out[pl] = static_cast<scalar_t>(reduce_max(src, P));  // an input value: exact
           continue;
         }
       }
@@ -2085,8 +2093,8 @@ void global_avg_planar(const scalar_t* in, scalar_t* out, int64_t planes, int64_
     for (int64_t pl = begin; pl < end; ++pl) {
       const scalar_t* src = in + pl * P;
 #if defined(TORCHPOOL_AVX2)
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        out[pl] = reduce_sum(src, P) / static_cast<float>(P);
+      if constexpr (kFusedType<scalar_t>) {
+        out[pl] = static_cast<scalar_t>(reduce_sum(src, P) / static_cast<float>(P));
         continue;
       }
 #endif
