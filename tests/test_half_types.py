@@ -126,3 +126,45 @@ def test_global_pools_match_torch(rng, dtype, shape):
         avg = tpf.global_avg_pool2d(x)
     ravg = x.float().mean((2, 3)).to(dtype)  # torch's: a float32 mean rounded once
     assert_close(avg, ravg, dtype, equal_nan=True)
+
+
+BWD_CASES = [  # (shape, kwargs, layout): tiling windows (odd sizes leave cells no window covers),
+    # overlapping windows in channels-last (gradients add up)
+    ((2, 3, 11, 37), dict(kernel_size=2), "contiguous"),
+    ((2, 3, 16, 40), dict(kernel_size=2, stride=2), "contiguous"),
+    ((2, 3, 5, 9, 33), dict(kernel_size=2), "contiguous"),
+    ((2, 37, 12, 20), dict(kernel_size=3, stride=2, padding=1), "channels_last"),
+    ((2, 64, 9, 11), dict(kernel_size=3, stride=1, padding=1), "channels_last"),
+    ((2, 5, 10, 10), dict(kernel_size=2), "channels_last"),
+]
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("kind", ["max", "avg"])
+@pytest.mark.parametrize("shape,kw,layout", BWD_CASES,
+                         ids=[f"{'x'.join(map(str, c[0]))}-{c[2]}" for c in BWD_CASES])
+def test_backward_within_half_an_ulp_of_float64(rng, dtype, kind, shape, kw, layout):
+    """Each input cell's gradient, summed in float32 and rounded once: within half an ulp of the
+    float64 gradient (through torch's max positions, which ours equal), plus float32's summation
+    error, which is relative to the sum of the terms' magnitudes."""
+    nd = len(shape) - 2
+    x = to_layout((torch.randn(shape, generator=rng) * 4).to(dtype), layout)
+    ours, ref = OURS[nd][kind == "avg"], TORCH[nd][kind == "avg"]
+    xg = x.clone().requires_grad_()
+    out = ours(xg, **kw)
+    g = torch.randn(out.shape, generator=rng).to(dtype)
+    out.backward(g)
+    xr = x.double().requires_grad_()
+    ref(xr, **kw).backward(g.double())
+    exact = xr.grad
+    xa = x.double().requires_grad_()
+    ref(xa, **kw).backward(g.double().abs())
+    magnitude = xa.grad  # the sum of |term| per cell (the same windows and positions)
+    assert xg.grad.dtype == dtype and bool((exact != 0).any())
+    ulp = torch.finfo(dtype).eps * torch.exp2(torch.floor(torch.log2(exact.abs().clamp_min(
+        torch.finfo(dtype).tiny))))
+    err = (xg.grad.double() - exact).abs()
+    bound = 0.5 * ulp + 16 * 2.0 ** -24 * magnitude
+    assert bool((err <= bound).all()), float((err / bound).max())
+    if kind == "max":  # few terms, exact in float32: zero exactly where the exact sum is
+        assert bool(((xg.grad == 0) == (exact == 0)).all())

@@ -909,8 +909,9 @@ inline __m256i load_pos8(const uint8_t* p, int64_t n) {
 // cover the cell are listed once (the depth/height part per input row, the width part per
 // cell), then each block of channels adds the gradients whose saved position is this cell and
 // is stored once. No accumulator row, no zero fill, no copy.
-inline void max_bwd_cl_fused(const float* gout, const uint8_t* pos, float* gin, const PoolGeometry& g,
-                             int64_t N, int64_t C) {
+template <typename T>
+void max_bwd_cl_fused(const T* gout, const uint8_t* pos, T* gin, const PoolGeometry& g,
+                      int64_t N, int64_t C) {
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2], KH = g.kernel[1], KW = g.kernel[2];
   const DimTable td(g, 0, true), th(g, 1, true), tw(g, 2, true);
@@ -937,13 +938,13 @@ inline void max_bwd_cl_fused(const float* gout, const uint8_t* pos, float* gin, 
             ks.push_back(row_k[j] + static_cast<int32_t>(tw.cover_k[cw]));
           }
         }
-        float* dst = gin + (r * IW + iw) * C;
+        T* dst = gin + (r * IW + iw) * C;
         for_channel_blocks(C, [&](auto NVc, int64_t c, int64_t nl) {
           constexpr int NV = decltype(NVc)::value;
           __m256 acc[NV];
           for (int v = 0; v < NV; ++v) acc[v] = _mm256_setzero_ps();
           for (size_t j = 0; j < offs.size(); ++j) {
-            const float* gs = gout + offs[j] + c;
+            const T* gs = gout + offs[j] + c;
             const uint8_t* ps = pos + offs[j] + c;
             const __m256i kv = _mm256_set1_epi32(ks[j]);
             for (int v = 0; v < NV; ++v) {
@@ -1248,19 +1249,19 @@ inline bool tile_bwd_ok(const PoolGeometry& g, int64_t planes) {
   return g.kernel[2] == 2 && g.out[2] >= 8;
 }
 
-template <typename OutputRow>
-void write_tiles(float* gin, const PoolGeometry& g, int64_t planes, OutputRow&& output_row) {
+template <typename T, typename OutputRow>
+void write_tiles(T* gin, const PoolGeometry& g, int64_t planes, OutputRow&& output_row) {
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2], KD = g.kernel[0], KH = g.kernel[1];
   at::parallel_for(0, planes, grain_for(g.in_plane()), [&](int64_t begin, int64_t end) {
     std::vector<float> tmp(OW);
     for (int64_t pl = begin; pl < end; ++pl) {
-      float* plane = gin + pl * ID * IH * IW;
+      T* plane = gin + pl * ID * IH * IW;
       // Rows no window covers: past the last window row, and every row of the depth slices past
       // the last window slice.
       for (int64_t id = 0; id < ID; ++id) {
         for (int64_t ih = (id < OD * KD ? OH * KH : 0); ih < IH; ++ih) {
-          std::fill(plane + (id * IH + ih) * IW, plane + (id * IH + ih + 1) * IW, 0.f);
+          std::fill(plane + (id * IH + ih) * IW, plane + (id * IH + ih + 1) * IW, T(0));
         }
       }
       for (int64_t od = 0; od < OD; ++od) {
@@ -1268,16 +1269,16 @@ void write_tiles(float* gin, const PoolGeometry& g, int64_t planes, OutputRow&& 
           auto cols = output_row(((pl * OD + od) * OH + oh) * OW, od, oh, tmp.data());
           for (int64_t kd = 0; kd < KD; ++kd) {
             for (int64_t kh = 0; kh < KH; ++kh) {
-              float* row = plane + ((od * KD + kd) * IH + oh * KH + kh) * IW;
+              T* row = plane + ((od * KD + kd) * IH + oh * KH + kh) * IW;
               for (int64_t i = 0; i < OW; i += 8) {
                 const int64_t ow0 = chunk_start(i, OW);
                 __m256 v0, v1;
                 cols(ow0, kd, kh, v0, v1);
                 const __m256 lo = _mm256_unpacklo_ps(v0, v1), hi = _mm256_unpackhi_ps(v0, v1);
-                _mm256_storeu_ps(row + 2 * ow0, _mm256_permute2f128_ps(lo, hi, 0x20));
-                _mm256_storeu_ps(row + 2 * ow0 + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+                storef(row + 2 * ow0, _mm256_permute2f128_ps(lo, hi, 0x20));
+                storef(row + 2 * ow0 + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
               }
-              std::fill(row + 2 * OW, row + IW, 0.f);  // columns past the last window
+              std::fill(row + 2 * OW, row + IW, T(0));  // columns past the last window
             }
           }
         }
@@ -1287,12 +1288,13 @@ void write_tiles(float* gin, const PoolGeometry& g, int64_t planes, OutputRow&& 
 }
 
 // Max: the saved position selects the column whose cell took the maximum; bit-identical to torch.
-inline void max_bwd_tiles(const float* gout, const uint8_t* pos, float* gin, const PoolGeometry& g,
-                          int64_t planes) {
+template <typename T>
+void max_bwd_tiles(const T* gout, const uint8_t* pos, T* gin, const PoolGeometry& g,
+                   int64_t planes) {
   const int32_t KH = static_cast<int32_t>(g.kernel[1]);
   write_tiles(gin, g, planes, [&](int64_t o, int64_t, int64_t, float*) {
     return [=](int64_t ow0, int64_t kd, int64_t kh, __m256& v0, __m256& v1) {
-      const __m256 g8 = _mm256_loadu_ps(gout + o + ow0);
+      const __m256 g8 = loadf(gout + o + ow0);
       const __m256i p8 =
           _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(pos + o + ow0)));
       const __m256i k0 = _mm256_set1_epi32((static_cast<int32_t>(kd) * KH + static_cast<int32_t>(kh)) * 2);
@@ -1308,7 +1310,7 @@ template <typename scalar_t, typename pos_t>
 void max_bwd_planar(const scalar_t* gout, const pos_t* pos, scalar_t* gin, const PoolGeometry& g,
                     int64_t planes) {
 #if defined(TORCHPOOL_AVX2)
-  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<pos_t, uint8_t>) {
+  if constexpr (kFusedType<scalar_t> && std::is_same_v<pos_t, uint8_t>) {
     if (tile_bwd_ok(g, planes)) {
       max_bwd_tiles(gout, pos, gin, g, planes);
       return;
@@ -1360,7 +1362,7 @@ template <typename scalar_t, typename pos_t>
 void max_bwd_cl(const scalar_t* gout, const pos_t* pos, scalar_t* gin, const PoolGeometry& g,
                 int64_t N, int64_t C) {
 #if defined(TORCHPOOL_AVX2)
-  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<pos_t, uint8_t>) {
+  if constexpr (kFusedType<scalar_t> && std::is_same_v<pos_t, uint8_t>) {
     max_bwd_cl_fused(gout, pos, gin, g, N, C);
     return;
   }
@@ -1726,15 +1728,16 @@ void avg_bwd_fused(const float* gout, float* gin, const PoolGeometry& g, int64_t
 #if defined(TORCHPOOL_AVX2)
 // Average over windows that tile the input (write_tiles): both columns of every tile row get
 // grad / divisor, the one contribution torch adds there, so the result is bit-identical.
-inline void avg_bwd_tiles(const float* gout, float* gin, const PoolGeometry& g, int64_t planes,
-                          const AvgTables& t) {
+template <typename T>
+void avg_bwd_tiles(const T* gout, T* gin, const PoolGeometry& g, int64_t planes,
+                   const AvgTables& t) {
   const int64_t OW = g.out[2];
   const std::vector<float> wf = t.w_factors((OW + 7) / 8 * 8);
   write_tiles(gin, g, planes, [&](int64_t o, int64_t od, int64_t oh, float* scaled) {
     // The row's grad / divisor once, for all its tile rows.
     for (int64_t i = 0; i < OW; i += 8) {
       const int64_t ow0 = chunk_start(i, OW);
-      _mm256_storeu_ps(scaled + ow0, _mm256_div_ps(_mm256_loadu_ps(gout + o + ow0),
+      _mm256_storeu_ps(scaled + ow0, _mm256_div_ps(loadf(gout + o + ow0),
                                                    divisors8(t, wf, od, oh, ow0)));
     }
     return [=](int64_t ow0, int64_t, int64_t, __m256& v0, __m256& v1) {
@@ -1917,11 +1920,13 @@ void avg_bwd_planar(const scalar_t* gout, scalar_t* gin, const PoolGeometry& g, 
   const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2], KW = g.kernel[2];
   const AvgTables t(g, true, count_include_pad, divisor_override);
 #if defined(TORCHPOOL_AVX2)
-  if constexpr (std::is_same_v<scalar_t, float>) {
+  if constexpr (kFusedType<scalar_t>) {
     if (tile_bwd_ok(g, planes)) {
       avg_bwd_tiles(gout, gin, g, planes, t);
       return;
     }
+  }
+  if constexpr (std::is_same_v<scalar_t, float>) {
     if (separable_bwd_ok(g, planes)) {
       g.kernel[2] == 3 ? avg_bwd_separable<3>(gout, gin, g, planes, t)
                        : avg_bwd_separable<0>(gout, gin, g, planes, t);
