@@ -166,21 +166,51 @@ inline void masked_add(const float* __restrict grad, const uint8_t* __restrict p
   for (; i < n; ++i) dst[i] += (static_cast<int32_t>(pos[i]) == k) ? grad[i] : 0.f;
 }
 
-inline void convert(const c10::Half* __restrict src, float* __restrict dst, int64_t n) {
+// Element types of the fused forwards: float, and bfloat16 / half converted to float in
+// registers as they are loaded and rounded to nearest even (torch's rounding) as they are stored.
+template <typename T>
+constexpr bool kFusedType = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16> ||
+                            std::is_same_v<T, c10::Half>;
+
+// 8 elements at p as floats.
+inline __m256 loadf(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 loadf(const c10::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline __m256 loadf(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// Stores 8 floats at p as T.
+inline void storef(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void storef(c10::BFloat16* p, __m256 v) {
+  // c10::BFloat16's rounding: + 0x7FFF + the kept part's lowest bit, keep the top 16 bits;
+  // NaN -> 0x7FC0.
+  const __m256i b = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+inline void storef(c10::Half* p, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+
+// Half type <-> float, 8 at a time (the generic convert goes one element at a time).
+template <typename T, std::enable_if_t<kFusedType<T> && !std::is_same_v<T, float>, int> = 0>
+inline void convert(const T* __restrict src, float* __restrict dst, int64_t n) {
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
-  }
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, loadf(src + i));
   for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
-inline void convert(const c10::BFloat16* __restrict src, float* __restrict dst, int64_t n) {
+template <typename T, std::enable_if_t<kFusedType<T> && !std::is_same_v<T, float>, int> = 0>
+inline void convert(const float* __restrict src, T* __restrict dst, int64_t n) {
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
-    _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
-  }
-  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+  for (; i + 8 <= n; i += 8) storef(dst + i, _mm256_loadu_ps(src + i));
+  for (; i < n; ++i) dst[i] = static_cast<T>(src[i]);
 }
 
 // a[j] = src[2j], b[j] = src[2j + 1] for j < m (reads exactly src[0, 2m)).
@@ -224,38 +254,6 @@ inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
-// Element types of the fused forwards: float, and bfloat16 / half converted to float in
-// registers as they are loaded and rounded to nearest even (torch's rounding) as they are stored.
-template <typename T>
-constexpr bool kFusedType = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16> ||
-                            std::is_same_v<T, c10::Half>;
-
-// 8 elements at p as floats.
-inline __m256 loadf(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 loadf(const c10::BFloat16* p) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-inline __m256 loadf(const c10::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-
-// Stores 8 floats at p as T.
-inline void storef(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
-inline void storef(c10::BFloat16* p, __m256 v) {
-  // c10::BFloat16's rounding: + 0x7FFF + the kept part's lowest bit, keep the top 16 bits;
-  // NaN -> 0x7FC0.
-  const __m256i b = _mm256_castps_si256(v);
-  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
-  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
-  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
-  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
-}
-inline void storef(c10::Half* p, __m256 v) {
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
 }
 
 // Sum of n elements (as floats) with four independent vector accumulators.
