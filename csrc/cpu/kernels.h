@@ -1839,8 +1839,8 @@ inline bool separable_bwd_ok(const PoolGeometry& g, int64_t planes) {
          fits_scatter_plane<float>(rows * width, planes);
 }
 
-template <int KWc>
-void avg_bwd_separable(const float* gout, float* gin, const PoolGeometry& g, int64_t planes,
+template <int KWc, typename T>
+void avg_bwd_separable(const T* gout, T* gin, const PoolGeometry& g, int64_t planes,
                        const AvgTables& t) {
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2], PW = g.pad[2];
@@ -1860,9 +1860,9 @@ void avg_bwd_separable(const float* gout, float* gin, const PoolGeometry& g, int
     std::vector<const float*> rows;  // the H rows covering one input row
     float* const scv = sc.data() + (KW - 1);
     for (int64_t pl = begin; pl < end; ++pl) {
-      const float* go = gout + pl * OD * OH * OW;
+      const T* go = gout + pl * OD * OH * OW;
       for (int64_t o = 0; o < OD * OH; ++o) {
-        const float* grow = go + o * OW;
+        const T* grow = go + o * OW;
         const float* drow = div.data() + o * OW;
         for (int64_t ow = 0; ow < OW; ow += 8) {  // lanes past OW: 0 * 1 (sc stays 0 there)
           const int64_t nl = std::min<int64_t>(8, OW - ow);
@@ -1876,10 +1876,10 @@ void avg_bwd_separable(const float* gout, float* gin, const PoolGeometry& g, int
           _mm256_storeu_ps(h + iw, v);
         }
       }
-      float* gi = gin + pl * ID * IH * IW;
+      T* gi = gin + pl * ID * IH * IW;
       for (int64_t id = 0; id < ID; ++id) {
         for (int64_t ih = 0; ih < IH; ++ih) {
-          float* dst = gi + (id * IH + ih) * IW;
+          T* dst = gi + (id * IH + ih) * IW;
           rows.clear();
           for (int64_t cd = t.d.first[id]; cd < t.d.first[id + 1]; ++cd) {
             for (int64_t ch = t.h.first[ih]; ch < t.h.first[ih + 1]; ++ch) {
@@ -1895,8 +1895,8 @@ void avg_bwd_separable(const float* gout, float* gin, const PoolGeometry& g, int
               return v;
             };
             int64_t x = 0;
-            for (; x + 8 <= IW; x += 8) _mm256_storeu_ps(dst + x, col(x));
-            if (x < IW) _mm256_maskstore_ps(dst + x, lanes_inside(0, IW - x), col(x));
+            for (; x + 8 <= IW; x += 8) storef(dst + x, col(x));
+            if (x < IW) store8(dst + x, col(x), IW - x);
           };
           switch (rows.size()) {
             case 2: store_row(std::integral_constant<int, 2>{}); break;
@@ -1923,8 +1923,6 @@ void avg_bwd_planar(const scalar_t* gout, scalar_t* gin, const PoolGeometry& g, 
       avg_bwd_tiles(gout, gin, g, planes, t);
       return;
     }
-  }
-  if constexpr (std::is_same_v<scalar_t, float>) {
     if (separable_bwd_ok(g, planes)) {
       g.kernel[2] == 3 ? avg_bwd_separable<3>(gout, gin, g, planes, t)
                        : avg_bwd_separable<0>(gout, gin, g, planes, t);
