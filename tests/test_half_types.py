@@ -129,12 +129,15 @@ def test_global_pools_match_torch(rng, dtype, shape):
 
 
 BWD_CASES = [  # (shape, kwargs, layout): tiling windows (odd sizes leave cells no window covers),
-    # stride-1 windows (the separable average backward), overlapping windows in channels-last
+    # stride-1 windows (the separable average backward), planes too large to build in cache
+    # (gathered per input row), overlapping windows in channels-last
     ((2, 3, 11, 37), dict(kernel_size=2), "contiguous"),
     ((2, 3, 16, 40), dict(kernel_size=2, stride=2), "contiguous"),
     ((2, 3, 5, 9, 33), dict(kernel_size=2), "contiguous"),
     ((2, 3, 13, 35), dict(kernel_size=3, stride=1, padding=1), "contiguous"),
     ((2, 3, 9, 21), dict(kernel_size=5, stride=1, padding=2), "contiguous"),
+    ((1, 2, 300, 283), dict(kernel_size=3, stride=2, padding=1), "contiguous"),
+    ((1, 2, 290, 301), dict(kernel_size=3, stride=1, padding=1), "contiguous"),
     ((2, 37, 12, 20), dict(kernel_size=3, stride=2, padding=1), "channels_last"),
     ((2, 64, 9, 11), dict(kernel_size=3, stride=1, padding=1), "channels_last"),
     ((2, 5, 10, 10), dict(kernel_size=2), "channels_last"),

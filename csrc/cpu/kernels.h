@@ -1094,8 +1094,8 @@ inline __m256 shift_in(__m256 prev, __m256 cur, int64_t s) {
   }
 }
 
-template <int S, typename Contrib>
-inline void bwd_row_fused(float* row, const PoolGeometry& g, Contrib&& contrib) {
+template <int S, typename T, typename Contrib>
+inline void bwd_row_fused(T* row, const PoolGeometry& g, Contrib&& contrib) {
   const int64_t IW = g.in[2], KW = g.kernel[2], pad = g.pad[2];
   __m256 prev[8];  // each column's contributions of the previous chunk
   for (int64_t kw = S; kw < KW; ++kw) prev[kw] = _mm256_setzero_ps();
@@ -1124,18 +1124,20 @@ inline void bwd_row_fused(float* row, const PoolGeometry& g, Contrib&& contrib) 
       b = _mm256_permute2f128_ps(lo, hi, 0x31);
     }
     if (x0 >= 0 && x0 + 8 * S <= IW) {
-      _mm256_storeu_ps(row + x0, a);
-      if (S == 2) _mm256_storeu_ps(row + x0 + 8, b);
+      storef(row + x0, a);
+      if (S == 2) storef(row + x0 + 8, b);
     } else {  // row edges: only the cells inside the row
       _mm256_store_ps(edge, a);
       if (S == 2) _mm256_store_ps(edge + 8 * (S - 1), b);
-      for (int64_t j = std::max<int64_t>(0, -x0); j < 8 * S && x0 + j < IW; ++j) row[x0 + j] = edge[j];
+      for (int64_t j = std::max<int64_t>(0, -x0); j < 8 * S && x0 + j < IW; ++j) {
+        row[x0 + j] = static_cast<T>(edge[j]);
+      }
     }
   }
 }
 
-template <int S>
-void max_bwd_fused(const float* gout, const uint8_t* pos, float* gin, const PoolGeometry& g,
+template <int S, typename T>
+void max_bwd_fused(const T* gout, const uint8_t* pos, T* gin, const PoolGeometry& g,
                    int64_t planes) {
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2], KH = g.kernel[1], KW = g.kernel[2];
@@ -1320,7 +1322,7 @@ void max_bwd_planar(const scalar_t* gout, const pos_t* pos, scalar_t* gin, const
     return;
   }
 #if defined(TORCHPOOL_AVX2)
-  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<pos_t, uint8_t>) {
+  if constexpr (kFusedType<scalar_t> && std::is_same_v<pos_t, uint8_t>) {
     if (fused_bwd_ok(g)) {
       g.stride[2] == 1 ? max_bwd_fused<1>(gout, pos, gin, g, planes)
                        : max_bwd_fused<2>(gout, pos, gin, g, planes);
@@ -1694,8 +1696,8 @@ void avg_fwd_cl(const scalar_t* in, scalar_t* out, const PoolGeometry& g, int64_
 }
 
 #if defined(TORCHPOOL_AVX2)
-template <int S>
-void avg_bwd_fused(const float* gout, float* gin, const PoolGeometry& g, int64_t planes,
+template <int S, typename T>
+void avg_bwd_fused(const T* gout, T* gin, const PoolGeometry& g, int64_t planes,
                    const AvgTables& t) {
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2], KW = g.kernel[2];
@@ -1935,7 +1937,7 @@ void avg_bwd_planar(const scalar_t* gout, scalar_t* gin, const PoolGeometry& g, 
     return;
   }
 #if defined(TORCHPOOL_AVX2)
-  if constexpr (std::is_same_v<scalar_t, float>) {
+  if constexpr (kFusedType<scalar_t>) {
     if (fused_bwd_ok(g)) {
       g.stride[2] == 1 ? avg_bwd_fused<1>(gout, gin, g, planes, t)
                        : avg_bwd_fused<2>(gout, gin, g, planes, t);
