@@ -2133,6 +2133,17 @@ void global_avg_cl(const scalar_t* in, scalar_t* out, int64_t N, int64_t C, int6
   });
 }
 
+// dst[0, n) = v. The half types fill their 16-bit patterns: std::fill on the c10 structs goes
+// one element at a time.
+template <typename T>
+inline void fill_value(T* dst, int64_t n, T v) {
+  if constexpr (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>) {
+    std::fill(reinterpret_cast<uint16_t*>(dst), reinterpret_cast<uint16_t*>(dst) + n, v.x);
+  } else {
+    std::fill(dst, dst + n, v);
+  }
+}
+
 // grad_in = 0 except grad at the saved position (max), or grad / P everywhere (avg).
 template <typename scalar_t, bool kMax>
 void global_bwd(const scalar_t* gout, const int64_t* pos, scalar_t* gin, int64_t N, int64_t C,
@@ -2144,7 +2155,7 @@ void global_bwd(const scalar_t* gout, const int64_t* pos, scalar_t* gin, int64_t
     for (int64_t r = begin; r < end; ++r) {
       scalar_t* dst = gin + r * run;
       if (kMax) {
-        std::fill(dst, dst + run, scalar_t(0));
+        fill_value(dst, run, scalar_t(0));
         if (cl) {
           const int64_t n = r / P, i = r % P;
           for (int64_t c = 0; c < C; ++c) {
@@ -2161,7 +2172,7 @@ void global_bwd(const scalar_t* gout, const int64_t* pos, scalar_t* gin, int64_t
       } else {
         const scalar_t v =
             static_cast<scalar_t>(static_cast<acc_t>(gout[r]) / static_cast<acc_t>(P));
-        std::fill(dst, dst + run, v);
+        fill_value(dst, run, v);
       }
     }
   });
