@@ -105,12 +105,14 @@ def test_rounding_to_the_half_type_is_torchs(rng, dtype, layout):
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
-@pytest.mark.parametrize("shape", [(3, 5, 14, 14), (2, 3, 96, 96), (2, 4, 3, 7)])
-def test_global_pools_match_torch(rng, dtype, shape):
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [(3, 5, 14, 14), (2, 3, 96, 96), (2, 4, 3, 7), (2, 45, 6, 5)])
+def test_global_pools_match_torch(rng, dtype, layout, shape):
     """Global max (value, and index of the first maximum; ties are many in a half type) and
     average (float32 sum, one rounding) on planes of 21 to 9216 cells, one plane with a NaN."""
     x = (torch.randn(shape, generator=rng) * 4).to(dtype)
     x[1, 2, 1, 3] = float("nan")
+    x = to_layout(x, layout)
     out = tpf.global_max_pool2d(x.clone().requires_grad_(), keepdim=True)
     rout, ridx = F.adaptive_max_pool2d(x.float(), 1, return_indices=True)
     with torch.no_grad():

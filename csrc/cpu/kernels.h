@@ -213,6 +213,47 @@ inline void convert(const float* __restrict src, T* __restrict dst, int64_t n) {
   for (; i < n; ++i) dst[i] = static_cast<T>(src[i]);
 }
 
+// The max / sum passes over a half-type row into float accumulators, converting in registers.
+template <typename T, std::enable_if_t<kFusedType<T> && !std::is_same_v<T, float>, int> = 0>
+inline void sum_pass(const T* __restrict src, float* __restrict acc, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(acc + i, _mm256_add_ps(_mm256_loadu_ps(acc + i), loadf(src + i)));
+  for (; i < n; ++i) acc[i] += static_cast<float>(src[i]);
+}
+
+template <typename T, std::enable_if_t<kFusedType<T> && !std::is_same_v<T, float>, int> = 0>
+inline void max_pass_pos(const T* __restrict src, float* __restrict acc, int32_t* __restrict best,
+                         int32_t k, int64_t n) {
+  const __m256 kv = _mm256_castsi256_ps(_mm256_set1_epi32(k));
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = loadf(src + i), a = _mm256_loadu_ps(acc + i);
+    const __m256 m = take_mask(v, a);
+    const __m256 b = _mm256_loadu_ps(reinterpret_cast<const float*>(best + i));
+    _mm256_storeu_ps(acc + i, _mm256_blendv_ps(a, v, m));
+    _mm256_storeu_ps(reinterpret_cast<float*>(best + i), _mm256_blendv_ps(b, kv, m));
+  }
+  for (; i < n; ++i) {
+    const float v = static_cast<float>(src[i]);
+    const bool t = takes(v, acc[i]);
+    acc[i] = t ? v : acc[i];
+    best[i] = t ? k : best[i];
+  }
+}
+
+template <typename T, std::enable_if_t<kFusedType<T> && !std::is_same_v<T, float>, int> = 0>
+inline void max_pass(const T* __restrict src, float* __restrict acc, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = loadf(src + i), a = _mm256_loadu_ps(acc + i);
+    _mm256_storeu_ps(acc + i, _mm256_blendv_ps(a, v, take_mask(v, a)));
+  }
+  for (; i < n; ++i) {
+    const float v = static_cast<float>(src[i]);
+    acc[i] = takes(v, acc[i]) ? v : acc[i];
+  }
+}
+
 // a[j] = src[2j], b[j] = src[2j + 1] for j < m (reads exactly src[0, 2m)).
 inline void deinterleave2(const float* __restrict src, float* __restrict a, float* __restrict b,
                           int64_t m) {
@@ -393,6 +434,43 @@ inline const acc_t* src_as_acc(const scalar_t* src, acc_t* tmp, int64_t n) {
   } else {
     convert(src, tmp, n);
     return tmp;
+  }
+}
+
+// The passes with a row of scalar_t: straight from the row where the AVX2 passes read the type
+// (float, and the half types converted in registers), else through `tmp`.
+template <typename scalar_t>
+constexpr bool kPassReads = std::is_same_v<scalar_t, acc_type<scalar_t>>
+#if defined(TORCHPOOL_AVX2)
+                            || kFusedType<scalar_t>
+#endif
+    ;
+
+template <typename scalar_t, typename acc_t>
+inline void sum_row(const scalar_t* src, acc_t* acc, acc_t* tmp, int64_t n) {
+  if constexpr (kPassReads<scalar_t>) {
+    sum_pass(src, acc, n);
+  } else {
+    sum_pass(src_as_acc(src, tmp, n), acc, n);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline void max_row(const scalar_t* src, acc_t* acc, acc_t* tmp, int64_t n) {
+  if constexpr (kPassReads<scalar_t>) {
+    max_pass(src, acc, n);
+  } else {
+    max_pass(src_as_acc(src, tmp, n), acc, n);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline void max_row_pos(const scalar_t* src, acc_t* acc, int32_t* best, int32_t k, acc_t* tmp,
+                        int64_t n) {
+  if constexpr (kPassReads<scalar_t>) {
+    max_pass_pos(src, acc, best, k, n);
+  } else {
+    max_pass_pos(src_as_acc(src, tmp, n), acc, best, k, n);
   }
 }
 
@@ -2074,11 +2152,11 @@ void global_max_cl(const scalar_t* in, scalar_t* out, int64_t* pos, int64_t N, i
       std::fill(m.begin(), m.end(), neg_inf<acc_t>());
       if (kPos) std::fill(best.begin(), best.end(), 0);
       for (int64_t i = 0; i < P; ++i) {
-        const acc_t* v = src_as_acc(in + (n * P + i) * C + c0, tmp.data(), cn);
+        const scalar_t* row = in + (n * P + i) * C + c0;
         if (kPos) {
-          max_pass_pos(v, m.data(), best.data(), static_cast<int32_t>(i), cn);
+          max_row_pos(row, m.data(), best.data(), static_cast<int32_t>(i), tmp.data(), cn);
         } else {
-          max_pass(v, m.data(), cn);
+          max_row(row, m.data(), tmp.data(), cn);
         }
       }
       for (int64_t c = 0; c < cn; ++c) out[n * C + c0 + c] = static_cast<scalar_t>(m[c]);
@@ -2123,9 +2201,7 @@ void global_avg_cl(const scalar_t* in, scalar_t* out, int64_t N, int64_t C, int6
       const int64_t n = t / cblocks, c0 = (t % cblocks) * kBlock;
       const int64_t cn = std::min(kBlock, C - c0);
       std::fill(s.begin(), s.end(), acc_t(0));
-      for (int64_t i = 0; i < P; ++i) {
-        sum_pass(src_as_acc(in + (n * P + i) * C + c0, tmp.data(), cn), s.data(), cn);
-      }
+      for (int64_t i = 0; i < P; ++i) sum_row(in + (n * P + i) * C + c0, s.data(), tmp.data(), cn);
       for (int64_t c = 0; c < cn; ++c) {
         out[n * C + c0 + c] = static_cast<scalar_t>(s[c] / static_cast<acc_t>(P));
       }
