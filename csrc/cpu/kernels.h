@@ -111,61 +111,6 @@ inline void convert(const scalar_t* __restrict src, acc_t* __restrict dst, int64
 }
 
 #if defined(TORCHPOOL_AVX2)
-// AVX2 versions of the passes for float (and the half-type conversions): the compiler does not
-// vectorize the generic ones reliably. Overloads, so they win over the templates above.
-
-inline __m256 take_mask(__m256 v, __m256 cur) {
-  return _mm256_or_ps(_mm256_cmp_ps(v, cur, _CMP_GT_OQ), _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-}
-
-inline void max_pass(const float* __restrict src, float* __restrict acc, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256 v = _mm256_loadu_ps(src + i), a = _mm256_loadu_ps(acc + i);
-    _mm256_storeu_ps(acc + i, _mm256_blendv_ps(a, v, take_mask(v, a)));
-  }
-  for (; i < n; ++i) acc[i] = takes(src[i], acc[i]) ? src[i] : acc[i];
-}
-
-inline void max_pass_pos(const float* __restrict src, float* __restrict acc,
-                         int32_t* __restrict best, int32_t k, int64_t n) {
-  const __m256 kv = _mm256_castsi256_ps(_mm256_set1_epi32(k));
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256 v = _mm256_loadu_ps(src + i), a = _mm256_loadu_ps(acc + i);
-    const __m256 m = take_mask(v, a);
-    const __m256 b = _mm256_loadu_ps(reinterpret_cast<const float*>(best + i));
-    _mm256_storeu_ps(acc + i, _mm256_blendv_ps(a, v, m));
-    _mm256_storeu_ps(reinterpret_cast<float*>(best + i), _mm256_blendv_ps(b, kv, m));
-  }
-  for (; i < n; ++i) {
-    const bool t = takes(src[i], acc[i]);
-    acc[i] = t ? src[i] : acc[i];
-    best[i] = t ? k : best[i];
-  }
-}
-
-inline void sum_pass(const float* __restrict src, float* __restrict acc, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    _mm256_storeu_ps(acc + i, _mm256_add_ps(_mm256_loadu_ps(acc + i), _mm256_loadu_ps(src + i)));
-  }
-  for (; i < n; ++i) acc[i] += src[i];
-}
-
-inline void masked_add(const float* __restrict grad, const uint8_t* __restrict pos, int32_t k,
-                       float* __restrict dst, int64_t n) {
-  const __m256i kv = _mm256_set1_epi32(k);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256i p = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(pos + i)));
-    const __m256 m = _mm256_castsi256_ps(_mm256_cmpeq_epi32(p, kv));
-    const __m256 g = _mm256_and_ps(m, _mm256_loadu_ps(grad + i));
-    _mm256_storeu_ps(dst + i, _mm256_add_ps(_mm256_loadu_ps(dst + i), g));
-  }
-  for (; i < n; ++i) dst[i] += (static_cast<int32_t>(pos[i]) == k) ? grad[i] : 0.f;
-}
-
 // Element types of the fused forwards: float, and bfloat16 / half converted to float in
 // registers as they are loaded and rounded to nearest even (torch's rounding) as they are stored.
 template <typename T>
@@ -198,32 +143,32 @@ inline void storef(c10::Half* p, __m256 v) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
 }
 
-// Half type <-> float, 8 at a time (the generic convert goes one element at a time).
-template <typename T, std::enable_if_t<kFusedType<T> && !std::is_same_v<T, float>, int> = 0>
-inline void convert(const T* __restrict src, float* __restrict dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, loadf(src + i));
-  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+// AVX2 versions of the passes for float and the half types (and the half-type conversions): the
+// compiler does not vectorize the generic ones reliably. Overloads, so they win over the
+// templates above.
+
+inline __m256 take_mask(__m256 v, __m256 cur) {
+  return _mm256_or_ps(_mm256_cmp_ps(v, cur, _CMP_GT_OQ), _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
 }
 
-template <typename T, std::enable_if_t<kFusedType<T> && !std::is_same_v<T, float>, int> = 0>
-inline void convert(const float* __restrict src, T* __restrict dst, int64_t n) {
+// The passes over a row of T (float, or a half type widened in registers) into float
+// accumulators; the overloads below pick them for float and the half types.
+template <typename T>
+inline void max_pass_simd(const T* __restrict src, float* __restrict acc, int64_t n) {
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) storef(dst + i, _mm256_loadu_ps(src + i));
-  for (; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = loadf(src + i), a = _mm256_loadu_ps(acc + i);
+    _mm256_storeu_ps(acc + i, _mm256_blendv_ps(a, v, take_mask(v, a)));
+  }
+  for (; i < n; ++i) {
+    const float v = static_cast<float>(src[i]);
+    acc[i] = takes(v, acc[i]) ? v : acc[i];
+  }
 }
 
-// The max / sum passes over a half-type row into float accumulators, converting in registers.
-template <typename T, std::enable_if_t<kFusedType<T> && !std::is_same_v<T, float>, int> = 0>
-inline void sum_pass(const T* __restrict src, float* __restrict acc, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(acc + i, _mm256_add_ps(_mm256_loadu_ps(acc + i), loadf(src + i)));
-  for (; i < n; ++i) acc[i] += static_cast<float>(src[i]);
-}
-
-template <typename T, std::enable_if_t<kFusedType<T> && !std::is_same_v<T, float>, int> = 0>
-inline void max_pass_pos(const T* __restrict src, float* __restrict acc, int32_t* __restrict best,
-                         int32_t k, int64_t n) {
+template <typename T>
+inline void max_pass_pos_simd(const T* __restrict src, float* __restrict acc,
+                              int32_t* __restrict best, int32_t k, int64_t n) {
   const __m256 kv = _mm256_castsi256_ps(_mm256_set1_epi32(k));
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
@@ -241,17 +186,58 @@ inline void max_pass_pos(const T* __restrict src, float* __restrict acc, int32_t
   }
 }
 
-template <typename T, std::enable_if_t<kFusedType<T> && !std::is_same_v<T, float>, int> = 0>
-inline void max_pass(const T* __restrict src, float* __restrict acc, int64_t n) {
+template <typename T>
+inline void sum_pass_simd(const T* __restrict src, float* __restrict acc, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(acc + i, _mm256_add_ps(_mm256_loadu_ps(acc + i), loadf(src + i)));
+  for (; i < n; ++i) acc[i] += static_cast<float>(src[i]);
+}
+
+template <typename T>
+using if_half = std::enable_if_t<kFusedType<T> && !std::is_same_v<T, float>, int>;
+
+inline void max_pass(const float* src, float* acc, int64_t n) { max_pass_simd(src, acc, n); }
+template <typename T, if_half<T> = 0>
+inline void max_pass(const T* src, float* acc, int64_t n) { max_pass_simd(src, acc, n); }
+
+inline void max_pass_pos(const float* src, float* acc, int32_t* best, int32_t k, int64_t n) {
+  max_pass_pos_simd(src, acc, best, k, n);
+}
+template <typename T, if_half<T> = 0>
+inline void max_pass_pos(const T* src, float* acc, int32_t* best, int32_t k, int64_t n) {
+  max_pass_pos_simd(src, acc, best, k, n);
+}
+
+inline void sum_pass(const float* src, float* acc, int64_t n) { sum_pass_simd(src, acc, n); }
+template <typename T, if_half<T> = 0>
+inline void sum_pass(const T* src, float* acc, int64_t n) { sum_pass_simd(src, acc, n); }
+
+inline void masked_add(const float* __restrict grad, const uint8_t* __restrict pos, int32_t k,
+                       float* __restrict dst, int64_t n) {
+  const __m256i kv = _mm256_set1_epi32(k);
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
-    const __m256 v = loadf(src + i), a = _mm256_loadu_ps(acc + i);
-    _mm256_storeu_ps(acc + i, _mm256_blendv_ps(a, v, take_mask(v, a)));
+    const __m256i p = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(pos + i)));
+    const __m256 m = _mm256_castsi256_ps(_mm256_cmpeq_epi32(p, kv));
+    const __m256 g = _mm256_and_ps(m, _mm256_loadu_ps(grad + i));
+    _mm256_storeu_ps(dst + i, _mm256_add_ps(_mm256_loadu_ps(dst + i), g));
   }
-  for (; i < n; ++i) {
-    const float v = static_cast<float>(src[i]);
-    acc[i] = takes(v, acc[i]) ? v : acc[i];
-  }
+  for (; i < n; ++i) dst[i] += (static_cast<int32_t>(pos[i]) == k) ? grad[i] : 0.f;
+}
+
+// Half type <-> float, 8 at a time (the generic convert goes one element at a time).
+template <typename T, if_half<T> = 0>
+inline void convert(const T* __restrict src, float* __restrict dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, loadf(src + i));
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+template <typename T, if_half<T> = 0>
+inline void convert(const float* __restrict src, T* __restrict dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) storef(dst + i, _mm256_loadu_ps(src + i));
+  for (; i < n; ++i) dst[i] = static_cast<T>(src[i]);
 }
 
 // a[j] = src[2j], b[j] = src[2j + 1] for j < m (reads exactly src[0, 2m)).
