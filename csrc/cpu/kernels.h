@@ -423,41 +423,15 @@ inline const acc_t* src_as_acc(const scalar_t* src, acc_t* tmp, int64_t n) {
   }
 }
 
-// The passes with a row of scalar_t: straight from the row where the AVX2 passes read the type
-// (float, and the half types converted in registers), else through `tmp`.
-template <typename scalar_t>
-constexpr bool kPassReads = std::is_same_v<scalar_t, acc_type<scalar_t>>
+// A row as the passes read it: the row itself where the AVX2 passes take its type (float, and
+// the half types widened in registers), else src_as_acc's.
+template <typename scalar_t, typename acc_t>
+inline auto pass_input(const scalar_t* src, acc_t* tmp, int64_t n) {
 #if defined(TORCHPOOL_AVX2)
-                            || kFusedType<scalar_t>
+  if constexpr (kFusedType<scalar_t>) return src;
+  else
 #endif
-    ;
-
-template <typename scalar_t, typename acc_t>
-inline void sum_row(const scalar_t* src, acc_t* acc, acc_t* tmp, int64_t n) {
-  if constexpr (kPassReads<scalar_t>) {
-    sum_pass(src, acc, n);
-  } else {
-    sum_pass(src_as_acc(src, tmp, n), acc, n);
-  }
-}
-
-template <typename scalar_t, typename acc_t>
-inline void max_row(const scalar_t* src, acc_t* acc, acc_t* tmp, int64_t n) {
-  if constexpr (kPassReads<scalar_t>) {
-    max_pass(src, acc, n);
-  } else {
-    max_pass(src_as_acc(src, tmp, n), acc, n);
-  }
-}
-
-template <typename scalar_t, typename acc_t>
-inline void max_row_pos(const scalar_t* src, acc_t* acc, int32_t* best, int32_t k, acc_t* tmp,
-                        int64_t n) {
-  if constexpr (kPassReads<scalar_t>) {
-    max_pass_pos(src, acc, best, k, n);
-  } else {
-    max_pass_pos(src_as_acc(src, tmp, n), acc, best, k, n);
-  }
+    return src_as_acc(src, tmp, n);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2138,11 +2112,11 @@ void global_max_cl(const scalar_t* in, scalar_t* out, int64_t* pos, int64_t N, i
       std::fill(m.begin(), m.end(), neg_inf<acc_t>());
       if (kPos) std::fill(best.begin(), best.end(), 0);
       for (int64_t i = 0; i < P; ++i) {
-        const scalar_t* row = in + (n * P + i) * C + c0;
+        const auto* v = pass_input(in + (n * P + i) * C + c0, tmp.data(), cn);
         if (kPos) {
-          max_row_pos(row, m.data(), best.data(), static_cast<int32_t>(i), tmp.data(), cn);
+          max_pass_pos(v, m.data(), best.data(), static_cast<int32_t>(i), cn);
         } else {
-          max_row(row, m.data(), tmp.data(), cn);
+          max_pass(v, m.data(), cn);
         }
       }
       for (int64_t c = 0; c < cn; ++c) out[n * C + c0 + c] = static_cast<scalar_t>(m[c]);
@@ -2187,7 +2161,9 @@ void global_avg_cl(const scalar_t* in, scalar_t* out, int64_t N, int64_t C, int6
       const int64_t n = t / cblocks, c0 = (t % cblocks) * kBlock;
       const int64_t cn = std::min(kBlock, C - c0);
       std::fill(s.begin(), s.end(), acc_t(0));
-      for (int64_t i = 0; i < P; ++i) sum_row(in + (n * P + i) * C + c0, s.data(), tmp.data(), cn);
+      for (int64_t i = 0; i < P; ++i) {
+        sum_pass(pass_input(in + (n * P + i) * C + c0, tmp.data(), cn), s.data(), cn);
+      }
       for (int64_t c = 0; c < cn; ++c) {
         out[n * C + c0 + c] = static_cast<scalar_t>(s[c] / static_cast<acc_t>(P));
       }
