@@ -1,7 +1,8 @@
-"""bfloat16 / float16 forwards, which are computed in float32 registers: values and indices against
-torch on shapes that reach every load and store variant (rows shorter and longer than 8 cells,
-windows clipped at both row ends, row tails, stride 1 and 2, 3d windows, channel counts that end
-in a partial vector), and the rounding back to the half type bit for bit."""
+"""bfloat16 / float16, which the CPU kernels compute in float32 registers: forward values and
+indices against torch on shapes that reach every load and store variant (rows shorter and longer
+than 8 cells, windows clipped at both row ends, row tails, stride 1 and 2, 3d windows, channel
+counts that end in a partial vector), the rounding back to the half type bit for bit, global
+pools, and backwards against the float64 gradient."""
 import pytest
 import torch
 import torch.nn.functional as F
