@@ -224,6 +224,32 @@ def test_all_minus_inf_windows_inside_wide_rows(device, rng, kw):
     assert torch.equal(idx, ridx)
 
 
+@pytest.mark.parametrize("nd", [1, 2, 3])
+@pytest.mark.parametrize("kw", [dict(kernel_size=2), dict(kernel_size=3, stride=2, padding=1),
+                                dict(kernel_size=3, stride=1)])
+def test_infinities_and_huge_values_in_wide_rows(device, rng, nd, kw):
+    """Windows holding both +inf and -inf, or finite values whose sum overflows, among NaNs, in
+    rows of 70 cells: values and indices as torch's, with and without return_indices."""
+    shape = {1: (4, 5, 70), 2: (2, 3, 7, 70), 3: (2, 2, 5, 6, 70)}[nd]
+    x = torch.randn(shape, generator=rng)
+    pick = torch.rand(shape, generator=rng)
+    x[pick < 0.15] = float("inf")
+    x[(pick >= 0.15) & (pick < 0.3)] = float("-inf")
+    x[(pick >= 0.3) & (pick < 0.45)] = 3e38
+    x[(pick >= 0.45) & (pick < 0.5)] = -3e38
+    x[pick > 0.99] = float("nan")
+    x = x.to(device)
+    ref, ridx = TORCH[nd](x, return_indices=True, **kw)
+    with torch.no_grad():
+        out = OURS[nd](x, **kw)
+    out2, idx = OURS[nd](x, return_indices=True, **kw)
+    assert bool(torch.isnan(ref).any()) and bool((ref == float("inf")).any())
+    for o in (out, out2):
+        assert torch.equal(torch.isnan(o), torch.isnan(ref))
+        assert torch.equal(o.nan_to_num(0.0), ref.nan_to_num(0.0))
+    assert torch.equal(idx, ridx)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("kw", [dict(kernel_size=2), dict(kernel_size=3, stride=2, padding=1),
                                 dict(kernel_size=3, stride=1)])

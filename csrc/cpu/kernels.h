@@ -271,10 +271,10 @@ inline void interleave2(const float* __restrict a, const float* __restrict b,
 // much work per cache line (the argmax, NOTES §18) or several interleaved streams (channels-last
 // windows, §22; NCHW window rows, §29): there the hardware prefetchers alone fall behind.
 // Prefetches do not fault, so running past the end of the data is harmless.
-template <int64_t kAhead = 2048>
+template <int64_t kAhead = 2048, int kLines = 2>
 inline void prefetch_ahead(const void* p) {
   _mm_prefetch(static_cast<const char*>(p) + kAhead, _MM_HINT_T0);
-  _mm_prefetch(static_cast<const char*>(p) + kAhead + 64, _MM_HINT_T0);
+  if constexpr (kLines > 1) _mm_prefetch(static_cast<const char*>(p) + kAhead + 64, _MM_HINT_T0);
 }
 
 inline float hsum(__m256 v) {
@@ -716,16 +716,28 @@ inline void store_pos8(pos_t* dst, __m256i p, int64_t n) {
   for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<pos_t>(t[j]);
 }
 
-// Calls f(std::integral_constant<int, S>, std::integral_constant<int, KWc>) for the pool's W
-// stride (1 or 2) and window width (2 and 3 compile-time, others 0 = run time).
+// Calls f(std::integral_constant<int, S>, std::integral_constant<int, KWc>,
+// std::integral_constant<int, NRc>) for the pool's W stride (1 or 2), window width (2 and 3
+// compile-time, others 0 = run time) and rows per window (KD * KH: 1, or KWc in square 2d windows,
+// or KWc * KWc in cubic 3d ones at compile time, others 0).
 template <typename F>
 inline void with_fused_shape(const PoolGeometry& g, F&& f) {
   using std::integral_constant;
+  const int64_t nr = g.kernel[0] * g.kernel[1];
+  auto rows = [&](auto S, auto KW) {
+    constexpr int K = decltype(KW)::value;
+    if (nr == 1) return f(S, KW, integral_constant<int, 1>{});
+    if constexpr (K > 0) {
+      if (g.kernel[0] == 1 && g.kernel[1] == K) return f(S, KW, integral_constant<int, K>{});
+      if (g.kernel[0] == K && g.kernel[1] == K) return f(S, KW, integral_constant<int, K * K>{});
+    }
+    return f(S, KW, integral_constant<int, 0>{});
+  };
   auto kw = [&](auto S) {
     switch (g.kernel[2]) {
-      case 2: return f(S, integral_constant<int, 2>{});
-      case 3: return f(S, integral_constant<int, 3>{});
-      default: return f(S, integral_constant<int, 0>{});
+      case 2: return rows(S, integral_constant<int, 2>{});
+      case 3: return rows(S, integral_constant<int, 3>{});
+      default: return rows(S, integral_constant<int, 0>{});
     }
   };
   g.stride[2] == 1 ? kw(integral_constant<int, 1>{}) : kw(integral_constant<int, 2>{});
@@ -759,58 +771,93 @@ struct WindowRows {
 // The fused forward's walk: for every chunk of 8 outputs (chunk_start) of every output row,
 // chunk(r, od, oh, ow0, first, visit, edge), where `first` is the window position of the row's
 // first in-input window cell and visit(f) calls f(window position in 8 int32 lanes, 8 cells)
-// over the window in scan order, cells outside the input reading as `fill`. The input rows of an
-// output row are looked up once per row; chunks whose cells all lie inside the row (edge:
-// std::false_type) load without edge checks.
-template <int S, int KWc, typename T, typename Chunk>
+// over the window in scan order, cells outside the input reading as `fill`. Chunks whose cells
+// all lie inside the row (edge: std::false_type) load without edge checks. Output rows whose
+// window lies inside the input along D and H (all but the few at padded borders) find their
+// input rows at fixed offsets from the first; with NRc (the number of such rows when known at
+// compile time, else 0) the walk over them unrolls and their window positions are constants.
+template <int S, int KWc, int NRc, typename T, typename Chunk>
 void for_fused_chunks(const T* in, const PoolGeometry& g, int64_t planes, __m256 fill,
                       Chunk&& chunk) {
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
-  const int64_t IW = g.in[2], KH = g.kernel[1], KW = g.kernel[2];
+  const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2];
+  const int64_t KD = g.kernel[0], KH = g.kernel[1], KW = g.kernel[2];
   const DimTable td(g, 0, false), th(g, 1, false);
   const int64_t reach = window_row_reach<S>(KW);
   // Rows of 64 cells or more: the prefetch below pays for windows of two or three rows too
   // (NOTES §29); for shorter rows it costs about what it gains.
   const bool long_rows = IW >= 64;
+  std::vector<int64_t> full_off;
+  if (NRc > 0 && KD * KH == NRc) {
+    for (int64_t kd = 0; kd < KD; ++kd) {
+      for (int64_t kh = 0; kh < KH; ++kh) {
+        full_off.push_back((kd * g.dilation[0] * IH + kh * g.dilation[1]) * IW);
+      }
+    }
+  }
+  auto full = [&](int64_t od, int64_t oh) {
+    return !full_off.empty() && td.lo[od] == 0 && td.hi[od] == KD && th.lo[oh] == 0 &&
+           th.hi[oh] == KH;
+  };
+  // The chunks of output row r, from its nr input rows (NR: nr at compile time, or 0).
+  auto walk = [&](auto NR, int64_t r, int64_t od, int64_t oh, const T* const* rows,
+                  const int32_t* bases, int64_t nr, int32_t first) {
+    if constexpr (NR.value > 0) nr = NR.value;
+    for (int64_t i = 0; i < OW; i += 8) {
+      const int64_t ow0 = chunk_start(i, OW), x0 = ow0 * S - g.pad[2];
+      // Two copies of the chunk: the interior one computes no edge masks at all.
+      auto visit_with = [&](auto edge) {
+        return [&, edge](auto&& f) {
+          for (int64_t j = 0; j < nr; ++j) {
+            const int32_t base = NR.value > 0 ? static_cast<int32_t>(j * KW) : bases[j];
+            const __m256i kb = _mm256_set1_epi32(base);
+            // Several input rows are several streams a few hundred bytes apart, which the
+            // hardware prefetchers follow badly: four KiB ahead in each; two cache lines, except
+            // in windows of four rows or more, where one is faster (NOTES §32).
+            if constexpr (!decltype(edge)::value) {
+              if (nr >= 4) {
+                prefetch_ahead<4096, 1>(rows[j] + x0);
+              } else if (long_rows && nr >= 2) {
+                prefetch_ahead<4096, 2>(rows[j] + x0);
+              }
+            }
+            auto cell = [&](int64_t kw, __m256 v) {
+              f(_mm256_add_epi32(kb, _mm256_set1_epi32(static_cast<int32_t>(kw))), v);
+            };
+            for_window_row<S, KWc, decltype(edge)::value>(rows[j], x0, IW, KW, fill, cell);
+          }
+        };
+      };
+      if (x0 >= 0 && x0 + reach <= IW) {
+        chunk(r, od, oh, ow0, first, visit_with(std::false_type{}), std::false_type{});
+      } else {
+        chunk(r, od, oh, ow0, first, visit_with(std::true_type{}), std::true_type{});
+      }
+    }
+  };
   at::parallel_for(0, planes * OD * OH, grain_for(OW * g.window_cells()), [&](int64_t begin, int64_t end) {
     WindowRows<T> wr(g);
-    const auto& rows = wr.rows;
-    const auto& bases = wr.bases;
     RowCounter it(begin, OD, OH);
     for (int64_t r = begin; r < end; ++r, it.next()) {
       const int64_t od = it.b, oh = it.c;
-      const int64_t nr = wr.find(in, it.a, od, oh, td, th);
-      const int32_t first = static_cast<int32_t>((td.lo[od] * KH + th.lo[oh]) * KW);
-      for (int64_t i = 0; i < OW; i += 8) {
-        const int64_t ow0 = chunk_start(i, OW), x0 = ow0 * S - g.pad[2];
-        // Two copies of the chunk: the interior one computes no edge masks at all.
-        auto visit_with = [&](auto edge) {
-          return [&, edge](auto&& f) {
-            for (int64_t j = 0; j < nr; ++j) {
-              const __m256i kb = _mm256_set1_epi32(bases[j]);
-              // Several input rows are several streams a few hundred bytes apart, which the
-              // hardware prefetchers follow badly: four KiB ahead in each.
-              if constexpr (!decltype(edge)::value) {
-                if (nr >= 4 || (long_rows && nr >= 2)) prefetch_ahead<4096>(rows[j] + x0);
-              }
-              auto cell = [&](int64_t kw, __m256 v) {
-                f(_mm256_add_epi32(kb, _mm256_set1_epi32(static_cast<int32_t>(kw))), v);
-              };
-              for_window_row<S, KWc, decltype(edge)::value>(rows[j], x0, IW, KW, fill, cell);
-            }
-          };
-        };
-        if (x0 >= 0 && x0 + reach <= IW) {
-          chunk(r, od, oh, ow0, first, visit_with(std::false_type{}), std::false_type{});
-        } else {
-          chunk(r, od, oh, ow0, first, visit_with(std::true_type{}), std::true_type{});
+      if constexpr (NRc > 0) {
+        if (full(od, oh)) {
+          const T* first_row =
+              in + ((it.a * ID + g.input_coord(0, od, 0)) * IH + g.input_coord(1, oh, 0)) * IW;
+          const T* rows[NRc];
+          for (int j = 0; j < NRc; ++j) rows[j] = first_row + full_off[j];
+          walk(std::integral_constant<int, NRc>{}, r, od, oh, rows, nullptr, NRc, 0);
+          continue;
         }
       }
+      const int64_t nr = wr.find(in, it.a, od, oh, td, th);
+      const int32_t first = static_cast<int32_t>((td.lo[od] * KH + th.lo[oh]) * KW);
+      walk(std::integral_constant<int, 0>{}, r, od, oh, wr.rows.data(), wr.bases.data(), nr, first);
     }
   });
 }
 
-template <int S, int KWc, bool kPos, typename pos_t, typename T>
+template <int S, int KWc, int NRc, bool kPos, typename pos_t, typename T>
 void max_rows_fused(const T* in, T* out, pos_t* pos, const PoolGeometry& g,
                     int64_t planes) {
   const int64_t OW = g.out[2];
@@ -819,7 +866,7 @@ void max_rows_fused(const T* in, T* out, pos_t* pos, const PoolGeometry& g,
   std::vector<int32_t> wlo(OW + 8, 0);
   for (int64_t ow = 0; ow < OW; ++ow) wlo[ow] = static_cast<int32_t>(tw.lo[ow]);
   const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  for_fused_chunks<S, KWc>(in, g, planes, ninf, [&](int64_t r, int64_t, int64_t, int64_t ow0,
+  for_fused_chunks<S, KWc, NRc>(in, g, planes, ninf, [&](int64_t r, int64_t, int64_t, int64_t ow0,
                                                     int32_t first, auto&& visit, auto edge) {
     constexpr bool kEdge = decltype(edge)::value;
     // Interior chunks: every window's first in-input cell is `first` (no W clipping), so that is
@@ -1006,8 +1053,8 @@ void max_fwd_planar(const scalar_t* in, scalar_t* out, pos_t* pos, const PoolGeo
 #if defined(TORCHPOOL_AVX2)
   if constexpr (kFusedType<scalar_t>) {
     if (fused_rows_ok(g)) {
-      with_fused_shape(g, [&](auto S, auto KW) {
-        max_rows_fused<S.value, KW.value, kPos>(in, out, pos, g, planes);
+      with_fused_shape(g, [&](auto S, auto KW, auto NR) {
+        max_rows_fused<S.value, KW.value, NR.value, kPos>(in, out, pos, g, planes);
       });
       return;
     }
@@ -1505,14 +1552,14 @@ inline void divide(const acc_t* __restrict a, const acc_t* __restrict div,
 }
 
 #if defined(TORCHPOOL_AVX2)
-template <int S, int KWc, typename T>
+template <int S, int KWc, int NRc, typename T>
 void avg_rows_fused(const T* in, T* out, const PoolGeometry& g, int64_t planes,
                     bool count_include_pad, int64_t divisor_override) {
   const int64_t OW = g.out[2];
   const AvgTables t(g, false, count_include_pad, divisor_override);
   const std::vector<float> wf = t.w_factors((OW + 7) / 8 * 8);
   const __m256 zero = _mm256_setzero_ps();
-  for_fused_chunks<S, KWc>(in, g, planes, zero, [&](int64_t r, int64_t od, int64_t oh, int64_t ow0,
+  for_fused_chunks<S, KWc, NRc>(in, g, planes, zero, [&](int64_t r, int64_t od, int64_t oh, int64_t ow0,
                                                     int32_t, auto&& visit, auto) {
     __m256 sum = zero;
     visit([&](__m256i, __m256 v) { sum = _mm256_add_ps(sum, v); });
@@ -1658,11 +1705,11 @@ void avg_fwd_planar(const scalar_t* in, scalar_t* out, const PoolGeometry& g, in
 #if defined(TORCHPOOL_AVX2)
   if constexpr (kFusedType<scalar_t>) {
     if (fused_rows_ok(g)) {
-      with_fused_shape(g, [&](auto S, auto KW) {
+      with_fused_shape(g, [&](auto S, auto KW, auto NR) {
         if (S.value == 1 && g.kernel[2] > 1 && g.kernel[0] * g.kernel[1] > 1) {
           avg_rows_separable<KW.value>(in, out, g, planes, count_include_pad, divisor_override);
         } else {
-          avg_rows_fused<S.value, KW.value>(in, out, g, planes, count_include_pad, divisor_override);
+          avg_rows_fused<S.value, KW.value, NR.value>(in, out, g, planes, count_include_pad, divisor_override);
         }
       });
       return;
