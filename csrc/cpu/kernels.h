@@ -778,15 +778,11 @@ struct WindowRows {
 // compile time, else 0) the walk over them unrolls and their window positions are constants.
 template <int S, int KWc, int NRc, typename T, typename Chunk>
 void for_fused_chunks(const T* in, const PoolGeometry& g, int64_t planes, __m256 fill,
-                      Chunk&& chunk) {
+                      const Chunk& chunk) {
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2];
   const int64_t KD = g.kernel[0], KH = g.kernel[1], KW = g.kernel[2];
   const DimTable td(g, 0, false), th(g, 1, false);
-  const int64_t reach = window_row_reach<S>(KW);
-  // Rows of 64 cells or more: the prefetch below pays for windows of two or three rows too
-  // (NOTES §29); for shorter rows it costs about what it gains.
-  const bool long_rows = IW >= 64;
   std::vector<int64_t> full_off;
   if (NRc > 0 && KD * KH == NRc) {
     for (int64_t kd = 0; kd < KD; ++kd) {
@@ -795,57 +791,65 @@ void for_fused_chunks(const T* in, const PoolGeometry& g, int64_t planes, __m256
       }
     }
   }
-  auto full = [&](int64_t od, int64_t oh) {
-    return !full_off.empty() && td.lo[od] == 0 && td.hi[od] == KD && th.lo[oh] == 0 &&
-           th.hi[oh] == KH;
-  };
-  // The chunks of output row r, from its nr input rows (NR: nr at compile time, or 0).
-  auto walk = [&](auto NR, int64_t r, int64_t od, int64_t oh, const T* const* rows,
-                  const int32_t* bases, int64_t nr, int32_t first) {
-    if constexpr (NR.value > 0) nr = NR.value;
-    for (int64_t i = 0; i < OW; i += 8) {
-      const int64_t ow0 = chunk_start(i, OW), x0 = ow0 * S - g.pad[2];
-      // Two copies of the chunk: the interior one computes no edge masks at all.
-      auto visit_with = [&](auto edge) {
-        return [&, edge](auto&& f) {
-          for (int64_t j = 0; j < nr; ++j) {
-            const int32_t base = NR.value > 0 ? static_cast<int32_t>(j * KW) : bases[j];
-            const __m256i kb = _mm256_set1_epi32(base);
-            // Several input rows are several streams a few hundred bytes apart, which the
-            // hardware prefetchers follow badly: four KiB ahead in each; two cache lines, except
-            // in windows of four rows or more, where one is faster (NOTES §32).
-            if constexpr (!decltype(edge)::value) {
-              if (nr >= 4) {
-                prefetch_ahead<4096, 1>(rows[j] + x0);
-              } else if (long_rows && nr >= 2) {
-                prefetch_ahead<4096, 2>(rows[j] + x0);
-              }
-            }
-            auto cell = [&](int64_t kw, __m256 v) {
-              f(_mm256_add_epi32(kb, _mm256_set1_epi32(static_cast<int32_t>(kw))), v);
-            };
-            for_window_row<S, KWc, decltype(edge)::value>(rows[j], x0, IW, KW, fill, cell);
-          }
-        };
-      };
-      if (x0 >= 0 && x0 + reach <= IW) {
-        chunk(r, od, oh, ow0, first, visit_with(std::false_type{}), std::false_type{});
-      } else {
-        chunk(r, od, oh, ow0, first, visit_with(std::true_type{}), std::true_type{});
-      }
-    }
-  };
   at::parallel_for(0, planes * OD * OH, grain_for(OW * g.window_cells()), [&](int64_t begin, int64_t end) {
+    // What the chunks use, copied into locals: the vector stores may alias anything, so values
+    // read through the closures' references would be reloaded after every store.
+    const int64_t ow_n = OW, iw_n = IW, kw_n = KW, pad_w = g.pad[2];
+    const int64_t reach = window_row_reach<S>(KW);
+    // Rows of 64 cells or more: the prefetch below pays for windows of two or three rows too
+    // (NOTES §29); for shorter rows it costs about what it gains.
+    const bool long_rows = IW >= 64;
+    const __m256 fill_v = fill;
+    const Chunk ch = chunk;
+    // The chunks of output row r, from its nr input rows (NR: nr at compile time, or 0).
+    auto walk = [&](auto NR, int64_t r, int64_t od, int64_t oh, const T* const* rows,
+                    const int32_t* bases, int64_t nr, int32_t first) {
+      if constexpr (NR.value > 0) nr = NR.value;
+      for (int64_t i = 0; i < ow_n; i += 8) {
+        const int64_t ow0 = chunk_start(i, ow_n), x0 = ow0 * S - pad_w;
+        // Two copies of the chunk: the interior one computes no edge masks at all.
+        auto visit_with = [&](auto edge) {
+          return [&, edge](auto&& f) {
+            for (int64_t j = 0; j < nr; ++j) {
+              const int32_t base = NR.value > 0 ? static_cast<int32_t>(j * kw_n) : bases[j];
+              const __m256i kb = _mm256_set1_epi32(base);
+              // Several input rows are several streams a few hundred bytes apart, which the
+              // hardware prefetchers follow badly: four KiB ahead in each; two cache lines,
+              // except in windows of four rows or more, where one is faster (NOTES §32).
+              if constexpr (!decltype(edge)::value) {
+                if (nr >= 4) {
+                  prefetch_ahead<4096, 1>(rows[j] + x0);
+                } else if (long_rows && nr >= 2) {
+                  prefetch_ahead<4096, 2>(rows[j] + x0);
+                }
+              }
+              auto cell = [&](int64_t kw, __m256 v) {
+                f(_mm256_add_epi32(kb, _mm256_set1_epi32(static_cast<int32_t>(kw))), v);
+              };
+              for_window_row<S, KWc, decltype(edge)::value>(rows[j], x0, iw_n, kw_n, fill_v, cell);
+            }
+          };
+        };
+        if (x0 >= 0 && x0 + reach <= iw_n) {
+          ch(r, od, oh, ow0, first, visit_with(std::false_type{}), std::false_type{});
+        } else {
+          ch(r, od, oh, ow0, first, visit_with(std::true_type{}), std::true_type{});
+        }
+      }
+    };
     WindowRows<T> wr(g);
+    const int64_t* off = full_off.data();
+    const bool any_full = !full_off.empty();
     RowCounter it(begin, OD, OH);
     for (int64_t r = begin; r < end; ++r, it.next()) {
       const int64_t od = it.b, oh = it.c;
       if constexpr (NRc > 0) {
-        if (full(od, oh)) {
+        // Output rows whose window lies inside the input along D and H.
+        if (any_full && td.lo[od] == 0 && td.hi[od] == KD && th.lo[oh] == 0 && th.hi[oh] == KH) {
           const T* first_row =
               in + ((it.a * ID + g.input_coord(0, od, 0)) * IH + g.input_coord(1, oh, 0)) * IW;
           const T* rows[NRc];
-          for (int j = 0; j < NRc; ++j) rows[j] = first_row + full_off[j];
+          for (int j = 0; j < NRc; ++j) rows[j] = first_row + off[j];
           walk(std::integral_constant<int, NRc>{}, r, od, oh, rows, nullptr, NRc, 0);
           continue;
         }
@@ -866,7 +870,8 @@ void max_rows_fused(const T* in, T* out, pos_t* pos, const PoolGeometry& g,
   std::vector<int32_t> wlo(OW + 8, 0);
   for (int64_t ow = 0; ow < OW; ++ow) wlo[ow] = static_cast<int32_t>(tw.lo[ow]);
   const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  for_fused_chunks<S, KWc, NRc>(in, g, planes, ninf, [&](int64_t r, int64_t, int64_t, int64_t ow0,
+  const int32_t* wl = wlo.data();
+  for_fused_chunks<S, KWc, NRc>(in, g, planes, ninf, [=](int64_t r, int64_t, int64_t, int64_t ow0,
                                                     int32_t first, auto&& visit, auto edge) {
     constexpr bool kEdge = decltype(edge)::value;
     // Interior chunks: every window's first in-input cell is `first` (no W clipping), so that is
@@ -886,7 +891,7 @@ void max_rows_fused(const T* in, T* out, pos_t* pos, const PoolGeometry& g,
       const __m256i bn = _mm256_castps_si256(natural<S>(b));
       const __m256i dflt = _mm256_add_epi32(
           _mm256_set1_epi32(first),
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wlo.data() + ow0)));
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wl + ow0)));
       const __m256i never = _mm256_cmpgt_epi32(_mm256_setzero_si256(), bn);
       store_pos8(pos + r * OW + ow0, _mm256_blendv_epi8(bn, dflt, never), n);
     }
@@ -1537,12 +1542,19 @@ struct AvgTables {
 #if defined(TORCHPOOL_AVX2)
 // The float divisors of outputs ow0 .. ow0 + 7 of output row (od, oh); `wf` is
 // t.w_factors(OW rounded up to 8). Products of counts are exact in float, so this divides by the
-// same values torch does.
-inline __m256 divisors8(const AvgTables& t, const std::vector<float>& wf, int64_t od, int64_t oh,
-                        int64_t ow0) {
-  return _mm256_mul_ps(_mm256_set1_ps(static_cast<float>(t.dh_factor(od, oh))),
-                       _mm256_loadu_ps(wf.data() + ow0));
-}
+// same values torch does. The tables are held as plain pointers, so that a copy of it in a loop
+// keeps them in registers.
+struct Divisors8 {
+  const int64_t *d, *h;
+  const float* w;
+  int64_t over;
+  Divisors8(const AvgTables& t, const std::vector<float>& wf)
+      : d(t.d.count.data()), h(t.h.count.data()), w(wf.data()), over(t.divisor_override) {}
+  __m256 operator()(int64_t od, int64_t oh, int64_t ow0) const {
+    const int64_t dh = over != 0 ? over : d[od] * h[oh];
+    return _mm256_mul_ps(_mm256_set1_ps(static_cast<float>(dh)), _mm256_loadu_ps(w + ow0));
+  }
+};
 #endif
 
 template <typename scalar_t, typename acc_t>
@@ -1558,12 +1570,13 @@ void avg_rows_fused(const T* in, T* out, const PoolGeometry& g, int64_t planes,
   const int64_t OW = g.out[2];
   const AvgTables t(g, false, count_include_pad, divisor_override);
   const std::vector<float> wf = t.w_factors((OW + 7) / 8 * 8);
+  const Divisors8 divisors(t, wf);
   const __m256 zero = _mm256_setzero_ps();
-  for_fused_chunks<S, KWc, NRc>(in, g, planes, zero, [&](int64_t r, int64_t od, int64_t oh, int64_t ow0,
+  for_fused_chunks<S, KWc, NRc>(in, g, planes, zero, [=](int64_t r, int64_t od, int64_t oh, int64_t ow0,
                                                     int32_t, auto&& visit, auto) {
     __m256 sum = zero;
     visit([&](__m256i, __m256 v) { sum = _mm256_add_ps(sum, v); });
-    store8(out + r * OW + ow0, _mm256_div_ps(natural<S>(sum), divisors8(t, wf, od, oh, ow0)),
+    store8(out + r * OW + ow0, _mm256_div_ps(natural<S>(sum), divisors(od, oh, ow0)),
            std::min<int64_t>(8, OW - ow0));
   });
 }
@@ -1789,6 +1802,7 @@ void avg_bwd_fused(const T* gout, T* gin, const PoolGeometry& g, int64_t planes,
   const int64_t OW8 = (OW + 7) / 8 * 8;
   const __m256 zero = _mm256_setzero_ps();
   const std::vector<float> wf = t.w_factors(OW8);
+  const Divisors8 divisors(t, wf);
   at::parallel_for(0, planes * ID * IH, grain_for(IW * 2), [&](int64_t begin, int64_t end) {
     RowCounter it(begin, ID, IH);
     for (int64_t r = begin; r < end; ++r, it.next()) {
@@ -1799,7 +1813,7 @@ void avg_bwd_fused(const T* gout, T* gin, const PoolGeometry& g, int64_t planes,
           for (int64_t ch = t.h.first[ih]; ch < t.h.first[ih + 1]; ++ch) {
             const int64_t od = t.d.cover_o[cd], oh = t.h.cover_o[ch];
             const __m256 g8 = load8(gout + ((plane * OD + od) * OH + oh) * OW, ow0, OW, zero);
-            const __m256 div = divisors8(t, wf, od, oh, ow0);
+            const __m256 div = divisors(od, oh, ow0);
             sum = _mm256_add_ps(sum, _mm256_div_ps(g8, div));
           }
         }
@@ -1818,12 +1832,13 @@ void avg_bwd_tiles(const T* gout, T* gin, const PoolGeometry& g, int64_t planes,
                    const AvgTables& t) {
   const int64_t OW = g.out[2];
   const std::vector<float> wf = t.w_factors((OW + 7) / 8 * 8);
+  const Divisors8 divisors(t, wf);
   write_tiles(gin, g, planes, [&](int64_t o, int64_t od, int64_t oh, float* scaled) {
     // The row's grad / divisor once, for all its tile rows.
     for (int64_t i = 0; i < OW; i += 8) {
       const int64_t ow0 = chunk_start(i, OW);
       _mm256_storeu_ps(scaled + ow0, _mm256_div_ps(loadf(gout + o + ow0),
-                                                   divisors8(t, wf, od, oh, ow0)));
+                                                   divisors(od, oh, ow0)));
     }
     return [=](int64_t ow0, int64_t, int64_t, __m256& v0, __m256& v1) {
       v0 = v1 = _mm256_loadu_ps(scaled + ow0);
