@@ -1344,6 +1344,9 @@ void write_tiles(T* gin, const PoolGeometry& g, int64_t planes, OutputRow&& outp
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2], KD = g.kernel[0], KH = g.kernel[1];
   at::parallel_for(0, planes, grain_for(g.in_plane()), [&](int64_t begin, int64_t end) {
+    // Sizes in locals: the vector stores may alias anything, so values read through the
+    // closure's references would be reloaded after every store (NOTES §33).
+    const int64_t ow_n = OW, iw_n = IW, kd_n = KD, kh_n = KH;
     std::vector<float> tmp(OW);
     for (int64_t pl = begin; pl < end; ++pl) {
       T* plane = gin + pl * ID * IH * IW;
@@ -1357,18 +1360,18 @@ void write_tiles(T* gin, const PoolGeometry& g, int64_t planes, OutputRow&& outp
       for (int64_t od = 0; od < OD; ++od) {
         for (int64_t oh = 0; oh < OH; ++oh) {
           auto cols = output_row(((pl * OD + od) * OH + oh) * OW, od, oh, tmp.data());
-          for (int64_t kd = 0; kd < KD; ++kd) {
-            for (int64_t kh = 0; kh < KH; ++kh) {
-              T* row = plane + ((od * KD + kd) * IH + oh * KH + kh) * IW;
-              for (int64_t i = 0; i < OW; i += 8) {
-                const int64_t ow0 = chunk_start(i, OW);
+          for (int64_t kd = 0; kd < kd_n; ++kd) {
+            for (int64_t kh = 0; kh < kh_n; ++kh) {
+              T* row = plane + ((od * kd_n + kd) * IH + oh * kh_n + kh) * iw_n;
+              for (int64_t i = 0; i < ow_n; i += 8) {
+                const int64_t ow0 = chunk_start(i, ow_n);
                 __m256 v0, v1;
                 cols(ow0, kd, kh, v0, v1);
                 const __m256 lo = _mm256_unpacklo_ps(v0, v1), hi = _mm256_unpackhi_ps(v0, v1);
                 storef(row + 2 * ow0, _mm256_permute2f128_ps(lo, hi, 0x20));
                 storef(row + 2 * ow0 + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
               }
-              std::fill(row + 2 * OW, row + IW, T(0));  // columns past the last window
+              std::fill(row + 2 * ow_n, row + iw_n, T(0));  // columns past the last window
             }
           }
         }
