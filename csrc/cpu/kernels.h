@@ -918,6 +918,9 @@ void for_cl_windows(const PoolGeometry& g, int64_t N, int64_t C, Cell&& cell) {
   const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2], KH = g.kernel[1], KW = g.kernel[2];
   const DimTable td(g, 0, false), th(g, 1, false), tw(g, 2, false);
   at::parallel_for(0, N * OD * OH, grain_for(OW * C * g.window_cells()), [&](int64_t begin, int64_t end) {
+    // The task's own copy of the callback: what it captures by value stays in registers across
+    // its stores (NOTES §33).
+    const std::decay_t<Cell> cell_fn = cell;
     std::vector<int64_t> offs(g.window_cells());
     std::vector<int32_t> ks(g.window_cells());
     RowCounter it(begin, OD, OH);
@@ -936,7 +939,7 @@ void for_cl_windows(const PoolGeometry& g, int64_t N, int64_t C, Cell&& cell) {
           }
         }
         const int32_t first = static_cast<int32_t>((td.lo[od] * KH + th.lo[oh]) * KW + tw.lo[ow]);
-        cell(ClWindow{r * OW + ow, od, oh, ow, offs.data(), ks.data(), nc, first});
+        cell_fn(ClWindow{r * OW + ow, od, oh, ow, offs.data(), ks.data(), nc, first});
       }
     }
   });
@@ -956,7 +959,7 @@ template <bool kPos, typename pos_t, typename T>
 void max_cl_fused(const T* in, T* out, pos_t* pos, const PoolGeometry& g, int64_t N,
                   int64_t C) {
   const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  for_cl_windows(g, N, C, [&](const ClWindow& w) {
+  for_cl_windows(g, N, C, [=](const ClWindow& w) {
     for_channel_blocks(C, [&](auto NVc, int64_t c, int64_t n) {
       constexpr int NV = decltype(NVc)::value;
       __m256 m[NV], b[NV];
@@ -1027,14 +1030,20 @@ void max_bwd_cl_fused(const T* gout, const uint8_t* pos, T* gin, const PoolGeome
           }
         }
         T* dst = gin + (r * IW + iw) * C;
+        // Locals, not references: the stores below may alias anything (NOTES §33).
+        const T* go = gout;
+        const uint8_t* po = pos;
+        const int64_t* op = offs.data();
+        const int32_t* kp = ks.data();
+        const size_t nc = offs.size();
         for_channel_blocks(C, [&](auto NVc, int64_t c, int64_t nl) {
           constexpr int NV = decltype(NVc)::value;
           __m256 acc[NV];
           for (int v = 0; v < NV; ++v) acc[v] = _mm256_setzero_ps();
-          for (size_t j = 0; j < offs.size(); ++j) {
-            const T* gs = gout + offs[j] + c;
-            const uint8_t* ps = pos + offs[j] + c;
-            const __m256i kv = _mm256_set1_epi32(ks[j]);
+          for (size_t j = 0; j < nc; ++j) {
+            const T* gs = go + op[j] + c;
+            const uint8_t* ps = po + op[j] + c;
+            const __m256i kv = _mm256_set1_epi32(kp[j]);
             for (int v = 0; v < NV; ++v) {
               const __m256 m = _mm256_castsi256_ps(_mm256_cmpeq_epi32(load_pos8(ps + 8 * v, nl), kv));
               acc[v] = _mm256_add_ps(acc[v], _mm256_and_ps(m, load_lanes(gs + 8 * v, nl)));
