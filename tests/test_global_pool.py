@@ -205,3 +205,15 @@ def test_inference_mode(device, rng, nd):
         out_max, out_avg = GMAX[nd](x), GAVG[nd](x, keepdim=True)
     assert_close(out_max, ref_max(x, nd, False), exact=True)
     assert_close(out_avg, ref_avg(x, nd, True))
+
+
+@pytest.mark.parametrize("cells", [(1, 1), (1, 3), (2, 4), (4, 4), (7, 7), (5, 10), (15, 17), (16, 16)])
+@pytest.mark.parametrize("planes", [8, 15, 43])
+def test_avg_of_many_short_planes(device, rng, cells, planes):
+    """Planes of 1–256 cells reduced eight at a time (whole groups and a remainder), against the
+    float64 mean; values far from zero so that a dropped or doubled cell shows."""
+    x = (torch.rand((planes,) + cells, generator=rng) + 1.0).reshape(1, planes, *cells).to(device)
+    out = tpf.global_avg_pool2d(x)
+    ref = x.double().mean(dim=(2, 3)).float()
+    assert_close(out, ref, torch.float32)
+    assert float(out.min()) > 1.0

@@ -2116,6 +2116,29 @@ void avg_bwd_cl(const scalar_t* gout, scalar_t* gin, const PoolGeometry& g, int6
 // Global pools over P spatial cells. Planar: one plane of P values per (n, c). Channels-last:
 // per n, P rows of C values.
 
+#if defined(TORCHPOOL_AVX2)
+// The sums of 8 consecutive planes of n < 2^31 floats each (src: the first plane), as one
+// vector: each plane's cells summed in one vector accumulator (the last partial vector masked),
+// then the 8 accumulators reduced together by a transpose of pairwise adds. For short planes,
+// where one plane at a time spends more on its horizontal sum and tail than on its loads.
+inline __m256 sum_planes8(const float* __restrict src, int64_t n) {
+  const int64_t full = n / 8 * 8;
+  const __m256i tail = lanes_inside(0, n - full);
+  __m256 a[8];
+  for (int p = 0; p < 8; ++p) {
+    const float* s = src + p * n;
+    __m256 acc = full > 0 ? _mm256_loadu_ps(s) : _mm256_setzero_ps();
+    for (int64_t i = 8; i < full; i += 8) acc = _mm256_add_ps(acc, _mm256_loadu_ps(s + i));
+    if (full < n) acc = _mm256_add_ps(acc, _mm256_maskload_ps(s + full, tail));
+    a[p] = acc;
+  }
+  const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20),
+                       _mm256_permute2f128_ps(s0123, s4567, 0x31));
+}
+#endif
+
 constexpr int64_t kLanes = 16;  // independent partial results: vectorizable, and more accurate
 
 template <typename scalar_t, bool kPos>
@@ -2204,6 +2227,27 @@ void global_max_cl(const scalar_t* in, scalar_t* out, int64_t* pos, int64_t N, i
 template <typename scalar_t>
 void global_avg_planar(const scalar_t* in, scalar_t* out, int64_t planes, int64_t P) {
   using acc_t = acc_type<scalar_t>;
+#if defined(TORCHPOOL_AVX2)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (P < 256) {  // short planes: eight at a time (sum_planes8)
+      const __m256 count = _mm256_set1_ps(static_cast<float>(P));
+      at::parallel_for(0, (planes + 7) / 8, grain_for(8 * P), [&](int64_t begin, int64_t end) {
+        const float* src = in;
+        float* dst = out;
+        const int64_t n = P, all = planes;
+        for (int64_t b = begin; b < end; ++b) {
+          const int64_t pl = 8 * b;
+          if (pl + 8 <= all) {
+            _mm256_storeu_ps(dst + pl, _mm256_div_ps(sum_planes8(src + pl * n, n), count));
+          } else {
+            for (int64_t q = pl; q < all; ++q) dst[q] = reduce_sum(src + q * n, n) / static_cast<float>(n);
+          }
+        }
+      });
+      return;
+    }
+  }
+#endif
   at::parallel_for(0, planes, grain_for(P), [&](int64_t begin, int64_t end) {
     for (int64_t pl = begin; pl < end; ++pl) {
       const scalar_t* src = in + pl * P;
