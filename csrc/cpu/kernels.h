@@ -1970,23 +1970,26 @@ void avg_bwd_separable(const T* gout, T* gin, const PoolGeometry& g, int64_t pla
   // sc[iw + PW - kw + KW - 1] over kw, reading up to index width + PW + KW - 1.
   const int64_t sc_len = (KW - 1 + std::max(OW, width + PW) + 8 + 7) / 8 * 8;
   at::parallel_for(0, planes, grain_for(g.in_plane()), [&](int64_t begin, int64_t end) {
+    // Sizes in locals: the vector stores may alias anything, so values read through the
+    // closure's references would be reloaded after every store (NOTES §33).
+    const int64_t ow_n = OW, iw_n = IW, pw = PW, kw_n = KW, width_n = width;
     std::vector<float> hbuf(OD * OH * width), sc(sc_len, 0.f);
     std::vector<const float*> rows;  // the H rows covering one input row
     float* const scv = sc.data() + (KW - 1);
     for (int64_t pl = begin; pl < end; ++pl) {
       const T* go = gout + pl * OD * OH * OW;
       for (int64_t o = 0; o < OD * OH; ++o) {
-        const T* grow = go + o * OW;
-        const float* drow = div.data() + o * OW;
-        for (int64_t ow = 0; ow < OW; ow += 8) {  // lanes past OW: 0 * 1 (sc stays 0 there)
-          const int64_t nl = std::min<int64_t>(8, OW - ow);
+        const T* grow = go + o * ow_n;
+        const float* drow = div.data() + o * ow_n;
+        for (int64_t ow = 0; ow < ow_n; ow += 8) {  // lanes past OW: 0 * 1 (sc stays 0 there)
+          const int64_t nl = std::min<int64_t>(8, ow_n - ow);
           _mm256_storeu_ps(scv + ow, _mm256_mul_ps(load_lanes(grow + ow, nl), _mm256_loadu_ps(drow + ow)));
         }
-        float* h = hbuf.data() + o * width;
-        for (int64_t iw = 0; iw < width; iw += 8) {
-          const float* src = scv + iw + PW;  // kw = 0 reads output iw + PW
+        float* h = hbuf.data() + o * width_n;
+        for (int64_t iw = 0; iw < width_n; iw += 8) {
+          const float* src = scv + iw + pw;  // kw = 0 reads output iw + PW
           __m256 v = _mm256_loadu_ps(src);
-          for (int64_t kw = 1; kw < KW; ++kw) v = _mm256_add_ps(v, _mm256_loadu_ps(src - kw));
+          for (int64_t kw = 1; kw < kw_n; ++kw) v = _mm256_add_ps(v, _mm256_loadu_ps(src - kw));
           _mm256_storeu_ps(h + iw, v);
         }
       }
@@ -2003,14 +2006,20 @@ void avg_bwd_separable(const T* gout, T* gin, const PoolGeometry& g, int64_t pla
           // NC: the number of covering rows when known at compile time, else 0.
           auto store_row = [&](auto NC) {
             const int64_t n = NC.value > 0 ? NC.value : static_cast<int64_t>(rows.size());
+            // Known counts: the row pointers in registers, not reloaded from `rows` per store.
+            const float* fixed[NC.value > 0 ? NC.value : 1];
+            if constexpr (NC.value > 0) {
+              for (int j = 0; j < NC.value; ++j) fixed[j] = rows[j];
+            }
+            const float* const* rp = NC.value > 0 ? fixed : rows.data();
             auto col = [&](int64_t x) {
               __m256 v = _mm256_setzero_ps();
-              for (int64_t j = 0; j < n; ++j) v = _mm256_add_ps(v, _mm256_loadu_ps(rows[j] + x));
+              for (int64_t j = 0; j < n; ++j) v = _mm256_add_ps(v, _mm256_loadu_ps(rp[j] + x));
               return v;
             };
             int64_t x = 0;
-            for (; x + 8 <= IW; x += 8) storef(dst + x, col(x));
-            if (x < IW) store8(dst + x, col(x), IW - x);
+            for (; x + 8 <= iw_n; x += 8) storef(dst + x, col(x));
+            if (x < iw_n) store8(dst + x, col(x), iw_n - x);
           };
           switch (rows.size()) {
             case 2: store_row(std::integral_constant<int, 2>{}); break;
