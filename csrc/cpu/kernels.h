@@ -906,6 +906,7 @@ void max_rows_fused(const T* in, T* out, pos_t* pos, const PoolGeometry& g,
 // their window positions, in scan order.
 struct ClWindow {
   int64_t o, od, oh, ow;  // flat output cell and its coordinates
+  int64_t base;           // cell j's channel vector starts at base + offs[j]
   const int64_t* offs;
   const int32_t* ks;
   int64_t cells;
@@ -923,10 +924,31 @@ void for_cl_windows(const PoolGeometry& g, int64_t N, int64_t C, Cell&& cell) {
     const std::decay_t<Cell> cell_fn = cell;
     std::vector<int64_t> offs(g.window_cells());
     std::vector<int32_t> ks(g.window_cells());
+    // Windows that lie inside the input: offsets from the window's first cell, fixed.
+    std::vector<int64_t> rel;
+    std::vector<int32_t> all_ks;
+    for (int64_t kd = 0; kd < g.kernel[0]; ++kd) {
+      for (int64_t kh = 0; kh < KH; ++kh) {
+        for (int64_t kw = 0; kw < KW; ++kw) {
+          rel.push_back(((kd * g.dilation[0] * IH + kh * g.dilation[1]) * IW + kw * g.dilation[2]) * C);
+          all_ks.push_back(static_cast<int32_t>(rel.size() - 1));
+        }
+      }
+    }
+    const int64_t ncells = static_cast<int64_t>(rel.size());
     RowCounter it(begin, OD, OH);
     for (int64_t r = begin; r < end; ++r, it.next()) {
       const int64_t n = it.a, od = it.b, oh = it.c;
+      const bool rows_inside = td.lo[od] == 0 && td.hi[od] == g.kernel[0] && th.lo[oh] == 0 &&
+                               th.hi[oh] == KH;
+      const int64_t row_base =
+          ((n * ID + g.input_coord(0, od, 0)) * IH + g.input_coord(1, oh, 0)) * IW;
       for (int64_t ow = 0; ow < OW; ++ow) {
+        if (rows_inside && tw.lo[ow] == 0 && tw.hi[ow] == KW) {
+          cell_fn(ClWindow{r * OW + ow, od, oh, ow, (row_base + g.input_coord(2, ow, 0)) * C,
+                           rel.data(), all_ks.data(), ncells, 0});
+          continue;
+        }
         int64_t nc = 0;
         for (int64_t kd = td.lo[od]; kd < td.hi[od]; ++kd) {
           const int64_t id = g.input_coord(0, od, kd);
@@ -939,7 +961,7 @@ void for_cl_windows(const PoolGeometry& g, int64_t N, int64_t C, Cell&& cell) {
           }
         }
         const int32_t first = static_cast<int32_t>((td.lo[od] * KH + th.lo[oh]) * KW + tw.lo[ow]);
-        cell_fn(ClWindow{r * OW + ow, od, oh, ow, offs.data(), ks.data(), nc, first});
+        cell_fn(ClWindow{r * OW + ow, od, oh, ow, 0, offs.data(), ks.data(), nc, first});
       }
     }
   });
@@ -968,7 +990,7 @@ void max_cl_fused(const T* in, T* out, pos_t* pos, const PoolGeometry& g, int64_
         b[v] = _mm256_castsi256_ps(_mm256_set1_epi32(w.first));
       }
       for (int64_t j = 0; j < w.cells; ++j) {
-        const T* src = in + w.offs[j] + c;
+        const T* src = in + w.base + w.offs[j] + c;
         const __m256 k = _mm256_castsi256_ps(_mm256_set1_epi32(w.ks[j]));
         prefetch_ahead(src);
         for (int v = 0; v < NV; ++v) {
@@ -1714,7 +1736,7 @@ void avg_cl_fused(const T* in, T* out, const PoolGeometry& g, int64_t N, int64_t
       __m256 sum[NV];
       for (int v = 0; v < NV; ++v) sum[v] = _mm256_setzero_ps();
       for (int64_t j = 0; j < w.cells; ++j) {
-        const T* src = in + w.offs[j] + c;
+        const T* src = in + w.base + w.offs[j] + c;
         prefetch_ahead(src);
         for (int v = 0; v < NV; ++v) sum[v] = _mm256_add_ps(sum[v], load_lanes(src + 8 * v, n));
       }
