@@ -783,8 +783,11 @@ void for_fused_chunks(const T* in, const PoolGeometry& g, int64_t planes, __m256
   const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2];
   const int64_t KD = g.kernel[0], KH = g.kernel[1], KW = g.kernel[2];
   const DimTable td(g, 0, false), th(g, 1, false);
+  // Offsets of the window rows from the first, for output rows whose window lies inside the
+  // input along D and H (with_fused_shape gives NRc = KD * KH or 0).
   std::vector<int64_t> full_off;
-  if (NRc > 0 && KD * KH == NRc) {
+  if constexpr (NRc > 0) {
+    TORCH_INTERNAL_ASSERT(KD * KH == NRc);
     for (int64_t kd = 0; kd < KD; ++kd) {
       for (int64_t kh = 0; kh < KH; ++kh) {
         full_off.push_back((kd * g.dilation[0] * IH + kh * g.dilation[1]) * IW);
@@ -839,13 +842,12 @@ void for_fused_chunks(const T* in, const PoolGeometry& g, int64_t planes, __m256
     };
     WindowRows<T> wr(g);
     const int64_t* off = full_off.data();
-    const bool any_full = !full_off.empty();
     RowCounter it(begin, OD, OH);
     for (int64_t r = begin; r < end; ++r, it.next()) {
       const int64_t od = it.b, oh = it.c;
       if constexpr (NRc > 0) {
         // Output rows whose window lies inside the input along D and H.
-        if (any_full && td.lo[od] == 0 && td.hi[od] == KD && th.lo[oh] == 0 && th.hi[oh] == KH) {
+        if (td.lo[od] == 0 && td.hi[od] == KD && th.lo[oh] == 0 && th.hi[oh] == KH) {
           const T* first_row =
               in + ((it.a * ID + g.input_coord(0, od, 0)) * IH + g.input_coord(1, oh, 0)) * IW;
           const T* rows[NRc];
@@ -918,24 +920,24 @@ void for_cl_windows(const PoolGeometry& g, int64_t N, int64_t C, Cell&& cell) {
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2], KH = g.kernel[1], KW = g.kernel[2];
   const DimTable td(g, 0, false), th(g, 1, false), tw(g, 2, false);
+  // Windows that lie inside the input: offsets from the window's first cell, fixed.
+  std::vector<int64_t> rel;
+  std::vector<int32_t> all_ks;
+  for (int64_t kd = 0; kd < g.kernel[0]; ++kd) {
+    for (int64_t kh = 0; kh < KH; ++kh) {
+      for (int64_t kw = 0; kw < KW; ++kw) {
+        rel.push_back(((kd * g.dilation[0] * IH + kh * g.dilation[1]) * IW + kw * g.dilation[2]) * C);
+        all_ks.push_back(static_cast<int32_t>(rel.size() - 1));
+      }
+    }
+  }
+  const int64_t ncells = static_cast<int64_t>(rel.size());
   at::parallel_for(0, N * OD * OH, grain_for(OW * C * g.window_cells()), [&](int64_t begin, int64_t end) {
     // The task's own copy of the callback: what it captures by value stays in registers across
     // its stores (NOTES §33).
     const std::decay_t<Cell> cell_fn = cell;
     std::vector<int64_t> offs(g.window_cells());
     std::vector<int32_t> ks(g.window_cells());
-    // Windows that lie inside the input: offsets from the window's first cell, fixed.
-    std::vector<int64_t> rel;
-    std::vector<int32_t> all_ks;
-    for (int64_t kd = 0; kd < g.kernel[0]; ++kd) {
-      for (int64_t kh = 0; kh < KH; ++kh) {
-        for (int64_t kw = 0; kw < KW; ++kw) {
-          rel.push_back(((kd * g.dilation[0] * IH + kh * g.dilation[1]) * IW + kw * g.dilation[2]) * C);
-          all_ks.push_back(static_cast<int32_t>(rel.size() - 1));
-        }
-      }
-    }
-    const int64_t ncells = static_cast<int64_t>(rel.size());
     RowCounter it(begin, OD, OH);
     for (int64_t r = begin; r < end; ++r, it.next()) {
       const int64_t n = it.a, od = it.b, oh = it.c;
