@@ -376,6 +376,32 @@ def test_backward_large_and_single_planes(device, rng, shape, kw, dtype):
     check_parity(x, len(shape) - 2, kw, rng)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["distinct", "ties"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(kernel_size=3, stride=2),
+        dict(kernel_size=3, stride=2, padding=1, ceil_mode=True),
+        dict(kernel_size=2, stride=1),
+        dict(kernel_size=5, stride=2, padding=2),
+        dict(kernel_size=4, stride=1, padding=1, ceil_mode=True),
+        dict(kernel_size=7, stride=2, padding=3),
+    ],
+)
+def test_backward_windows_one_row_high(device, rng, kw, kind, dtype):
+    """1d windows, and 1 x k windows in 2d, over rows of many 8-output chunks and a ragged end:
+    the CPU builds each input row's gradient in registers, carrying the lanes that overlapping
+    windows send into the next chunk. With ties several outputs send their gradient to one cell
+    (torch's first-maximum rule picks which)."""
+    for shape in ((2, 3, 1029), (1, 2, 83)):
+        x = make_input(shape, dtype, device, "contiguous", rng, kind=kind)
+        check_parity(x, 1, kw, rng, reference_device="cpu")
+    k2 = dict(kw, kernel_size=(1, kw["kernel_size"]), stride=(1, kw["stride"]), padding=(0, kw.get("padding", 0)))
+    x = make_input((2, 2, 5, 301), dtype, device, "contiguous", rng, kind=kind)
+    check_parity(x, 2, k2, rng, reference_device="cpu")
+
+
 @pytest.mark.parametrize("shape", [(3, 4, 33), (2, 3, 17, 19), (4, 8, 26, 26), (2, 2, 7, 9, 21)])
 def test_backward_tiling_windows(device, rng, shape):
     """2-wide windows that tile the input (kernel == stride, no padding): each input cell gets one

@@ -1217,9 +1217,9 @@ inline __m256 shift_in(__m256 prev, __m256 cur, int64_t s) {
   }
 }
 
-template <int S, typename T, typename Contrib>
-inline void bwd_row_fused(T* row, const PoolGeometry& g, Contrib&& contrib) {
-  const int64_t IW = g.in[2], KW = g.kernel[2], pad = g.pad[2];
+template <int S, int KWc, typename T, typename Contrib>
+inline void bwd_row_fused(T* row, int64_t IW, int64_t KW, int64_t pad, const Contrib& contrib) {
+  if constexpr (KWc > 0) KW = KWc;
   __m256 prev[8];  // each column's contributions of the previous chunk
   for (int64_t kw = S; kw < KW; ++kw) prev[kw] = _mm256_setzero_ps();
   alignas(32) float edge[8 * S];
@@ -1259,29 +1259,73 @@ inline void bwd_row_fused(T* row, const PoolGeometry& g, Contrib&& contrib) {
   }
 }
 
-template <int S, typename T>
+// Calls f(std::integral_constant<int, S>, std::integral_constant<int, KWc>) for the pool's W
+// stride (1 or 2) and window width (2 and 3 at compile time, others 0 = run time).
+template <typename F>
+inline void with_fused_width(const PoolGeometry& g, F&& f) {
+  using std::integral_constant;
+  auto kw = [&](auto S) {
+    switch (g.kernel[2]) {
+      case 2: return f(S, integral_constant<int, 2>{});
+      case 3: return f(S, integral_constant<int, 3>{});
+      default: return f(S, integral_constant<int, 0>{});
+    }
+  };
+  g.stride[2] == 1 ? kw(integral_constant<int, 1>{}) : kw(integral_constant<int, 2>{});
+}
+
+// The output rows that cover one input row (od, oh pairs of the D and H cover tables), gathered
+// per input row into arrays that the row's chunks read from locals.
+struct CoverRows {
+  std::vector<int64_t> orow;  // first flat output index of each covering output row
+  std::vector<int32_t> base;  // window position of its first cell in this input row
+  CoverRows(const DimTable& td, const DimTable& th, int64_t ID, int64_t IH) {
+    int64_t most = 0;
+    for (int64_t id = 0; id < ID; ++id) {
+      for (int64_t ih = 0; ih < IH; ++ih) {
+        most = std::max(most, (td.first[id + 1] - td.first[id]) * (th.first[ih + 1] - th.first[ih]));
+      }
+    }
+    orow.resize(most);
+    base.resize(most);
+  }
+};
+
+template <int S, int KWc, typename T>
 void max_bwd_fused(const T* gout, const uint8_t* pos, T* gin, const PoolGeometry& g,
                    int64_t planes) {
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2], KH = g.kernel[1], KW = g.kernel[2];
   const DimTable td(g, 0, true), th(g, 1, true);
-  const __m256 zero = _mm256_setzero_ps();
+  const CoverRows proto(td, th, ID, IH);
   at::parallel_for(0, planes * ID * IH, grain_for(IW * 2), [&](int64_t begin, int64_t end) {
+    // Sizes and the covering rows in locals: the vector stores may alias anything, so values
+    // read through the closure's references would be reloaded after every store (NOTES §33).
+    const int64_t ow_n = OW, iw_n = IW, kw_n = KW, pad_w = g.pad[2];
+    CoverRows cov = proto;
+    int64_t* orow = cov.orow.data();
+    int32_t* base = cov.base.data();
     RowCounter it(begin, ID, IH);
     for (int64_t r = begin; r < end; ++r, it.next()) {
       const int64_t plane = it.a, id = it.b, ih = it.c;
-      bwd_row_fused<S>(gin + r * IW, g, [&](int64_t ow0, __m256* C) {
-        for (int64_t kw = 0; kw < KW; ++kw) C[kw] = zero;
-        for (int64_t cd = td.first[id]; cd < td.first[id + 1]; ++cd) {
-          for (int64_t ch = th.first[ih]; ch < th.first[ih + 1]; ++ch) {
-            const int64_t orow = ((plane * OD + td.cover_o[cd]) * OH + th.cover_o[ch]) * OW;
-            const __m256 g8 = load8(gout + orow, ow0, OW, zero);
-            const __m256i p8 = load_pos8(pos + orow + ow0, std::min<int64_t>(8, OW - ow0));
-            const int32_t base = static_cast<int32_t>((td.cover_k[cd] * KH + th.cover_k[ch]) * KW);
-            for (int64_t kw = 0; kw < KW; ++kw) {
-              const __m256i hit = _mm256_cmpeq_epi32(p8, _mm256_set1_epi32(base + int32_t(kw)));
-              C[kw] = _mm256_add_ps(C[kw], _mm256_and_ps(_mm256_castsi256_ps(hit), g8));
-            }
+      int64_t nc = 0;
+      for (int64_t cd = td.first[id]; cd < td.first[id + 1]; ++cd) {
+        for (int64_t ch = th.first[ih]; ch < th.first[ih + 1]; ++ch, ++nc) {
+          orow[nc] = ((plane * OD + td.cover_o[cd]) * OH + th.cover_o[ch]) * OW;
+          base[nc] = static_cast<int32_t>((td.cover_k[cd] * KH + th.cover_k[ch]) * KW);
+        }
+      }
+      bwd_row_fused<S, KWc>(gin + r * iw_n, iw_n, kw_n, pad_w, [=](int64_t ow0, __m256* C) {
+        const __m256 zero = _mm256_setzero_ps();
+        const int64_t kws = KWc > 0 ? KWc : kw_n;
+        for (int64_t kw = 0; kw < kws; ++kw) C[kw] = zero;
+        const int64_t n = std::min<int64_t>(8, ow_n - ow0);
+        for (int64_t j = 0; j < nc; ++j) {
+          const __m256 g8 = load8(gout + orow[j], ow0, ow_n, zero);
+          const __m256i p8 = load_pos8(pos + orow[j] + ow0, n);
+          for (int64_t kw = 0; kw < kws; ++kw) {
+            const __m256i hit = _mm256_cmpeq_epi32(p8, _mm256_set1_epi32(base[j] + int32_t(kw)));
+            C[kw] = _mm256_add_ps(C[kw], _mm256_and_ps(_mm256_castsi256_ps(hit), g8));
           }
         }
       });
@@ -1442,19 +1486,28 @@ void max_bwd_planar(const scalar_t* gout, const pos_t* pos, scalar_t* gin, const
       return;
     }
   }
+  // Windows one row high (1d pools): each input row comes from one output row, 8 outputs per
+  // chunk in registers, which beats the plane scatter's one output at a time (NOTES §39). Taller
+  // windows send several output rows to each input row; there the scatter is faster.
+  auto fused = [&]() {
+    if constexpr (kFusedType<scalar_t> && std::is_same_v<pos_t, uint8_t>) {
+      if (fused_bwd_ok(g)) {
+        with_fused_width(g, [&](auto S, auto KW) {
+          max_bwd_fused<decltype(S)::value, decltype(KW)::value>(gout, pos, gin, g, planes);
+        });
+        return true;
+      }
+    }
+    return false;
+  };
+  if (g.kernel[0] * g.kernel[1] == 1 && fused()) return;
 #endif
   if (g.window_cells() <= 4096 && fits_scatter_plane<acc_type<scalar_t>>(g.in_plane(), planes)) {
     max_bwd_scatter(gout, pos, gin, g, planes);
     return;
   }
 #if defined(TORCHPOOL_AVX2)
-  if constexpr (kFusedType<scalar_t> && std::is_same_v<pos_t, uint8_t>) {
-    if (fused_bwd_ok(g)) {
-      g.stride[2] == 1 ? max_bwd_fused<1>(gout, pos, gin, g, planes)
-                       : max_bwd_fused<2>(gout, pos, gin, g, planes);
-      return;
-    }
-  }
+  if (fused()) return;
 #endif
   using acc_t = acc_type<scalar_t>;
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
@@ -1843,7 +1896,7 @@ void avg_bwd_fused(const T* gout, T* gin, const PoolGeometry& g, int64_t planes,
     RowCounter it(begin, ID, IH);
     for (int64_t r = begin; r < end; ++r, it.next()) {
       const int64_t plane = it.a, id = it.b, ih = it.c;
-      bwd_row_fused<S>(gin + r * IW, g, [&](int64_t ow0, __m256* C) {
+      bwd_row_fused<S, 0>(gin + r * IW, IW, KW, g.pad[2], [&](int64_t ow0, __m256* C) {
         __m256 sum = zero;
         for (int64_t cd = t.d.first[id]; ow0 < OW && cd < t.d.first[id + 1]; ++cd) {
           for (int64_t ch = t.h.first[ih]; ch < t.h.first[ih + 1]; ++ch) {
