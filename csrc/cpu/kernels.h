@@ -1249,7 +1249,11 @@ inline void bwd_row_fused(T* row, int64_t IW, int64_t KW, int64_t pad, const Con
     if (x0 >= 0 && x0 + 8 * S <= IW) {
       storef(row + x0, a);
       if (S == 2) storef(row + x0 + 8, b);
-    } else {  // row edges: only the cells inside the row
+    } else if constexpr (std::is_same_v<T, float>) {  // row edges: only the cells inside
+      // Masked-off lanes are not written, so the addresses may lie outside the row.
+      _mm256_maskstore_ps(row + x0, lanes_inside(x0, IW), a);
+      if (S == 2) _mm256_maskstore_ps(row + x0 + 8, lanes_inside(x0 + 8, IW), b);
+    } else {
       _mm256_store_ps(edge, a);
       if (S == 2) _mm256_store_ps(edge + 8 * (S - 1), b);
       for (int64_t j = std::max<int64_t>(0, -x0); j < 8 * S && x0 + j < IW; ++j) {
