@@ -2050,39 +2050,60 @@ void avg_bwd_separable(const T* gout, T* gin, const PoolGeometry& g, int64_t pla
   // sc[j] = gradient of output j / its divisor at j - (KW - 1), zero outside [0, OW): H[iw] adds
   // sc[iw + PW - kw + KW - 1] over kw, reading up to index width + PW + KW - 1.
   const int64_t sc_len = (KW - 1 + std::max(OW, width + PW) + 8 + 7) / 8 * 8;
+  // The H rows covering each input row (offsets in the plane's H buffer), the same in every plane.
+  std::vector<int64_t> cover_first(ID * IH + 1, 0), cover_off;
+  for (int64_t id = 0; id < ID; ++id) {
+    for (int64_t ih = 0; ih < IH; ++ih) {
+      cover_first[id * IH + ih] = static_cast<int64_t>(cover_off.size());
+      for (int64_t cd = t.d.first[id]; cd < t.d.first[id + 1]; ++cd) {
+        for (int64_t ch = t.h.first[ih]; ch < t.h.first[ih + 1]; ++ch) {
+          cover_off.push_back((t.d.cover_o[cd] * OH + t.h.cover_o[ch]) * width);
+        }
+      }
+    }
+  }
+  cover_first[ID * IH] = static_cast<int64_t>(cover_off.size());
   at::parallel_for(0, planes, grain_for(g.in_plane()), [&](int64_t begin, int64_t end) {
     // Sizes in locals: the vector stores may alias anything, so values read through the
     // closure's references would be reloaded after every store (NOTES §33).
     const int64_t ow_n = OW, iw_n = IW, pw = PW, kw_n = KW, width_n = width;
-    std::vector<float> hbuf(OD * OH * width), sc(sc_len, 0.f);
+    // Two scaled rows: the sums along W read the row scaled one step before, so that their
+    // shifted loads never wait on the stores just made (a load spanning two fresh stores is not
+    // forwarded).
+    std::vector<float> hbuf(OD * OH * width), sc(2 * sc_len, 0.f);
     std::vector<const float*> rows;  // the H rows covering one input row
-    float* const scv = sc.data() + (KW - 1);
+    const int64_t rows_n = OD * OH;
+    auto scv = [&](int64_t o) { return sc.data() + (o & 1) * sc_len + (kw_n - 1); };
     for (int64_t pl = begin; pl < end; ++pl) {
-      const T* go = gout + pl * OD * OH * OW;
-      for (int64_t o = 0; o < OD * OH; ++o) {
-        const T* grow = go + o * ow_n;
-        const float* drow = div.data() + o * ow_n;
-        for (int64_t ow = 0; ow < ow_n; ow += 8) {  // lanes past OW: 0 * 1 (sc stays 0 there)
-          const int64_t nl = std::min<int64_t>(8, ow_n - ow);
-          _mm256_storeu_ps(scv + ow, _mm256_mul_ps(load_lanes(grow + ow, nl), _mm256_loadu_ps(drow + ow)));
-        }
+      const T* go = gout + pl * rows_n * ow_n;
+      auto along_w = [&](int64_t o) {
+        const float* s = scv(o);
         float* h = hbuf.data() + o * width_n;
         for (int64_t iw = 0; iw < width_n; iw += 8) {
-          const float* src = scv + iw + pw;  // kw = 0 reads output iw + PW
+          const float* src = s + iw + pw;  // kw = 0 reads output iw + PW
           __m256 v = _mm256_loadu_ps(src);
           for (int64_t kw = 1; kw < kw_n; ++kw) v = _mm256_add_ps(v, _mm256_loadu_ps(src - kw));
           _mm256_storeu_ps(h + iw, v);
         }
+      };
+      for (int64_t o = 0; o < rows_n; ++o) {
+        const T* grow = go + o * ow_n;
+        const float* drow = div.data() + o * ow_n;
+        float* s = scv(o);
+        for (int64_t ow = 0; ow < ow_n; ow += 8) {  // lanes past OW: 0 * 1 (sc stays 0 there)
+          const int64_t nl = std::min<int64_t>(8, ow_n - ow);
+          _mm256_storeu_ps(s + ow, _mm256_mul_ps(load_lanes(grow + ow, nl), _mm256_loadu_ps(drow + ow)));
+        }
+        if (o > 0) along_w(o - 1);
       }
+      along_w(rows_n - 1);
       T* gi = gin + pl * ID * IH * IW;
       for (int64_t id = 0; id < ID; ++id) {
         for (int64_t ih = 0; ih < IH; ++ih) {
           T* dst = gi + (id * IH + ih) * IW;
           rows.clear();
-          for (int64_t cd = t.d.first[id]; cd < t.d.first[id + 1]; ++cd) {
-            for (int64_t ch = t.h.first[ih]; ch < t.h.first[ih + 1]; ++ch) {
-              rows.push_back(hbuf.data() + (t.d.cover_o[cd] * OH + t.h.cover_o[ch]) * width);
-            }
+          for (int64_t k = cover_first[id * IH + ih]; k < cover_first[id * IH + ih + 1]; ++k) {
+            rows.push_back(hbuf.data() + cover_off[k]);
           }
           // NC: the number of covering rows when known at compile time, else 0.
           auto store_row = [&](auto NC) {
