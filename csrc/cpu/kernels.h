@@ -1726,61 +1726,75 @@ void avg_rows_separable(const T* in, T* out, const PoolGeometry& g, int64_t plan
   // Chunks read cells [ow0 - PW, ow0 - PW + 8 + KW - 1) with ow0 + 8 <= max(OW, 8); the vertical
   // pass writes whole vectors up to IW rounded up to 8.
   const int64_t buf_len = (PW + std::max(IW, std::max<int64_t>(OW, 8) + KW) + 15) / 8 * 8;
-  at::parallel_for(0, planes * OD * OH, grain_for(OW * g.window_cells()), [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(2 * buf_len, 0.f);
-    // 1 / divisor of each output of a row, per distinct row factor d count * h count (or override).
-    std::vector<std::pair<int64_t, std::vector<float>>> recs;
-    auto recip = [&](int64_t dh) -> const float* {
-      for (const auto& [f, rec] : recs) {
-        if (f == dh) return rec.data();
+  // Per output row (od, oh), the same in every plane: the offset of its first window row in the
+  // plane, how many rows its window has in the input along H and D, and 1 / divisor of each of
+  // its outputs (one table per distinct factor d count * h count, or the override).
+  const int64_t rows_n = OD * OH;
+  std::vector<int64_t> first_row(rows_n), nh(rows_n), nd(rows_n);
+  std::vector<std::pair<int64_t, std::vector<float>>> recs;
+  std::vector<int64_t> rec_of(rows_n);
+  for (int64_t od = 0, o = 0; od < OD; ++od) {
+    for (int64_t oh = 0; oh < OH; ++oh, ++o) {
+      first_row[o] = (g.input_coord(0, od, td.lo[od]) * IH + g.input_coord(1, oh, th.lo[oh])) * IW;
+      nh[o] = th.hi[oh] - th.lo[oh];
+      nd[o] = td.hi[od] - td.lo[od];
+      const int64_t dh = t.dh_factor(od, oh);
+      size_t k = 0;
+      while (k < recs.size() && recs[k].first != dh) ++k;
+      if (k == recs.size()) {
+        std::vector<float> rec((OW + 7) / 8 * 8, 0.f);
+        for (int64_t ow = 0; ow < OW; ++ow) rec[ow] = 1.f / (static_cast<float>(dh) * wf[ow]);
+        recs.emplace_back(dh, std::move(rec));
       }
-      std::vector<float> rec((OW + 7) / 8 * 8, 0.f);
-      for (int64_t ow = 0; ow < OW; ++ow) rec[ow] = 1.f / (static_cast<float>(dh) * wf[ow]);
-      recs.emplace_back(dh, std::move(rec));
-      return recs.back().second.data();
-    };
+      rec_of[o] = static_cast<int64_t>(k);
+    }
+  }
+  std::vector<const float*> rc_row(rows_n);
+  for (int64_t o = 0; o < rows_n; ++o) rc_row[o] = recs[rec_of[o]].second.data();
+  at::parallel_for(0, planes * rows_n, grain_for(OW * g.window_cells()), [&](int64_t begin, int64_t end) {
+    // What the rows use, in locals: the vector stores may alias anything, so values read through
+    // the closure's references would be reloaded after every store (NOTES §33).
+    const int64_t ow_n = OW, iw_n = IW, kw_n = KW, rows_per_plane = rows_n;
+    const int64_t plane_len = ID * IH * IW, slice_len = IH * IW;
+    const int64_t *first = first_row.data(), *nhs = nh.data(), *nds = nd.data();
+    const float* const* rcs = rc_row.data();
+    const __m256i tl = tail;
+    std::vector<float> bufv(2 * buf_len, 0.f);
     // vs(r)[x]: the sum of input column x over the window rows of output row r (x from -PW).
-    auto vs = [&](int64_t r) { return buf.data() + (r & 1) * buf_len + PW; };
-    int64_t last_dh = -1;
-    const float* last_rc = nullptr;
-    auto horizontal = [&](int64_t r, int64_t dh) __attribute__((always_inline)) {
-      const float* v = vs(r) - PW;
-      if (dh != last_dh) {
-        last_dh = dh;
-        last_rc = recip(dh);
-      }
-      const float* rc = last_rc;
-      T* o = out + r * OW;
+    float* const b0 = bufv.data() + PW;
+    float* const b1 = b0 + buf_len;
+    auto horizontal = [&](int64_t r, int64_t o) __attribute__((always_inline)) {
+      const float* v = (r & 1 ? b1 : b0) - PW;
+      const float* rc = rcs[o];
+      T* dst = out + r * ow_n;
       auto chunk = [&](int64_t ow0) {
-        __m256 s = _mm256_loadu_ps(v + ow0);
-        for (int64_t kw = 1; kw < KW; ++kw) s = _mm256_add_ps(s, _mm256_loadu_ps(v + ow0 + kw));
-        return _mm256_mul_ps(s, _mm256_loadu_ps(rc + ow0));
+        __m256 sum = _mm256_loadu_ps(v + ow0);
+        for (int64_t kw = 1; kw < kw_n; ++kw) sum = _mm256_add_ps(sum, _mm256_loadu_ps(v + ow0 + kw));
+        return _mm256_mul_ps(sum, _mm256_loadu_ps(rc + ow0));
       };
-      if (OW < 8) {
-        store8(o, chunk(0), OW);
+      if (ow_n < 8) {
+        store8(dst, chunk(0), ow_n);
         return;
       }
       int64_t ow0 = 0;
-      for (; ow0 + 8 <= OW; ow0 += 8) storef(o + ow0, chunk(ow0));
-      if (ow0 < OW) storef(o + OW - 8, chunk(OW - 8));  // overlaps, recomputed equal
+      for (; ow0 + 8 <= ow_n; ow0 += 8) storef(dst + ow0, chunk(ow0));
+      if (ow0 < ow_n) storef(dst + ow_n - 8, chunk(ow_n - 8));  // overlaps, recomputed equal
     };
-    int64_t prev_dh = 0;
-    RowCounter it(begin, OD, OH);
-    for (int64_t r = begin; r < end; ++r, it.next()) {
-      const int64_t od = it.b, oh = it.c, nh = th.hi[oh] - th.lo[oh];
-      const int64_t ih0 = g.input_coord(1, oh, th.lo[oh]);
-      float* v = vs(r);
-      auto rows_at = [&](int64_t kd) {
-        return in + ((it.a * ID + g.input_coord(0, od, kd)) * IH + ih0) * IW;
-      };
-      sum_rows_any<false>(rows_at(td.lo[od]), nh, IW, tail, v);
-      for (int64_t kd = td.lo[od] + 1; kd < td.hi[od]; ++kd) {
-        sum_rows_any<true>(rows_at(kd), nh, IW, tail, v);
+    int64_t plane = begin / rows_per_plane, o = begin % rows_per_plane, prev_o = 0;
+    for (int64_t r = begin; r < end; ++r) {
+      float* v = r & 1 ? b1 : b0;
+      const T* p = in + plane * plane_len + first[o];
+      const int64_t n = nhs[o], depth = nds[o];
+      sum_rows_any<false>(p, n, iw_n, tl, v);
+      for (int64_t kd = 1; kd < depth; ++kd) sum_rows_any<true>(p + kd * slice_len, n, iw_n, tl, v);
+      if (r > begin) horizontal(r - 1, prev_o);
+      prev_o = o;
+      if (++o == rows_per_plane) {
+        o = 0;
+        ++plane;
       }
-      if (r > begin) horizontal(r - 1, prev_dh);
-      prev_dh = t.dh_factor(od, oh);
     }
-    horizontal(end - 1, prev_dh);
+    horizontal(end - 1, prev_o);
   });
 }
 
