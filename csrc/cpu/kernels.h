@@ -2433,6 +2433,12 @@ void global_bwd(const scalar_t* gout, const int64_t* pos, scalar_t* gin, int64_t
   const int64_t rows = cl ? N * P : N * C;   // contiguous runs of the output
   const int64_t run = cl ? C : P;
   at::parallel_for(0, rows, grain_for(run), [&](int64_t begin, int64_t end) {
+    // Channels-last average of half types: every cell of sample n gets the same C values, worked
+    // out once per sample and copied, not converted again per cell. (Float writes g / P
+    // directly: the compiler vectorizes that loop, and it beat the copy.)
+    constexpr bool kHalf = !std::is_same_v<scalar_t, acc_t>;
+    std::vector<scalar_t> scaled(!kMax && cl && kHalf ? C : 0);
+    int64_t scaled_n = -1;
     for (int64_t r = begin; r < end; ++r) {
       scalar_t* dst = gin + r * run;
       if (kMax) {
@@ -2445,11 +2451,18 @@ void global_bwd(const scalar_t* gout, const int64_t* pos, scalar_t* gin, int64_t
         } else {
           dst[pos[r]] = gout[r];
         }
-      } else if (cl) {
+      } else if (cl && !kHalf) {
         const scalar_t* g = gout + (r / P) * C;
-        for (int64_t c = 0; c < C; ++c) {
-          dst[c] = static_cast<scalar_t>(static_cast<acc_t>(g[c]) / static_cast<acc_t>(P));
+        for (int64_t c = 0; c < C; ++c) dst[c] = g[c] / static_cast<acc_t>(P);
+      } else if (cl) {
+        if (r / P != scaled_n) {
+          scaled_n = r / P;
+          const scalar_t* g = gout + scaled_n * C;
+          for (int64_t c = 0; c < C; ++c) {
+            scaled[c] = static_cast<scalar_t>(static_cast<acc_t>(g[c]) / static_cast<acc_t>(P));
+          }
         }
+        std::copy_n(scaled.data(), C, dst);
       } else {
         const scalar_t v =
             static_cast<scalar_t>(static_cast<acc_t>(gout[r]) / static_cast<acc_t>(P));
