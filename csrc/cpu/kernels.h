@@ -716,15 +716,29 @@ inline void store_pos8(pos_t* dst, __m256i p, int64_t n) {
   for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<pos_t>(t[j]);
 }
 
+// Calls f(std::integral_constant<int, S>, std::integral_constant<int, KWc>) for the pool's W
+// stride (1 or 2) and window width (2 and 3 at compile time, others 0 = run time).
+template <typename F>
+inline void with_fused_width(const PoolGeometry& g, F&& f) {
+  using std::integral_constant;
+  auto kw = [&](auto S) {
+    switch (g.kernel[2]) {
+      case 2: return f(S, integral_constant<int, 2>{});
+      case 3: return f(S, integral_constant<int, 3>{});
+      default: return f(S, integral_constant<int, 0>{});
+    }
+  };
+  g.stride[2] == 1 ? kw(integral_constant<int, 1>{}) : kw(integral_constant<int, 2>{});
+}
+
 // Calls f(std::integral_constant<int, S>, std::integral_constant<int, KWc>,
-// std::integral_constant<int, NRc>) for the pool's W stride (1 or 2), window width (2 and 3
-// compile-time, others 0 = run time) and rows per window (KD * KH: 1, or KWc in square 2d windows,
-// or KWc * KWc in cubic 3d ones at compile time, others 0).
+// std::integral_constant<int, NRc>) as with_fused_width, with the rows per window (KD * KH: 1, or
+// KWc in square 2d windows, or KWc * KWc in cubic 3d ones at compile time, others 0).
 template <typename F>
 inline void with_fused_shape(const PoolGeometry& g, F&& f) {
   using std::integral_constant;
   const int64_t nr = g.kernel[0] * g.kernel[1];
-  auto rows = [&](auto S, auto KW) {
+  with_fused_width(g, [&](auto S, auto KW) {
     constexpr int K = decltype(KW)::value;
     if (nr == 1) return f(S, KW, integral_constant<int, 1>{});
     if constexpr (K > 0) {
@@ -732,15 +746,7 @@ inline void with_fused_shape(const PoolGeometry& g, F&& f) {
       if (g.kernel[0] == K && g.kernel[1] == K) return f(S, KW, integral_constant<int, K * K>{});
     }
     return f(S, KW, integral_constant<int, 0>{});
-  };
-  auto kw = [&](auto S) {
-    switch (g.kernel[2]) {
-      case 2: return rows(S, integral_constant<int, 2>{});
-      case 3: return rows(S, integral_constant<int, 3>{});
-      default: return rows(S, integral_constant<int, 0>{});
-    }
-  };
-  g.stride[2] == 1 ? kw(integral_constant<int, 1>{}) : kw(integral_constant<int, 2>{});
+  });
 }
 
 // The input rows (pointers to their first cell) inside the window of output row (od, oh) of a
@@ -1263,52 +1269,28 @@ inline void bwd_row_fused(T* row, int64_t IW, int64_t KW, int64_t pad, const Con
   }
 }
 
-// Calls f(std::integral_constant<int, S>, std::integral_constant<int, KWc>) for the pool's W
-// stride (1 or 2) and window width (2 and 3 at compile time, others 0 = run time).
-template <typename F>
-inline void with_fused_width(const PoolGeometry& g, F&& f) {
-  using std::integral_constant;
-  auto kw = [&](auto S) {
-    switch (g.kernel[2]) {
-      case 2: return f(S, integral_constant<int, 2>{});
-      case 3: return f(S, integral_constant<int, 3>{});
-      default: return f(S, integral_constant<int, 0>{});
-    }
-  };
-  g.stride[2] == 1 ? kw(integral_constant<int, 1>{}) : kw(integral_constant<int, 2>{});
-}
-
-// The output rows that cover one input row (od, oh pairs of the D and H cover tables), gathered
-// per input row into arrays that the row's chunks read from locals.
-struct CoverRows {
-  std::vector<int64_t> orow;  // first flat output index of each covering output row
-  std::vector<int32_t> base;  // window position of its first cell in this input row
-  CoverRows(const DimTable& td, const DimTable& th, int64_t ID, int64_t IH) {
-    int64_t most = 0;
-    for (int64_t id = 0; id < ID; ++id) {
-      for (int64_t ih = 0; ih < IH; ++ih) {
-        most = std::max(most, (td.first[id + 1] - td.first[id]) * (th.first[ih + 1] - th.first[ih]));
-      }
-    }
-    orow.resize(most);
-    base.resize(most);
-  }
-};
-
 template <int S, int KWc, typename T>
 void max_bwd_fused(const T* gout, const uint8_t* pos, T* gin, const PoolGeometry& g,
                    int64_t planes) {
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2], KH = g.kernel[1], KW = g.kernel[2];
   const DimTable td(g, 0, true), th(g, 1, true);
-  const CoverRows proto(td, th, ID, IH);
+  int64_t most = 0;  // output rows covering one input row, at most
+  for (int64_t id = 0; id < ID; ++id) {
+    for (int64_t ih = 0; ih < IH; ++ih) {
+      most = std::max(most, (td.first[id + 1] - td.first[id]) * (th.first[ih + 1] - th.first[ih]));
+    }
+  }
   at::parallel_for(0, planes * ID * IH, grain_for(IW * 2), [&](int64_t begin, int64_t end) {
-    // Sizes and the covering rows in locals: the vector stores may alias anything, so values
-    // read through the closure's references would be reloaded after every store (NOTES §33).
+    // Sizes in locals, and the output rows covering each input row (their first flat index and
+    // the window position of their cells in this input row) gathered per row into local arrays:
+    // the vector stores may alias anything, so values read through the closure's references
+    // would be reloaded after every store (NOTES §33).
     const int64_t ow_n = OW, iw_n = IW, kw_n = KW, pad_w = g.pad[2];
-    CoverRows cov = proto;
-    int64_t* orow = cov.orow.data();
-    int32_t* base = cov.base.data();
+    std::vector<int64_t> orow_v(most);
+    std::vector<int32_t> base_v(most);
+    int64_t* orow = orow_v.data();
+    int32_t* base = base_v.data();
     RowCounter it(begin, ID, IH);
     for (int64_t r = begin; r < end; ++r, it.next()) {
       const int64_t plane = it.a, id = it.b, ih = it.c;
