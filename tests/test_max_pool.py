@@ -397,7 +397,8 @@ def test_backward_windows_one_row_high(device, rng, kw, kind, dtype):
     for shape in ((2, 3, 1029), (1, 2, 83)):
         x = make_input(shape, dtype, device, "contiguous", rng, kind=kind)
         check_parity(x, 1, kw, rng, reference_device="cpu")
-    k2 = dict(kw, kernel_size=(1, kw["kernel_size"]), stride=(1, kw["stride"]), padding=(0, kw.get("padding", 0)))
+    k2 = dict(kw, kernel_size=(1, kw["kernel_size"]), stride=(1, kw["stride"]),
+              padding=(0, kw.get("padding", 0)))
     x = make_input((2, 2, 5, 301), dtype, device, "contiguous", rng, kind=kind)
     check_parity(x, 2, k2, rng, reference_device="cpu")
 
