@@ -128,17 +128,27 @@ inline __m256 loadf(const c10::Half* p) {
 }
 
 // Stores 8 floats at p as T.
+template <bool kExact = false>
 inline void storef(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+// kExact: every lane already is a value of T (a maximum of T inputs), so bfloat16 keeps the top
+// 16 bits without rounding.
+template <bool kExact = false>
 inline void storef(c10::BFloat16* p, __m256 v) {
   // c10::BFloat16's rounding: + 0x7FFF + the kept part's lowest bit, keep the top 16 bits;
   // NaN -> 0x7FC0.
   const __m256i b = _mm256_castps_si256(v);
-  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
-  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+  __m256i r;
+  if constexpr (kExact) {
+    r = _mm256_srli_epi32(b, 16);
+  } else {
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+    r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+  }
   r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
   const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
 }
+template <bool kExact = false>
 inline void storef(c10::Half* p, __m256 v) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
 }
@@ -240,6 +250,11 @@ inline void convert(const float* __restrict src, T* __restrict dst, int64_t n) {
   for (; i < n; ++i) dst[i] = static_cast<T>(src[i]);
 }
 
+// Lanes in the order j = 0 1 4 5 2 3 6 7 (_mm256_shuffle_ps of two vectors) put back in order.
+inline __m256 unshuffle(__m256 v) {
+  return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(v), 0xD8));
+}
+
 // a[j] = src[2j], b[j] = src[2j + 1] for j < m (reads exactly src[0, 2m)).
 inline void deinterleave2(const float* __restrict src, float* __restrict a, float* __restrict b,
                           int64_t m) {
@@ -247,8 +262,8 @@ inline void deinterleave2(const float* __restrict src, float* __restrict a, floa
   for (; j + 8 <= m; j += 8) {
     const __m256 lo = _mm256_loadu_ps(src + 2 * j), hi = _mm256_loadu_ps(src + 2 * j + 8);
     const __m256 even = _mm256_shuffle_ps(lo, hi, 0x88), odd = _mm256_shuffle_ps(lo, hi, 0xDD);
-    _mm256_storeu_ps(a + j, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(even), 0xD8)));
-    _mm256_storeu_ps(b + j, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(odd), 0xD8)));
+    _mm256_storeu_ps(a + j, unshuffle(even));
+    _mm256_storeu_ps(b + j, unshuffle(odd));
   }
   for (; j < m; ++j) { a[j] = src[2 * j]; b[j] = src[2 * j + 1]; }
 }
@@ -641,32 +656,50 @@ inline int64_t window_row_reach(int64_t KW) {
   return S == 1 ? KW - 1 + 8 : ((KW - 1) & ~int64_t{1}) + 16;
 }
 
+// for_window_row's lanes come out in order for stride 1 and for bfloat16.
+template <int S, typename T>
+constexpr bool kNaturalLanes = S == 1 || std::is_same_v<T, c10::BFloat16>;
+
 // Calls f(kw, v) for kw = 0 .. KW-1 in order, v holding the 8 cells row[x0 + kw + S*j], j < 8,
-// cells outside [0, w) reading as `fill`. For S == 2 two neighbouring columns share one pair of
-// loads (even and odd lanes), and the lanes come out in the order of _mm256_shuffle_ps
-// (j = 0 1 4 5 2 3 6 7); natural<S> restores it once per result. KWc: the window width when
-// known at compile time (the loop unrolls), else 0.
+// cells outside [0, w) reading as `fill`. For S == 2 two neighbouring columns share their loads
+// (even and odd lanes). For float and float16 those lanes come out in the order of
+// _mm256_shuffle_ps (j = 0 1 4 5 2 3 6 7), and natural<S, T> restores it once per result.
+// bfloat16 takes both columns from one 32-byte load, in order: cell 2j in the low and cell
+// 2j + 1 in the high half of 32-bit lane j, so a shift and a mask widen them. KWc: the window
+// width when known at compile time (the loop unrolls), else 0.
 template <int S, int KWc, bool kEdge, typename T, typename F>
 inline void for_window_row(const T* row, int64_t x0, int64_t w, int64_t KW, __m256 fill, F&& f) {
   if constexpr (KWc > 0) KW = KWc;
   if constexpr (S == 1) {
     for (int64_t kw = 0; kw < KW; ++kw) f(kw, load8<kEdge>(row, x0 + kw, w, fill));
+  } else if constexpr (std::is_same_v<T, c10::BFloat16> && !kEdge) {
+    const __m256i high = _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+    for (int64_t kw = 0; kw < KW; kw += 2) {
+      const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + x0 + kw));
+      f(kw, _mm256_castsi256_ps(_mm256_slli_epi32(p, 16)));
+      if (kw + 1 < KW) f(kw + 1, _mm256_castsi256_ps(_mm256_and_si256(p, high)));
+    }
   } else {
+    constexpr bool kInOrder = kNaturalLanes<S, T>;
     for (int64_t kw = 0; kw < KW; kw += 2) {
       const __m256 lo = load8<kEdge>(row, x0 + kw, w, fill);
       const __m256 hi = load8<kEdge>(row, x0 + kw + 8, w, fill);
-      f(kw, _mm256_shuffle_ps(lo, hi, 0x88));
-      if (kw + 1 < KW) f(kw + 1, _mm256_shuffle_ps(lo, hi, 0xDD));
+      const __m256 even = _mm256_shuffle_ps(lo, hi, 0x88);
+      f(kw, kInOrder ? unshuffle(even) : even);
+      if (kw + 1 < KW) {
+        const __m256 odd = _mm256_shuffle_ps(lo, hi, 0xDD);
+        f(kw + 1, kInOrder ? unshuffle(odd) : odd);
+      }
     }
   }
 }
 
-template <int S>
+template <int S, typename T>
 inline __m256 natural(__m256 v) {
-  if constexpr (S == 1) {
+  if constexpr (kNaturalLanes<S, T>) {
     return v;
   } else {
-    return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(v), 0xD8));
+    return unshuffle(v);
   }
 }
 
@@ -677,7 +710,8 @@ inline int64_t chunk_start(int64_t i, int64_t OW) {
   return OW >= 8 ? std::min(i, OW - 8) : i;
 }
 
-// Stores the first n (<= 8) lanes.
+// Stores the first n (<= 8) lanes (kExact: as storef).
+template <bool kExact = false>
 inline void store8(float* dst, __m256 v, int64_t n) {
   if (n == 8) {
     _mm256_storeu_ps(dst, v);
@@ -685,13 +719,13 @@ inline void store8(float* dst, __m256 v, int64_t n) {
     _mm256_maskstore_ps(dst, lanes_inside(0, n), v);
   }
 }
-template <typename T>
+template <bool kExact = false, typename T>
 inline void store8(T* dst, __m256 v, int64_t n) {
   if (n == 8) {
-    storef(dst, v);
+    storef<kExact>(dst, v);
   } else {
     T t[8];
-    storef(t, v);
+    storef<kExact>(t, v);
     for (int64_t j = 0; j < n; ++j) dst[j] = t[j];
   }
 }
@@ -892,11 +926,11 @@ void max_rows_fused(const T* in, T* out, pos_t* pos, const PoolGeometry& g,
       if (kPos) b = _mm256_blendv_ps(b, _mm256_castsi256_ps(k), t);
     });
     const int64_t n = std::min<int64_t>(8, OW - ow0);
-    store8(out + r * OW + ow0, natural<S>(m), n);
+    store8<true>(out + r * OW + ow0, natural<S, T>(m), n);
     if (kPos && !kEdge) {
-      store_pos8(pos + r * OW + ow0, _mm256_castps_si256(natural<S>(b)), n);
+      store_pos8(pos + r * OW + ow0, _mm256_castps_si256(natural<S, T>(b)), n);
     } else if (kPos) {
-      const __m256i bn = _mm256_castps_si256(natural<S>(b));
+      const __m256i bn = _mm256_castps_si256(natural<S, T>(b));
       const __m256i dflt = _mm256_add_epi32(
           _mm256_set1_epi32(first),
           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wl + ow0)));
@@ -1651,7 +1685,7 @@ void avg_rows_fused(const T* in, T* out, const PoolGeometry& g, int64_t planes,
                                                     int32_t, auto&& visit, auto) {
     __m256 sum = zero;
     visit([&](__m256i, __m256 v) { sum = _mm256_add_ps(sum, v); });
-    store8(out + r * OW + ow0, _mm256_div_ps(natural<S>(sum), divisors(od, oh, ow0)),
+    store8(out + r * OW + ow0, _mm256_div_ps(natural<S, T>(sum), divisors(od, oh, ow0)),
            std::min<int64_t>(8, OW - ow0));
   });
 }
