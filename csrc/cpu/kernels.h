@@ -130,12 +130,12 @@ inline __m256 loadf(const c10::Half* p) {
 // Stores 8 floats at p as T.
 template <bool kExact = false>
 inline void storef(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
-// kExact: every lane already is a value of T (a maximum of T inputs), so bfloat16 keeps the top
-// 16 bits without rounding.
-template <bool kExact = false>
-inline void storef(c10::BFloat16* p, __m256 v) {
-  // c10::BFloat16's rounding: + 0x7FFF + the kept part's lowest bit, keep the top 16 bits;
-  // NaN -> 0x7FC0.
+// v as bfloat16 bits in the low half of each 32-bit lane, the high half 0: c10::BFloat16's
+// rounding (+ 0x7FFF + the kept part's lowest bit, keep the top 16 bits); NaN -> 0x7FC0.
+// kExact: every lane already is a bfloat16 value (an input, or a maximum of inputs), so its top
+// 16 bits are kept without rounding.
+template <bool kExact>
+inline __m256i bf16_bits(__m256 v) {
   const __m256i b = _mm256_castps_si256(v);
   __m256i r;
   if constexpr (kExact) {
@@ -144,13 +144,31 @@ inline void storef(c10::BFloat16* p, __m256 v) {
     const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
     r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
   }
-  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+}
+template <bool kExact = false>
+inline void storef(c10::BFloat16* p, __m256 v) {
+  const __m256i r = bf16_bits<kExact>(v);
   const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
 }
 template <bool kExact = false>
 inline void storef(c10::Half* p, __m256 v) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+
+// Stores 16 elements at p: cell 2j from lane j of a, cell 2j + 1 from lane j of b (kExact: as
+// storef). bfloat16 packs each pair into one 32-bit lane: one store, no lane moves.
+template <bool kExact = false, typename T>
+inline void store_pairs(T* p, __m256 a, __m256 b) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const __m256i w = _mm256_or_si256(bf16_bits<kExact>(a), _mm256_slli_epi32(bf16_bits<kExact>(b), 16));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), w);
+  } else {
+    const __m256 lo = _mm256_unpacklo_ps(a, b), hi = _mm256_unpackhi_ps(a, b);
+    storef<kExact>(p, _mm256_permute2f128_ps(lo, hi, 0x20));
+    storef<kExact>(p + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+  }
 }
 
 // AVX2 versions of the passes for float and the half types (and the half-type conversions): the
@@ -1280,16 +1298,21 @@ inline void bwd_row_fused(T* row, int64_t IW, int64_t KW, int64_t pad, const Con
       prev[kw] = C[kw];
     }
     const int64_t x0 = S * ow0 - pad;
+    if (x0 >= 0 && x0 + 8 * S <= IW) {
+      if constexpr (S == 2) {
+        store_pairs(row + x0, even, odd);
+      } else {
+        storef(row + x0, even);
+      }
+      continue;
+    }
     __m256 a = even, b = even;
     if constexpr (S == 2) {
       const __m256 lo = _mm256_unpacklo_ps(even, odd), hi = _mm256_unpackhi_ps(even, odd);
       a = _mm256_permute2f128_ps(lo, hi, 0x20);
       b = _mm256_permute2f128_ps(lo, hi, 0x31);
     }
-    if (x0 >= 0 && x0 + 8 * S <= IW) {
-      storef(row + x0, a);
-      if (S == 2) storef(row + x0 + 8, b);
-    } else if constexpr (std::is_same_v<T, float>) {  // row edges: only the cells inside
+    if constexpr (std::is_same_v<T, float>) {  // row edges: only the cells inside
       // Masked-off lanes are not written, so the addresses may lie outside the row.
       _mm256_maskstore_ps(row + x0, lanes_inside(x0, IW), a);
       if (S == 2) _mm256_maskstore_ps(row + x0 + 8, lanes_inside(x0 + 8, IW), b);
@@ -1424,7 +1447,7 @@ void max_bwd_scatter(const scalar_t* gout, const pos_t* pos, scalar_t* gin, cons
 // covers (odd sizes) are zeroed. `output_row(o, od, oh, tmp)` is called once per output row (o:
 // its first flat output index; tmp: OW floats of scratch) and returns a callable
 // cols(ow0, kd, kh, v0, v1) that sets the gradient of window columns 0 and 1 of tile row (kd, kh)
-// for the 8 outputs from ow0.
+// for the 8 outputs from ow0. kExact: those are values of T already (store_pairs).
 inline bool tile_bwd_ok(const PoolGeometry& g, int64_t planes) {
   if (planes < at::get_num_threads()) return false;  // one task per plane
   for (int d = 0; d < 3; ++d) {
@@ -1436,7 +1459,7 @@ inline bool tile_bwd_ok(const PoolGeometry& g, int64_t planes) {
   return g.kernel[2] == 2 && g.out[2] >= 8;
 }
 
-template <typename T, typename OutputRow>
+template <bool kExact, typename T, typename OutputRow>
 void write_tiles(T* gin, const PoolGeometry& g, int64_t planes, OutputRow&& output_row) {
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2], KD = g.kernel[0], KH = g.kernel[1];
@@ -1464,9 +1487,7 @@ void write_tiles(T* gin, const PoolGeometry& g, int64_t planes, OutputRow&& outp
                 const int64_t ow0 = chunk_start(i, ow_n);
                 __m256 v0, v1;
                 cols(ow0, kd, kh, v0, v1);
-                const __m256 lo = _mm256_unpacklo_ps(v0, v1), hi = _mm256_unpackhi_ps(v0, v1);
-                storef(row + 2 * ow0, _mm256_permute2f128_ps(lo, hi, 0x20));
-                storef(row + 2 * ow0 + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+                store_pairs<kExact>(row + 2 * ow0, v0, v1);
               }
               std::fill(row + 2 * ow_n, row + iw_n, T(0));  // columns past the last window
             }
@@ -1482,7 +1503,7 @@ template <typename T>
 void max_bwd_tiles(const T* gout, const uint8_t* pos, T* gin, const PoolGeometry& g,
                    int64_t planes) {
   const int32_t KH = static_cast<int32_t>(g.kernel[1]);
-  write_tiles(gin, g, planes, [&](int64_t o, int64_t, int64_t, float*) {
+  write_tiles<true>(gin, g, planes, [&](int64_t o, int64_t, int64_t, float*) {
     return [=](int64_t ow0, int64_t kd, int64_t kh, __m256& v0, __m256& v1) {
       const __m256 g8 = loadf(gout + o + ow0);
       const __m256i p8 =
@@ -1956,7 +1977,7 @@ void avg_bwd_tiles(const T* gout, T* gin, const PoolGeometry& g, int64_t planes,
   const int64_t OW = g.out[2];
   const std::vector<float> wf = t.w_factors((OW + 7) / 8 * 8);
   const Divisors8 divisors(t, wf);
-  write_tiles(gin, g, planes, [&](int64_t o, int64_t od, int64_t oh, float* scaled) {
+  write_tiles<false>(gin, g, planes, [&](int64_t o, int64_t od, int64_t oh, float* scaled) {
     // The row's grad / divisor once, for all its tile rows.
     for (int64_t i = 0; i < OW; i += 8) {
       const int64_t ow0 = chunk_start(i, OW);
