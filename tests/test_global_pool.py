@@ -141,6 +141,21 @@ def test_large_plane(device, rng, nd):
     check_max(x, nd, False, rng)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_max_backward_split_between_threads(device, rng, dtype, layout):
+    """Enough planes for several tasks on two threads, each zeroing only its own range: the
+    whole gradient matches torch's, also where the gradient's memory held other values before."""
+    x = make_input((4, 96, 24, 24), dtype, device, layout, rng)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run_fwd_bwd(tpf.global_avg_pool2d, x, gen=rng)  # a gradient of nonzeros, then freed
+        check_max(x, 2, False, rng)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("nd", [2, 3])
 def test_grad_layout_preserved(device, rng, nd):
     fmt = channels_last_format(nd + 2)

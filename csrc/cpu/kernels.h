@@ -2485,10 +2485,14 @@ void global_bwd(const scalar_t* gout, const int64_t* pos, scalar_t* gin, int64_t
     constexpr bool kHalf = !std::is_same_v<scalar_t, acc_t>;
     std::vector<scalar_t> scaled(!kMax && cl && kHalf ? C : 0);
     int64_t scaled_n = -1;
+    // Max: the task's whole range zeroed by one memset, whose string stores write whole cache
+    // lines without reading them first (no read for ownership): here about twice the speed of
+    // vector stores, and of one memset per short plane (NOTES §47). Then the one gradient per
+    // plane (per channel, channels-last) goes in.
+    if (kMax) std::memset(static_cast<void*>(gin + begin * run), 0, (end - begin) * run * sizeof(scalar_t));
     for (int64_t r = begin; r < end; ++r) {
       scalar_t* dst = gin + r * run;
       if (kMax) {
-        fill_value(dst, run, scalar_t(0));
         if (cl) {
           const int64_t n = r / P, i = r % P;
           for (int64_t c = 0; c < C; ++c) {
