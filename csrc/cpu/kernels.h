@@ -162,8 +162,8 @@ inline void storef(c10::Half* p, __m256 v) {
 template <bool kExact = false, typename T>
 inline void store_pairs(T* p, __m256 a, __m256 b) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    const __m256i w = _mm256_or_si256(bf16_bits<kExact>(a), _mm256_slli_epi32(bf16_bits<kExact>(b), 16));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), w);
+    const __m256i lo = bf16_bits<kExact>(a), hi = _mm256_slli_epi32(bf16_bits<kExact>(b), 16);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_or_si256(lo, hi));
   } else {
     const __m256 lo = _mm256_unpacklo_ps(a, b), hi = _mm256_unpackhi_ps(a, b);
     storef<kExact>(p, _mm256_permute2f128_ps(lo, hi, 0x20));
@@ -299,12 +299,7 @@ inline void deinterleave2(const float* __restrict src, float* __restrict a, floa
 inline void interleave2(const float* __restrict a, const float* __restrict b,
                         float* __restrict dst, int64_t m) {
   int64_t j = 0;
-  for (; j + 8 <= m; j += 8) {
-    const __m256 va = _mm256_loadu_ps(a + j), vb = _mm256_loadu_ps(b + j);
-    const __m256 lo = _mm256_unpacklo_ps(va, vb), hi = _mm256_unpackhi_ps(va, vb);
-    _mm256_storeu_ps(dst + 2 * j, _mm256_permute2f128_ps(lo, hi, 0x20));
-    _mm256_storeu_ps(dst + 2 * j + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
-  }
+  for (; j + 8 <= m; j += 8) store_pairs(dst + 2 * j, _mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j));
   for (; j < m; ++j) { dst[2 * j] = a[j]; dst[2 * j + 1] = b[j]; }
 }
 #define TORCHPOOL_HAS_STRIDE2 1
@@ -2489,7 +2484,9 @@ void global_bwd(const scalar_t* gout, const int64_t* pos, scalar_t* gin, int64_t
     // lines without reading them first (no read for ownership): here about twice the speed of
     // vector stores, and of one memset per short plane (NOTES §47). Then the one gradient per
     // plane (per channel, channels-last) goes in.
-    if (kMax) std::memset(static_cast<void*>(gin + begin * run), 0, (end - begin) * run * sizeof(scalar_t));
+    if (kMax) {
+      std::memset(static_cast<void*>(gin + begin * run), 0, (end - begin) * run * sizeof(scalar_t));
+    }
     for (int64_t r = begin; r < end; ++r) {
       scalar_t* dst = gin + r * run;
       if (kMax) {
