@@ -101,6 +101,16 @@ def _key(r):
     return r["case"], r["dtype"], r["layout"]
 
 
+def _case_ceilings(results):
+    """The range of the ceilings measured before each case (which its % figures use)."""
+    sums = [r["ceilings_gbps"]["sum"] for r in results if r.get("ceilings_gbps")]
+    copies = [r["ceilings_gbps"]["copy"] for r in results if r.get("ceilings_gbps")]
+    if not sums:
+        return ""
+    return (f"; before each case (its % figures use those): copy_ {min(copies):.1f}–{max(copies):.1f}, "
+            f"sum {min(sums):.1f}–{max(sums):.1f} GB/s")
+
+
 def assemble(meta, ceilings, results, base=None):
     """The results document: this run's meta at the top level, its results, and with `base` (an
     earlier document of the same machine) the earlier results this run did not redo. Every result
@@ -173,7 +183,8 @@ def markdown(doc, png_name=None):
             f"| torchpool | {_source_line(doc)} |",
             f"| date | {doc['date']} |",
             f"| command | `{doc['command']}` |",
-            f"| ceilings | copy_ {ce['copy']['gbps']:.1f} GB/s (read + write), sum {ce['sum']['gbps']:.1f} GB/s (read) |",
+            f"| ceilings | copy_ {ce['copy']['gbps']:.1f} GB/s (read + write), sum {ce['sum']['gbps']:.1f} GB/s (read), "
+            f"before the run{_case_ceilings(res)} |",
             f"| load average | start {doc.get('load_average_start')}, end {doc.get('load_average_end')} |",
             ""]
     notes = [f"Times: median over {cfg['repeat']} samples at most ({cfg['min_repeat']} at least), "

@@ -18,7 +18,9 @@ Method (DESIGN §5):
   for backward that are neither the input nor the output (measured with saved_tensors_hooks, so
   torch eager's int64 indices count for torch eager and a 1-byte window position for torchpool);
   backward reads grad_out and those saved tensors and writes grad_in; fwd_bwd is the sum.
-* ceilings: a large copy_ into a preallocated tensor (read + write) and a large sum (read).
+* ceilings: a large copy_ into a preallocated tensor (read + write) and a large sum (read),
+  measured before the run and again before each case; a case's % figures use the ones measured
+  just before it (a shared machine's bandwidth drifts during a run).
 """
 import argparse
 import fnmatch
@@ -558,7 +560,8 @@ def main(argv=None):
         print(f"--merge: keeping the results in {args.out / name}.json that this run does not redo")
     torch.manual_seed(0)
     ceilings = measure_ceilings(args.device, cfg)
-    print(f"ceilings: copy {ceilings['copy']['gbps']:.1f} GB/s (read+write), sum {ceilings['sum']['gbps']:.1f} GB/s (read)")
+    print(f"ceilings: copy {ceilings['copy']['gbps']:.1f} GB/s (read+write), sum {ceilings['sum']['gbps']:.1f} GB/s (read); "
+          "measured again before each case, whose % figures use those")
     print("per mode: torchpool median, % of read ceiling, speedup vs eager / vs compile")
 
     results = []
@@ -566,13 +569,17 @@ def main(argv=None):
         if not args.no_compile:
             from torch import _dynamo
             _dynamo.reset()  # each case compiles afresh: no recompile limits, no stale guards
+        # The bandwidth of a shared machine drifts during a run: each case is set against the
+        # ceilings measured just before it.
+        case_ceilings = measure_ceilings(args.device, cfg)
         try:
-            res = run_variant(case, dtype, layout, functional, args, cfg, machine, ceilings)
+            res = run_variant(case, dtype, layout, functional, args, cfg, machine, case_ceilings)
         except Exception as e:  # e.g. out of memory: reported as a failed case, the run goes on
             res = dict(case=case.name, op=case.op, params=case.params, describe=case.describe(), dtype=dtype,
                        layout=layout, shape=list(case.shape_for(args.device, args.batch)),
                        suite_shape=list(case.shape), n_scale=1, notes=[], saved={}, compile={}, modes={},
                        problems=[f"harness error: {type(e).__name__}: {' '.join(str(e).split())[:300]}"])
+        res["ceilings_gbps"] = {k: v["gbps"] for k, v in case_ceilings.items()}
         results.append(res)
         print(progress_line(i, len(variants), case, res), flush=True)
         # written after every case, so a run that is stopped keeps what it measured

@@ -44,6 +44,9 @@ def test_runner_writes_results(tmp_path, standin, capsys):
         tp = entry["torchpool"]
         assert 0 < tp["p25_s"] <= tp["median_s"] <= tp["p75_s"] and tp["samples"] >= 3
         assert tp["gbps"] > 0 and entry["speedup_eager"] > 0 and entry["compile"] is None
+        # % of the ceilings measured just before the case
+        assert tp["pct_read"] == pytest.approx(100 * tp["gbps"] / res["ceilings_gbps"]["sum"])
+        assert tp["pct_copy"] == pytest.approx(100 * tp["gbps"] / res["ceilings_gbps"]["copy"])
     # Bytes: inference reads the input and writes the output; fwd_bwd adds the saved index twice.
     in_b, out_b = 2 * 32 * 26 * 26 * 4, 2 * 32 * 13 * 13 * 4
     saved = res["saved"]["torchpool"]["new_bytes"]
@@ -54,6 +57,7 @@ def test_runner_writes_results(tmp_path, standin, capsys):
 
     md = (tmp_path / "smoke.md").read_text()
     assert "| mnist-pool | max 2×2 s2 | 2×32×26×26 |" in md
+    assert "before each case (its % figures use those)" in md
     assert "## Geomean speedups" in md and "## Saved for backward" in md
     assert ("Stand-in run" in md) is standin
 
