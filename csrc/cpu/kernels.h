@@ -832,8 +832,9 @@ struct WindowRows {
 
 // The fused forward's walk: for every chunk of 8 outputs (chunk_start) of every output row,
 // chunk(r, od, oh, ow0, first, visit, edge), where `first` is the window position of the row's
-// first in-input window cell and visit(f) calls f(window position in 8 int32 lanes, 8 cells)
-// over the window in scan order, cells outside the input reading as `fill`. Chunks whose cells
+// first in-input window cell and visit(f) calls f(window position in 8 int32 lanes, 8 cells,
+// whether the cells begin a window row) over the window in scan order, cells outside the input
+// reading as `fill`. Chunks whose cells
 // all lie inside the row (edge: std::false_type) load without edge checks. Output rows whose
 // window lies inside the input along D and H (all but the few at padded borders) find their
 // input rows at fixed offsets from the first; with NRc (the number of such rows when known at
@@ -889,7 +890,7 @@ void for_fused_chunks(const T* in, const PoolGeometry& g, int64_t planes, __m256
                 }
               }
               auto cell = [&](int64_t kw, __m256 v) {
-                f(_mm256_add_epi32(kb, _mm256_set1_epi32(static_cast<int32_t>(kw))), v);
+                f(_mm256_add_epi32(kb, _mm256_set1_epi32(static_cast<int32_t>(kw))), v, kw == 0);
               };
               for_window_row<S, KWc, decltype(edge)::value>(rows[j], x0, iw_n, kw_n, fill_v, cell);
             }
@@ -938,15 +939,45 @@ void max_rows_fused(const T* in, T* out, pos_t* pos, const PoolGeometry& g,
   for_fused_chunks<S, KWc, NRc>(in, g, planes, ninf, [=](int64_t r, int64_t, int64_t, int64_t ow0,
                                                     int32_t first, auto&& visit, auto edge) {
     constexpr bool kEdge = decltype(edge)::value;
-    // Interior chunks: every window's first in-input cell is `first` (no W clipping), so that is
-    // the position when nothing beats -inf, whatever the lane order. Edge chunks mark "never".
-    __m256 m = ninf;
-    __m256 b = _mm256_castsi256_ps(_mm256_set1_epi32(kEdge ? -1 : first));
-    visit([&](__m256i k, __m256 v) {
-      const __m256 t = take_mask(v, m);
-      m = _mm256_blendv_ps(m, v, t);
-      if (kPos) b = _mm256_blendv_ps(b, _mm256_castsi256_ps(k), t);
-    });
+    // (m, b): maximum and position so far; (cm, cb) takes the next candidate.
+    __m256 m = ninf, b = _mm256_castsi256_ps(_mm256_set1_epi32(kEdge ? -1 : first));
+    auto take = [&](__m256& cm, __m256& cb, __m256 v, __m256 k) {
+      const __m256 t = take_mask(v, cm);
+      cm = _mm256_blendv_ps(cm, v, t);
+      if (kPos) cb = _mm256_blendv_ps(cb, k, t);
+    };
+    if constexpr (kEdge) {
+      // Cells outside the input read as -inf and never win; their lanes keep "never" (-1).
+      visit([&](__m256i k, __m256 v, bool) { take(m, b, v, _mm256_castsi256_ps(k)); });
+    } else {
+      // Every cell is inside the input. Each window row is reduced on its own, starting from
+      // its first cell, then folded into the window's in scan order: the rows' chains of
+      // compare-and-blend run side by side instead of one chain through the whole window
+      // (NOTES §49). Ties keep the earlier row, NaN the later, as the single chain would. The
+      // window's first cell is at `first`, which is then the position when nothing beats -inf.
+      __m256 rm = m, rb = b;
+      bool row_open = false, folded = false;
+      auto fold = [&] {
+        if (!folded) {
+          m = rm;
+          b = rb;
+          folded = true;
+        } else {
+          take(m, b, rm, rb);
+        }
+      };
+      visit([&](__m256i k, __m256 v, bool row_start) {
+        if (row_start) {
+          if (row_open) fold();
+          rm = v;
+          rb = _mm256_castsi256_ps(k);
+          row_open = true;
+        } else {
+          take(rm, rb, v, _mm256_castsi256_ps(k));
+        }
+      });
+      fold();
+    }
     const int64_t n = std::min<int64_t>(8, OW - ow0);
     store8<true>(out + r * OW + ow0, natural<S, T>(m), n);
     if (kPos && !kEdge) {
@@ -1709,7 +1740,7 @@ void avg_rows_fused(const T* in, T* out, const PoolGeometry& g, int64_t planes,
   for_fused_chunks<S, KWc, NRc>(in, g, planes, zero, [=](int64_t r, int64_t od, int64_t oh, int64_t ow0,
                                                     int32_t, auto&& visit, auto) {
     __m256 sum = zero;
-    visit([&](__m256i, __m256 v) { sum = _mm256_add_ps(sum, v); });
+    visit([&](__m256i, __m256 v, bool) { sum = _mm256_add_ps(sum, v); });
     store8(out + r * OW + ow0, _mm256_div_ps(natural<S, T>(sum), divisors(od, oh, ow0)),
            std::min<int64_t>(8, OW - ow0));
   });
