@@ -15,8 +15,12 @@ OURS = {1: (tpf.max_pool1d, tpf.avg_pool1d), 2: (tpf.max_pool2d, tpf.avg_pool2d)
 TORCH = {1: (F.max_pool1d, F.avg_pool1d), 2: (F.max_pool2d, F.avg_pool2d),
          3: (F.max_pool3d, F.avg_pool3d)}
 
-# (shape, kwargs): rows of 5, 13, 35 and 61 cells; padding clips the windows at both row ends.
+# (shape, kwargs): rows of 5, 13, 35 and 61 cells; padding clips the windows at both row ends;
+# 45 and 72 channels: channels-last blocks of 32 channels, of 8 and a partial one.
 CASES = [
+    ((2, 45, 9, 12), dict(kernel_size=3, stride=2, padding=1)),
+    ((2, 72, 7, 9), dict(kernel_size=3, stride=1, padding=1)),
+    ((2, 40, 4, 5, 6), dict(kernel_size=2, stride=2)),
     ((2, 3, 13), dict(kernel_size=3, stride=2, padding=1)),
     ((2, 3, 61), dict(kernel_size=2)),
     ((2, 5, 9, 5), dict(kernel_size=3, stride=1, padding=1)),

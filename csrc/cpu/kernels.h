@@ -1072,6 +1072,57 @@ inline void for_channel_blocks(int64_t C, Block&& block) {
   if (c < C) block(std::integral_constant<int, 1>{}, c, C - c);
 }
 
+// A channel block's NV vectors of 8 channels as floats (the first n lanes of each). bfloat16
+// blocks of 32 channels come from two 32-byte loads in pair order instead: vector 2h holds the
+// even channels of the h-th 16, vector 2h + 1 the odd ones (a shift and a mask widen them, no
+// lane moves); block_store and block_store_pos put them back in order (NOTES §51).
+template <typename T, int NV>
+constexpr bool kPairBlock = std::is_same_v<T, c10::BFloat16> && NV % 2 == 0;
+
+template <int NV, typename T>
+inline void block_load(const T* src, int64_t n, __m256* v) {
+  if constexpr (kPairBlock<T, NV>) {
+    const __m256i high = _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+    for (int h = 0; h < NV / 2; ++h) {
+      const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 16 * h));
+      v[2 * h] = _mm256_castsi256_ps(_mm256_slli_epi32(p, 16));
+      v[2 * h + 1] = _mm256_castsi256_ps(_mm256_and_si256(p, high));
+    }
+  } else {
+    for (int i = 0; i < NV; ++i) v[i] = load_lanes(src + 8 * i, n);
+  }
+}
+
+template <bool kExact, int NV, typename T>
+inline void block_store(T* dst, const __m256* v, int64_t n) {
+  if constexpr (kPairBlock<T, NV>) {
+    for (int h = 0; h < NV / 2; ++h) store_pairs<kExact>(dst + 16 * h, v[2 * h], v[2 * h + 1]);
+  } else {
+    for (int i = 0; i < NV; ++i) store8<kExact>(dst + 8 * i, v[i], n);
+  }
+}
+
+// Window positions (int32 lanes) of a block loaded by block_load, stored in channel order.
+template <int NV, typename T, typename pos_t>
+inline void block_store_pos(pos_t* dst, const __m256* b, int64_t n) {
+  if constexpr (kPairBlock<T, NV>) {
+    for (int h = 0; h < NV / 2; ++h) {
+      const __m256i e = _mm256_castps_si256(b[2 * h]), o = _mm256_castps_si256(b[2 * h + 1]);
+      if constexpr (std::is_same_v<pos_t, uint8_t>) {  // positions < 256: 16-bit pairs, then bytes
+        const __m256i w = _mm256_or_si256(e, _mm256_slli_epi32(o, 16));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16 * h),
+                         _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1)));
+      } else {
+        const __m256i lo = _mm256_unpacklo_epi32(e, o), hi = _mm256_unpackhi_epi32(e, o);
+        store_pos8(dst + 16 * h, _mm256_permute2x128_si256(lo, hi, 0x20), 8);
+        store_pos8(dst + 16 * h + 8, _mm256_permute2x128_si256(lo, hi, 0x31), 8);
+      }
+    }
+  } else {
+    for (int i = 0; i < NV; ++i) store_pos8(dst + 8 * i, _mm256_castps_si256(b[i]), n);
+  }
+}
+
 template <bool kPos, typename pos_t, typename T>
 void max_cl_fused(const T* in, T* out, pos_t* pos, const PoolGeometry& g, int64_t N,
                   int64_t C) {
@@ -1088,18 +1139,17 @@ void max_cl_fused(const T* in, T* out, pos_t* pos, const PoolGeometry& g, int64_
         const T* src = in + w.base + w.offs[j] + c;
         const __m256 k = _mm256_castsi256_ps(_mm256_set1_epi32(w.ks[j]));
         prefetch_ahead(src);
+        __m256 x[NV];
+        block_load<NV>(src, n, x);
         for (int v = 0; v < NV; ++v) {
-          const __m256 x = load_lanes(src + 8 * v, n);
-          const __m256 t = take_mask(x, m[v]);
-          m[v] = _mm256_blendv_ps(m[v], x, t);
+          const __m256 t = take_mask(x[v], m[v]);
+          m[v] = _mm256_blendv_ps(m[v], x[v], t);
           if (kPos) b[v] = _mm256_blendv_ps(b[v], k, t);
         }
       }
       const int64_t o = w.o * C + c;
-      for (int v = 0; v < NV; ++v) {
-        store8(out + o + 8 * v, m[v], n);
-        if (kPos) store_pos8(pos + o + 8 * v, _mm256_castps_si256(b[v]), n);
-      }
+      block_store<true, NV>(out + o, m, n);
+      if (kPos) block_store_pos<NV, T>(pos + o, b, n);
     });
   });
 }
@@ -1883,9 +1933,21 @@ void avg_cl_fused(const T* in, T* out, const PoolGeometry& g, int64_t N, int64_t
       for (int64_t j = 0; j < w.cells; ++j) {
         const T* src = in + w.base + w.offs[j] + c;
         prefetch_ahead(src);
-        for (int v = 0; v < NV; ++v) sum[v] = _mm256_add_ps(sum[v], load_lanes(src + 8 * v, n));
+        if constexpr (kPairBlock<T, NV>) {
+          __m256 x[NV];
+          block_load<NV>(src, n, x);
+          for (int v = 0; v < NV; ++v) sum[v] = _mm256_add_ps(sum[v], x[v]);
+        } else {  // float, float16: as block_load would, but written out (8 % faster, NOTES §51)
+          for (int v = 0; v < NV; ++v) sum[v] = _mm256_add_ps(sum[v], load_lanes(src + 8 * v, n));
+        }
       }
-      for (int v = 0; v < NV; ++v) store8(out + w.o * C + c + 8 * v, _mm256_div_ps(sum[v], div), n);
+      T* dst = out + w.o * C + c;
+      if constexpr (kPairBlock<T, NV>) {
+        for (int v = 0; v < NV; ++v) sum[v] = _mm256_div_ps(sum[v], div);
+        block_store<false, NV>(dst, sum, n);
+      } else {
+        for (int v = 0; v < NV; ++v) store8(dst + 8 * v, _mm256_div_ps(sum[v], div), n);
+      }
     });
   });
 }
