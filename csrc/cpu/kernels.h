@@ -1799,15 +1799,39 @@ void avg_rows_fused(const T* in, T* out, const PoolGeometry& g, int64_t planes,
 // v[x] = (kAcc ? v[x] : 0) + the sum of rows p, p + IW, ... (n of them) at x, for x < IW; whole
 // vectors are stored, the lanes past IW as 0 (`tail`: lanes_inside(0, IW % 8)). NC: n when known
 // at compile time, else 0.
+// A row's last IW % 8 cells: their lanes, and for the half types where they sit among the
+// row's last 8 cells (rows of 8 or more load those whole and move them down in registers).
+struct RowTail {
+  __m256i mask, from;
+  explicit RowTail(int64_t IW)
+      : mask(lanes_inside(0, IW % 8)),
+        from(_mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                              _mm256_set1_epi32(static_cast<int32_t>(8 - IW % 8)))) {}
+};
+
+// The last IW % 8 cells of a row of IW cells (tail: RowTail(IW)) in lanes 0 .., the others 0.
+template <typename T>
+inline __m256 load_row_tail(const T* row, int64_t IW, const RowTail& tail) {
+  const int64_t x = IW - IW % 8;
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm256_maskload_ps(row + x, tail.mask);
+  } else if (IW >= 8) {  // the row's last 8 cells, moved down in registers
+    return _mm256_and_ps(_mm256_permutevar8x32_ps(loadf(row + IW - 8), tail.from),
+                         _mm256_castsi256_ps(tail.mask));
+  } else {
+    return load_lanes(row, IW);
+  }
+}
+
 template <int NC, bool kAcc, typename T>
-inline void sum_rows(const T* p, int64_t n, int64_t IW, __m256i tail, float* v) {
+inline void sum_rows(const T* p, int64_t n, int64_t IW, const RowTail& tail, float* v) {
   if constexpr (NC > 0) n = NC;
   auto column = [&](int64_t x, auto masked) {
     auto load = [&](const T* q) {
-      if constexpr (std::is_same_v<T, float>) {
-        return decltype(masked)::value ? _mm256_maskload_ps(q, tail) : _mm256_loadu_ps(q);
+      if constexpr (decltype(masked)::value) {
+        return load_row_tail(q - x, IW, tail);
       } else {
-        return decltype(masked)::value ? load8(q - x, x, IW, _mm256_setzero_ps()) : loadf(q);
+        return loadf(q);
       }
     };
     __m256 s = load(p + x);
@@ -1821,7 +1845,7 @@ inline void sum_rows(const T* p, int64_t n, int64_t IW, __m256i tail, float* v) 
 }
 
 template <bool kAcc, typename T>
-inline void sum_rows_any(const T* p, int64_t n, int64_t IW, __m256i tail, float* v) {
+inline void sum_rows_any(const T* p, int64_t n, int64_t IW, const RowTail& tail, float* v) {
   switch (n) {
     case 2: return sum_rows<2, kAcc>(p, n, IW, tail, v);
     case 3: return sum_rows<3, kAcc>(p, n, IW, tail, v);
@@ -1844,7 +1868,7 @@ void avg_rows_separable(const T* in, T* out, const PoolGeometry& g, int64_t plan
   const AvgTables t(g, false, count_include_pad, divisor_override);
   const std::vector<float> wf = t.w_factors((OW + 7) / 8 * 8);
   const DimTable td(g, 0, false), th(g, 1, false);
-  const __m256i tail = lanes_inside(0, IW % 8);
+  const RowTail tail(IW);
   // Chunks read cells [ow0 - PW, ow0 - PW + 8 + KW - 1) with ow0 + 8 <= max(OW, 8); the vertical
   // pass writes whole vectors up to IW rounded up to 8.
   const int64_t buf_len = (PW + std::max(IW, std::max<int64_t>(OW, 8) + KW) + 15) / 8 * 8;
@@ -1880,7 +1904,7 @@ void avg_rows_separable(const T* in, T* out, const PoolGeometry& g, int64_t plan
     const int64_t plane_len = ID * IH * IW, slice_len = IH * IW;
     const int64_t *first = first_row.data(), *nhs = nh.data(), *nds = nd.data();
     const float* const* rcs = rc_row.data();
-    const __m256i tl = tail;
+    const RowTail tl = tail;
     std::vector<float> bufv(2 * buf_len, 0.f);
     // vs(r)[x]: the sum of input column x over the window rows of output row r (x from -PW).
     float* const b0 = bufv.data() + PW;
@@ -2215,6 +2239,7 @@ void avg_bwd_separable(const T* gout, T* gin, const PoolGeometry& g, int64_t pla
     // Sizes in locals: the vector stores may alias anything, so values read through the
     // closure's references would be reloaded after every store (NOTES §33).
     const int64_t ow_n = OW, iw_n = IW, pw = PW, kw_n = KW, width_n = width;
+    const RowTail otail(OW);
     // Two scaled rows: the sums along W read the row scaled one step before, so that their
     // shifted loads never wait on the stores just made (a load spanning two fresh stores is not
     // forwarded).
@@ -2238,9 +2263,13 @@ void avg_bwd_separable(const T* gout, T* gin, const PoolGeometry& g, int64_t pla
         const T* grow = go + o * ow_n;
         const float* drow = div.data() + o * ow_n;
         float* s = scv(o);
-        for (int64_t ow = 0; ow < ow_n; ow += 8) {  // lanes past OW: 0 * 1 (sc stays 0 there)
-          const int64_t nl = std::min<int64_t>(8, ow_n - ow);
-          _mm256_storeu_ps(s + ow, _mm256_mul_ps(load_lanes(grow + ow, nl), _mm256_loadu_ps(drow + ow)));
+        int64_t ow = 0;
+        for (; ow + 8 <= ow_n; ow += 8) {
+          _mm256_storeu_ps(s + ow, _mm256_mul_ps(loadf(grow + ow), _mm256_loadu_ps(drow + ow)));
+        }
+        if (ow < ow_n) {  // lanes past OW: 0 times whatever follows in `div` (sc stays 0 there)
+          _mm256_storeu_ps(s + ow, _mm256_mul_ps(load_row_tail(grow, ow_n, otail),
+                                                 _mm256_loadu_ps(drow + ow)));
         }
         if (o > 0) along_w(o - 1);
       }
