@@ -834,11 +834,11 @@ struct WindowRows {
 // chunk(r, od, oh, ow0, first, visit, edge), where `first` is the window position of the row's
 // first in-input window cell and visit(f) calls f(window position in 8 int32 lanes, 8 cells,
 // whether the cells begin a window row) over the window in scan order, cells outside the input
-// reading as `fill`. Chunks whose cells
-// all lie inside the row (edge: std::false_type) load without edge checks. Output rows whose
-// window lies inside the input along D and H (all but the few at padded borders) find their
-// input rows at fixed offsets from the first; with NRc (the number of such rows when known at
-// compile time, else 0) the walk over them unrolls and their window positions are constants.
+// reading as `fill`. Chunks whose cells all lie inside the row (edge: std::false_type) load
+// without edge checks. Output rows whose window lies inside the input along D and H (all but the
+// few at padded borders) find their input rows at fixed offsets from the first; with NRc (the
+// number of such rows when known at compile time, else 0) the walk over them unrolls and their
+// window positions are constants.
 template <int S, int KWc, int NRc, typename T, typename Chunk>
 void for_fused_chunks(const T* in, const PoolGeometry& g, int64_t planes, __m256 fill,
                       const Chunk& chunk) {
@@ -1796,9 +1796,6 @@ void avg_rows_fused(const T* in, T* out, const PoolGeometry& g, int64_t planes,
   });
 }
 
-// v[x] = (kAcc ? v[x] : 0) + the sum of rows p, p + IW, ... (n of them) at x, for x < IW; whole
-// vectors are stored, the lanes past IW as 0 (`tail`: lanes_inside(0, IW % 8)). NC: n when known
-// at compile time, else 0.
 // A row's last IW % 8 cells: their lanes, and for the half types where they sit among the
 // row's last 8 cells (rows of 8 or more load those whole and move them down in registers).
 struct RowTail {
@@ -1823,6 +1820,9 @@ inline __m256 load_row_tail(const T* row, int64_t IW, const RowTail& tail) {
   }
 }
 
+// v[x] = (kAcc ? v[x] : 0) + the sum of rows p, p + IW, ... (n of them) at x, for x < IW; whole
+// vectors are stored, the lanes past IW as 0 (tail: RowTail(IW)). NC: n when known at compile
+// time, else 0.
 template <int NC, bool kAcc, typename T>
 inline void sum_rows(const T* p, int64_t n, int64_t IW, const RowTail& tail, float* v) {
   if constexpr (NC > 0) n = NC;
