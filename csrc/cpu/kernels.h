@@ -1336,10 +1336,12 @@ void max_fwd_cl(const scalar_t* in, scalar_t* out, pos_t* pos, const PoolGeometr
 
 #if defined(TORCHPOOL_AVX2)
 // Fused AVX2 backward of one input row (float NCHW, stride S in {1, 2}, no dilation along W, at
-// most 8 window columns): walks the outputs 8 at a time; `contrib(ow0, C)` sets C[kw] to what
-// outputs ow0 .. ow0 + 7 send through window column kw. Input cell x = S*ow - pad + kw, so column
-// kw feeds phase kw % S shifted by kw / S outputs; the shifted lanes come from the previous chunk
-// (kept in `carry`). Each chunk writes its 8*S input cells once.
+// most 8 window columns): walks the outputs 8 at a time; `contrib(ow0, C, full)` sets C[kw] to
+// what outputs ow0 .. ow0 + 7 send through window column kw (`full`, a std::bool_constant: all 8
+// outputs exist). Input cell x = S*ow - pad + kw, so column kw feeds phase kw % S shifted by
+// kw / S outputs; the shifted lanes come from the previous chunk (kept in `prev`). Each chunk
+// writes its 8*S input cells once. Inlined whole into its caller, so that the callback's state
+// stays in registers across the stores (NOTES §33, §54).
 inline bool fused_bwd_ok(const PoolGeometry& g) {
   return fused_rows_ok(g) && g.kernel[2] <= 8;
 }
@@ -1361,14 +1363,18 @@ inline __m256 shift_in(__m256 prev, __m256 cur, int64_t s) {
 }
 
 template <int S, int KWc, typename T, typename Contrib>
-inline void bwd_row_fused(T* row, int64_t IW, int64_t KW, int64_t pad, const Contrib& contrib) {
+__attribute__((always_inline)) inline void bwd_row_fused(T* row, int64_t IW, int64_t OW, int64_t KW,
+                                                         int64_t pad, const Contrib& contrib) {
   if constexpr (KWc > 0) KW = KWc;
   __m256 prev[8];  // each column's contributions of the previous chunk
   for (int64_t kw = S; kw < KW; ++kw) prev[kw] = _mm256_setzero_ps();
   alignas(32) float edge[8 * S];
   __m256 C[8];
-  for (int64_t ow0 = 0; S * ow0 - pad < IW; ow0 += 8) {
-    contrib(ow0, C);
+  // One chunk; kFull: its 8 outputs exist, so contrib's loads need no edge checks; kInside: its
+  // 8 * S cells lie inside the row, so its stores need none either.
+  auto chunk = [&](int64_t ow0, auto full, auto inside) __attribute__((always_inline)) {
+    constexpr bool kInside = decltype(inside)::value;
+    contrib(ow0, C, full);
     // Columns kw < S land in this chunk's own lanes; later ones are shifted by kw / S outputs,
     // in registers (through memory, the load spanning two fresh stores stalls on forwarding).
     __m256 even = C[0];
@@ -1383,13 +1389,13 @@ inline void bwd_row_fused(T* row, int64_t IW, int64_t KW, int64_t pad, const Con
       prev[kw] = C[kw];
     }
     const int64_t x0 = S * ow0 - pad;
-    if (x0 >= 0 && x0 + 8 * S <= IW) {
+    if (kInside || (x0 >= 0 && x0 + 8 * S <= IW)) {
       if constexpr (S == 2) {
         store_pairs(row + x0, even, odd);
       } else {
         storef(row + x0, even);
       }
-      continue;
+      return;
     }
     __m256 a = even, b = even;
     if constexpr (S == 2) {
@@ -1408,7 +1414,36 @@ inline void bwd_row_fused(T* row, int64_t IW, int64_t KW, int64_t pad, const Con
         row[x0 + j] = static_cast<T>(edge[j]);
       }
     }
+  };
+  // The chunks walk the row in order (each carries its shifted lanes into the next): those
+  // reaching into the padding, the inner ones, then those past the row or the outputs.
+  const std::true_type yes;
+  const std::false_type no;
+  auto full = [&](int64_t ow0) { return ow0 + 8 <= OW; };
+  auto inside = [&](int64_t ow0) { return S * ow0 - pad >= 0 && S * ow0 - pad + 8 * S <= IW; };
+  int64_t ow0 = 0;
+  for (; S * ow0 - pad < 0 && full(ow0); ow0 += 8) chunk(ow0, yes, no);
+  for (; full(ow0) && inside(ow0); ow0 += 8) chunk(ow0, yes, yes);
+  for (; S * ow0 - pad < IW; ow0 += 8) chunk(ow0, no, no);
+}
+
+// The most output rows (along D and H) whose windows cover one input row.
+inline int64_t max_cover_rows(const PoolGeometry& g) {
+  int64_t most = 1;
+  for (int d = 0; d < 2; ++d) {
+    int64_t m = 0;
+    for (int64_t i = 0; i < g.in[d]; ++i) {
+      int64_t o0, o1, n = 0;
+      g.covering_outputs(d, i, o0, o1);
+      for (int64_t o = o0; o < o1; ++o) {
+        const int64_t rel = i + g.pad[d] - o * g.stride[d];
+        n += rel % g.dilation[d] == 0 && rel / g.dilation[d] < g.kernel[d];
+      }
+      m = std::max(m, n);
+    }
+    most *= m;
   }
+  return most;
 }
 
 template <int S, int KWc, typename T>
@@ -1443,20 +1478,58 @@ void max_bwd_fused(const T* gout, const uint8_t* pos, T* gin, const PoolGeometry
           base[nc] = static_cast<int32_t>((td.cover_k[cd] * KH + th.cover_k[ch]) * KW);
         }
       }
-      bwd_row_fused<S, KWc>(gin + r * iw_n, iw_n, kw_n, pad_w, [=](int64_t ow0, __m256* C) {
-        const __m256 zero = _mm256_setzero_ps();
-        const int64_t kws = KWc > 0 ? KWc : kw_n;
-        for (int64_t kw = 0; kw < kws; ++kw) C[kw] = zero;
-        const int64_t n = std::min<int64_t>(8, ow_n - ow0);
-        for (int64_t j = 0; j < nc; ++j) {
-          const __m256 g8 = load8(gout + orow[j], ow0, ow_n, zero);
-          const __m256i p8 = load_pos8(pos + orow[j] + ow0, n);
-          for (int64_t kw = 0; kw < kws; ++kw) {
-            const __m256i hit = _mm256_cmpeq_epi32(p8, _mm256_set1_epi32(base[j] + int32_t(kw)));
-            C[kw] = _mm256_add_ps(C[kw], _mm256_and_ps(_mm256_castsi256_ps(hit), g8));
-          }
+      T* row = gin + r * iw_n;
+      // One to four covering output rows (3 x 3 stride-2 windows: one or two) at compile time,
+      // with their rows' addresses and window positions in locals, where the compiler keeps them
+      // in registers; more at run time.
+      auto walk = [&](auto NCc) {
+        constexpr int NC = decltype(NCc)::value;
+        constexpr int kRows = NC > 0 ? NC : 1, kCols = KWc > 0 ? KWc : 1;
+        const T* grow[kRows];
+        const uint8_t* prow[kRows];
+        __m256i kv[kRows][kCols];
+        for (int j = 0; j < NC; ++j) {
+          grow[j] = gout + orow[j];
+          prow[j] = pos + orow[j];
+          for (int kw = 0; kw < kCols; ++kw) kv[j][kw] = _mm256_set1_epi32(base[j] + kw);
         }
-      });
+        const int64_t rows = NC > 0 ? NC : nc;
+        auto contrib = [=](int64_t ow0, __m256* C, auto full) __attribute__((always_inline)) {
+          constexpr bool kFull = decltype(full)::value;
+          const __m256 zero = _mm256_setzero_ps();
+          const int64_t kws = KWc > 0 ? KWc : kw_n;
+          for (int64_t kw = 0; kw < kws; ++kw) C[kw] = zero;
+          const int64_t n = kFull ? 8 : std::min<int64_t>(8, ow_n - ow0);
+          for (int64_t j = 0; j < (n > 0 ? rows : 0); ++j) {
+            const T* gr = gout + orow[j];
+            const uint8_t* pr = pos + orow[j];
+            if constexpr (NC > 0) gr = grow[j], pr = prow[j];
+            const __m256 g8 = load8<!kFull>(gr, ow0, ow_n, zero);
+            const __m256i p8 = load_pos8(pr + ow0, n);
+            for (int64_t kw = 0; kw < kws; ++kw) {
+              __m256i k;
+              if constexpr (NC > 0) {
+                k = kv[j][kw];
+              } else {
+                k = _mm256_set1_epi32(base[j] + int32_t(kw));
+              }
+              const __m256i hit = _mm256_cmpeq_epi32(p8, k);
+              C[kw] = _mm256_add_ps(C[kw], _mm256_and_ps(_mm256_castsi256_ps(hit), g8));
+            }
+          }
+        };
+        bwd_row_fused<S, KWc>(row, iw_n, ow_n, kw_n, pad_w, contrib);
+      };
+      if constexpr (KWc > 0) {
+        switch (nc) {
+          case 1: walk(std::integral_constant<int, 1>{}); continue;
+          case 2: walk(std::integral_constant<int, 2>{}); continue;
+          case 3: walk(std::integral_constant<int, 3>{}); continue;
+          case 4: walk(std::integral_constant<int, 4>{}); continue;
+          default: break;
+        }
+      }
+      walk(std::integral_constant<int, 0>{});
     }
   });
 }
@@ -1613,8 +1686,9 @@ void max_bwd_planar(const scalar_t* gout, const pos_t* pos, scalar_t* gin, const
     }
   }
   // Windows one row high (1d pools): each input row comes from one output row, 8 outputs per
-  // chunk in registers, which beats the plane scatter's one output at a time (NOTES §39). Taller
-  // windows send several output rows to each input row; there the scatter is faster.
+  // chunk in registers, which beats the plane scatter's one output at a time (NOTES §39). Float
+  // windows 2 or 3 wide with at most 4 output rows over each input row too (§54); other taller
+  // windows (wider, more rows, half types) are faster through the scatter.
   auto fused = [&]() {
     if constexpr (kFusedType<scalar_t> && std::is_same_v<pos_t, uint8_t>) {
       if (fused_bwd_ok(g)) {
@@ -1627,6 +1701,10 @@ void max_bwd_planar(const scalar_t* gout, const pos_t* pos, scalar_t* gin, const
     return false;
   };
   if (g.kernel[0] * g.kernel[1] == 1 && fused()) return;
+  if (std::is_same_v<scalar_t, float> && (g.kernel[2] == 2 || g.kernel[2] == 3) &&
+      max_cover_rows(g) <= 4 && fused()) {
+    return;
+  }
 #endif
   if (g.window_cells() <= 4096 && fits_scatter_plane<acc_type<scalar_t>>(g.in_plane(), planes)) {
     max_bwd_scatter(gout, pos, gin, g, planes);
@@ -2072,7 +2150,7 @@ void avg_bwd_fused(const T* gout, T* gin, const PoolGeometry& g, int64_t planes,
     RowCounter it(begin, ID, IH);
     for (int64_t r = begin; r < end; ++r, it.next()) {
       const int64_t plane = it.a, id = it.b, ih = it.c;
-      bwd_row_fused<S, 0>(gin + r * IW, IW, KW, g.pad[2], [&](int64_t ow0, __m256* C) {
+      bwd_row_fused<S, 0>(gin + r * IW, IW, OW, KW, g.pad[2], [&](int64_t ow0, __m256* C, auto) {
         __m256 sum = zero;
         for (int64_t cd = t.d.first[id]; ow0 < OW && cd < t.d.first[id + 1]; ++cd) {
           for (int64_t ch = t.h.first[ih]; ch < t.h.first[ih + 1]; ++ch) {
