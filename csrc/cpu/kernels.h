@@ -1187,37 +1187,78 @@ void max_bwd_cl_fused(const T* gout, const uint8_t* pos, T* gin, const PoolGeome
           row_k.push_back(static_cast<int32_t>((td.cover_k[cd] * KH + th.cover_k[ch]) * KW));
         }
       }
+      const int64_t nr = static_cast<int64_t>(row_o.size());
       for (int64_t iw = 0; iw < IW; ++iw) {
-        offs.clear();
-        ks.clear();
-        for (size_t j = 0; j < row_o.size(); ++j) {
-          for (int64_t cw = tw.first[iw]; cw < tw.first[iw + 1]; ++cw) {
-            offs.push_back((row_o[j] + tw.cover_o[cw]) * C);
-            ks.push_back(row_k[j] + static_cast<int32_t>(tw.cover_k[cw]));
-          }
-        }
         T* dst = gin + (r * IW + iw) * C;
-        // Locals, not references: the stores below may alias anything (NOTES §33).
-        const T* go = gout;
-        const uint8_t* po = pos;
-        const int64_t* op = offs.data();
-        const int32_t* kp = ks.data();
-        const size_t nc = offs.size();
-        for_channel_blocks(C, [&](auto NVc, int64_t c, int64_t nl) {
-          constexpr int NV = decltype(NVc)::value;
-          __m256 acc[NV];
-          for (int v = 0; v < NV; ++v) acc[v] = _mm256_setzero_ps();
-          for (size_t j = 0; j < nc; ++j) {
-            const T* gs = go + op[j] + c;
-            const uint8_t* ps = po + op[j] + c;
-            const __m256i kv = _mm256_set1_epi32(kp[j]);
-            for (int v = 0; v < NV; ++v) {
-              const __m256 m = _mm256_castsi256_ps(_mm256_cmpeq_epi32(load_pos8(ps + 8 * v, nl), kv));
-              acc[v] = _mm256_add_ps(acc[v], _mm256_and_ps(m, load_lanes(gs + 8 * v, nl)));
+        const int64_t w0 = tw.first[iw], nw = tw.first[iw + 1] - w0;
+        // The cell's covering outputs: NR rows times NW columns at compile time (1 or 2 each:
+        // every cell of 3 x 3 stride-2 windows), their offsets and window positions in locals,
+        // which the compiler keeps in registers; other counts listed at run time (0).
+        auto cell = [&](auto NRc, auto NWc) {
+          constexpr int NR = decltype(NRc)::value, NW = decltype(NWc)::value, kN = NR * NW;
+          int64_t fixed_o[kN > 0 ? kN : 1];
+          int32_t fixed_k[kN > 0 ? kN : 1];
+          if constexpr (kN > 0) {
+            for (int a = 0; a < NR; ++a) {
+              for (int b = 0; b < NW; ++b) {
+                fixed_o[a * NW + b] = (row_o[a] + tw.cover_o[w0 + b]) * C;
+                fixed_k[a * NW + b] = row_k[a] + static_cast<int32_t>(tw.cover_k[w0 + b]);
+              }
+            }
+          } else {
+            offs.clear();
+            ks.clear();
+            for (int64_t j = 0; j < nr; ++j) {
+              for (int64_t cw = w0; cw < w0 + nw; ++cw) {
+                offs.push_back((row_o[j] + tw.cover_o[cw]) * C);
+                ks.push_back(row_k[j] + static_cast<int32_t>(tw.cover_k[cw]));
+              }
             }
           }
-          for (int v = 0; v < NV; ++v) store8(dst + c + 8 * v, acc[v], nl);
-        });
+          // Locals, not references: the stores below may alias anything (NOTES §33).
+          const T* go = gout;
+          const uint8_t* po = pos;
+          const int64_t* op = offs.data();
+          const int32_t* kp = ks.data();
+          const int64_t nc = kN > 0 ? kN : static_cast<int64_t>(offs.size());
+          for_channel_blocks(C, [=](auto NVc, int64_t c, int64_t nl) {
+            constexpr int NV = decltype(NVc)::value;
+            __m256 acc[NV];
+            for (int v = 0; v < NV; ++v) acc[v] = _mm256_setzero_ps();
+            for (int64_t j = 0; j < nc; ++j) {
+              int64_t o;
+              __m256i kv;
+              if constexpr (kN > 0) {
+                o = fixed_o[j];
+                kv = _mm256_set1_epi32(fixed_k[j]);
+              } else {
+                o = op[j];
+                kv = _mm256_set1_epi32(kp[j]);
+              }
+              const T* gs = go + o + c;
+              const uint8_t* ps = po + o + c;
+              for (int v = 0; v < NV; ++v) {
+                const __m256 m =
+                    _mm256_castsi256_ps(_mm256_cmpeq_epi32(load_pos8(ps + 8 * v, nl), kv));
+                acc[v] = _mm256_add_ps(acc[v], _mm256_and_ps(m, load_lanes(gs + 8 * v, nl)));
+              }
+            }
+            for (int v = 0; v < NV; ++v) store8(dst + c + 8 * v, acc[v], nl);
+          });
+        };
+        using One = std::integral_constant<int, 1>;
+        using Two = std::integral_constant<int, 2>;
+        if (nr == 1 && nw == 1) {
+          cell(One{}, One{});
+        } else if (nr == 1 && nw == 2) {
+          cell(One{}, Two{});
+        } else if (nr == 2 && nw == 1) {
+          cell(Two{}, One{});
+        } else if (nr == 2 && nw == 2) {
+          cell(Two{}, Two{});
+        } else {
+          cell(std::integral_constant<int, 0>{}, std::integral_constant<int, 0>{});
+        }
       }
     }
   });
