@@ -1499,25 +1499,37 @@ void max_bwd_fused(const T* gout, const uint8_t* pos, T* gin, const PoolGeometry
       most = std::max(most, (td.first[id + 1] - td.first[id]) * (th.first[ih + 1] - th.first[ih]));
     }
   }
+  // The output rows covering each input row of a plane, the same in every plane: their first
+  // flat index within the plane and the window position of their cells in this input row.
+  std::vector<int64_t> cover_n(ID * IH), cover_o(ID * IH * most);
+  std::vector<int32_t> cover_k(ID * IH * most);
+  for (int64_t id = 0, i = 0; id < ID; ++id) {
+    for (int64_t ih = 0; ih < IH; ++ih, ++i) {
+      int64_t nc = 0;
+      for (int64_t cd = td.first[id]; cd < td.first[id + 1]; ++cd) {
+        for (int64_t ch = th.first[ih]; ch < th.first[ih + 1]; ++ch, ++nc) {
+          cover_o[i * most + nc] = (td.cover_o[cd] * OH + th.cover_o[ch]) * OW;
+          cover_k[i * most + nc] = static_cast<int32_t>((td.cover_k[cd] * KH + th.cover_k[ch]) * KW);
+        }
+      }
+      cover_n[i] = nc;
+    }
+  }
   at::parallel_for(0, planes * ID * IH, grain_for(IW * 2), [&](int64_t begin, int64_t end) {
-    // Sizes in locals, and the output rows covering each input row (their first flat index and
-    // the window position of their cells in this input row) gathered per row into local arrays:
-    // the vector stores may alias anything, so values read through the closure's references
-    // would be reloaded after every store (NOTES §33).
-    const int64_t ow_n = OW, iw_n = IW, kw_n = KW, pad_w = g.pad[2];
+    // Sizes in locals, and this row's covering output rows copied into local arrays: the vector
+    // stores may alias anything, so values read through the closure's references would be
+    // reloaded after every store (NOTES §33).
+    const int64_t ow_n = OW, iw_n = IW, kw_n = KW, pad_w = g.pad[2], rows_n = ID * IH;
+    const int64_t out_plane = OD * OH * OW;
     std::vector<int64_t> orow_v(most);
     std::vector<int32_t> base_v(most);
     int64_t* orow = orow_v.data();
     int32_t* base = base_v.data();
-    RowCounter it(begin, ID, IH);
-    for (int64_t r = begin; r < end; ++r, it.next()) {
-      const int64_t plane = it.a, id = it.b, ih = it.c;
-      int64_t nc = 0;
-      for (int64_t cd = td.first[id]; cd < td.first[id + 1]; ++cd) {
-        for (int64_t ch = th.first[ih]; ch < th.first[ih + 1]; ++ch, ++nc) {
-          orow[nc] = ((plane * OD + td.cover_o[cd]) * OH + th.cover_o[ch]) * OW;
-          base[nc] = static_cast<int32_t>((td.cover_k[cd] * KH + th.cover_k[ch]) * KW);
-        }
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t plane = r / rows_n, i = r - plane * rows_n, nc = cover_n[i];
+      for (int64_t j = 0; j < nc; ++j) {
+        orow[j] = plane * out_plane + cover_o[i * most + j];
+        base[j] = cover_k[i * most + j];
       }
       T* row = gin + r * iw_n;
       // One to four covering output rows (3 x 3 stride-2 windows: one or two) at compile time,
