@@ -1493,12 +1493,7 @@ void max_bwd_fused(const T* gout, const uint8_t* pos, T* gin, const PoolGeometry
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2], KH = g.kernel[1], KW = g.kernel[2];
   const DimTable td(g, 0, true), th(g, 1, true);
-  int64_t most = 0;  // output rows covering one input row, at most
-  for (int64_t id = 0; id < ID; ++id) {
-    for (int64_t ih = 0; ih < IH; ++ih) {
-      most = std::max(most, (td.first[id + 1] - td.first[id]) * (th.first[ih + 1] - th.first[ih]));
-    }
-  }
+  const int64_t most = max_cover_rows(g);
   // The output rows covering each input row of a plane, the same in every plane: their first
   // flat index within the plane and the window position of their cells in this input row.
   std::vector<int64_t> cover_n(ID * IH), cover_o(ID * IH * most);
