@@ -568,6 +568,14 @@ struct DimTable {
   std::vector<int64_t> first;        // per input coordinate: its run in `cover`
   std::vector<int64_t> cover_o, cover_k;  // (output, window cell) pairs covering it, o ascending
 
+  // Whether input coordinate i is window cell k of output o along dim d (o from
+  // covering_outputs: dilation may still skip it).
+  static bool window_cell(const PoolGeometry& g, int d, int64_t i, int64_t o, int64_t& k) {
+    const int64_t rel = i + g.pad[d] - o * g.stride[d];
+    k = rel / g.dilation[d];
+    return rel % g.dilation[d] == 0 && k < g.kernel[d];
+  }
+
   DimTable(const PoolGeometry& g, int d, bool with_cover, bool count_include_pad = true)
       : lo(g.out[d]), hi(g.out[d]), count(g.out[d]) {
     for (int64_t o = 0; o < g.out[d]; ++o) {
@@ -581,10 +589,10 @@ struct DimTable {
       int64_t o0, o1;
       g.covering_outputs(d, i, o0, o1);
       for (int64_t o = o0; o < o1; ++o) {
-        const int64_t rel = i + g.pad[d] - o * g.stride[d];
-        if (rel % g.dilation[d] != 0 || rel / g.dilation[d] >= g.kernel[d]) continue;
+        int64_t k;
+        if (!window_cell(g, d, i, o, k)) continue;
         cover_o.push_back(o);
-        cover_k.push_back(rel / g.dilation[d]);
+        cover_k.push_back(k);
       }
     }
     first[g.in[d]] = static_cast<int64_t>(cover_o.size());
@@ -1474,12 +1482,9 @@ inline int64_t max_cover_rows(const PoolGeometry& g) {
   for (int d = 0; d < 2; ++d) {
     int64_t m = 0;
     for (int64_t i = 0; i < g.in[d]; ++i) {
-      int64_t o0, o1, n = 0;
+      int64_t o0, o1, n = 0, k;
       g.covering_outputs(d, i, o0, o1);
-      for (int64_t o = o0; o < o1; ++o) {
-        const int64_t rel = i + g.pad[d] - o * g.stride[d];
-        n += rel % g.dilation[d] == 0 && rel / g.dilation[d] < g.kernel[d];
-      }
+      for (int64_t o = o0; o < o1; ++o) n += DimTable::window_cell(g, d, i, o, k);
       m = std::max(m, n);
     }
     most *= m;
