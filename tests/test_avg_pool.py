@@ -278,6 +278,9 @@ STRIDE1_CASES = [
     ((1, 2, 6, 5, 13), dict(kernel_size=(2, 3, 3), stride=(1, 2, 1), padding=1, count_include_pad=False)),
     ((2, 1, 5, 4, 9), dict(kernel_size=3, stride=1, padding=1, ceil_mode=True)),
     ((3, 1, 33, 20), dict(kernel_size=3, stride=1, padding=1)),  # 99 rows: 2 threads split a plane
+    # square windows walked down columns in bands of rows (about 24 KB of input each): 5 and 4 bands
+    ((1, 2, 50, 700), dict(kernel_size=3, stride=1, padding=1, count_include_pad=False)),
+    ((2, 1, 30, 1100), dict(kernel_size=2, stride=1)),
 ]
 
 

@@ -31,6 +31,8 @@ CASES = [
     ((2, 5, 10, 40), dict(kernel_size=(2, 4), stride=(2, 2), padding=(1, 2), ceil_mode=True)),
     ((2, 3, 6, 8, 27), dict(kernel_size=2, stride=2)),
     ((2, 3, 5, 7, 19), dict(kernel_size=3, stride=1, padding=1)),
+    ((1, 2, 40, 620), dict(kernel_size=3, stride=1, padding=1)),  # planes in 3 bands of rows
+    ((1, 2, 30, 700), dict(kernel_size=2, stride=1)),
 ]
 LAYOUTS_FOR = {1: ("contiguous",), 2: ("contiguous", "channels_last"),
                3: ("contiguous", "channels_last")}

@@ -1984,6 +1984,34 @@ inline void sum_rows_any(const T* p, int64_t n, int64_t IW, const RowTail& tail,
   }
 }
 
+// 1 / the divisor of every output of each output row (od, oh): row[od * OH + oh] points to OW
+// of them (then zeros up to a whole vector), one table per distinct factor d count * h count (or
+// the override), the same in every plane.
+struct RowReciprocals {
+  std::vector<std::pair<int64_t, std::vector<float>>> tables;
+  std::vector<const float*> row;
+  RowReciprocals(const PoolGeometry& g, const AvgTables& t) {
+    const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
+    const std::vector<float> wf = t.w_factors((OW + 7) / 8 * 8);
+    std::vector<size_t> which(OD * OH);
+    for (int64_t od = 0, o = 0; od < OD; ++od) {
+      for (int64_t oh = 0; oh < OH; ++oh, ++o) {
+        const int64_t dh = t.dh_factor(od, oh);
+        size_t k = 0;
+        while (k < tables.size() && tables[k].first != dh) ++k;
+        if (k == tables.size()) {
+          std::vector<float> rec((OW + 7) / 8 * 8, 0.f);
+          for (int64_t ow = 0; ow < OW; ++ow) rec[ow] = 1.f / (static_cast<float>(dh) * wf[ow]);
+          tables.emplace_back(dh, std::move(rec));
+        }
+        which[o] = k;
+      }
+    }
+    row.resize(which.size());
+    for (size_t o = 0; o < which.size(); ++o) row[o] = tables[which[o]].second.data();
+  }
+};
+
 // Stride 1 along W, separable: the window's input rows of an output row are summed once into a
 // zero-padded row buffer (cells outside the input are zeros), then each chunk of 8 outputs adds KW
 // shifted loads of it: per output about nr + KW adds instead of nr * KW. The shifted loads read
@@ -1997,7 +2025,6 @@ void avg_rows_separable(const T* in, T* out, const PoolGeometry& g, int64_t plan
   const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2], PW = g.pad[2];
   const int64_t KW = KWc > 0 ? KWc : g.kernel[2];
   const AvgTables t(g, false, count_include_pad, divisor_override);
-  const std::vector<float> wf = t.w_factors((OW + 7) / 8 * 8);
   const DimTable td(g, 0, false), th(g, 1, false);
   const RowTail tail(IW);
   // Chunks read cells [ow0 - PW, ow0 - PW + 8 + KW - 1) with ow0 + 8 <= max(OW, 8); the vertical
@@ -2008,26 +2035,15 @@ void avg_rows_separable(const T* in, T* out, const PoolGeometry& g, int64_t plan
   // its outputs (one table per distinct factor d count * h count, or the override).
   const int64_t rows_n = OD * OH;
   std::vector<int64_t> first_row(rows_n), nh(rows_n), nd(rows_n);
-  std::vector<std::pair<int64_t, std::vector<float>>> recs;
-  std::vector<int64_t> rec_of(rows_n);
   for (int64_t od = 0, o = 0; od < OD; ++od) {
     for (int64_t oh = 0; oh < OH; ++oh, ++o) {
       first_row[o] = (g.input_coord(0, od, td.lo[od]) * IH + g.input_coord(1, oh, th.lo[oh])) * IW;
       nh[o] = th.hi[oh] - th.lo[oh];
       nd[o] = td.hi[od] - td.lo[od];
-      const int64_t dh = t.dh_factor(od, oh);
-      size_t k = 0;
-      while (k < recs.size() && recs[k].first != dh) ++k;
-      if (k == recs.size()) {
-        std::vector<float> rec((OW + 7) / 8 * 8, 0.f);
-        for (int64_t ow = 0; ow < OW; ++ow) rec[ow] = 1.f / (static_cast<float>(dh) * wf[ow]);
-        recs.emplace_back(dh, std::move(rec));
-      }
-      rec_of[o] = static_cast<int64_t>(k);
     }
   }
-  std::vector<const float*> rc_row(rows_n);
-  for (int64_t o = 0; o < rows_n; ++o) rc_row[o] = recs[rec_of[o]].second.data();
+  const RowReciprocals rr(g, t);
+  const std::vector<const float*>& rc_row = rr.row;
   at::parallel_for(0, planes * rows_n, grain_for(OW * g.window_cells()), [&](int64_t begin, int64_t end) {
     // What the rows use, in locals: the vector stores may alias anything, so values read through
     // the closure's references would be reloaded after every store (NOTES §33).
@@ -2075,6 +2091,105 @@ void avg_rows_separable(const T* in, T* out, const PoolGeometry& g, int64_t plan
   });
 }
 
+// Stride 1 along H and W, a K x K window (K = 2 or 3), one depth slice, rows and outputs at least
+// 8 wide: each chunk of 8 outputs walks down its columns of the plane. Each input row's K shifted
+// loads are summed once (h) and the last K such sums stay in registers, so an output is K loads,
+// 2K - 2 adds and a multiply by 1 / divisor, with no row buffer to store and reload (the separable
+// path's). Plane bands of about 24 KB of input keep a walk's rows in L1 for the next chunk.
+// The order of the additions is not torch's (results differ in the last bits), as in the
+// separable path.
+inline bool rolling_avg_ok(const PoolGeometry& g) {
+  return g.in[0] == 1 && g.out[0] == 1 && g.kernel[0] == 1 && g.stride[1] == 1 &&
+         g.dilation[1] == 1 && g.kernel[1] == g.kernel[2] && g.in[2] >= 8 && g.out[2] >= 8 &&
+         g.in[1] * g.in[2] < (int64_t{1} << 40);
+}
+
+template <int K, typename T>
+void avg_rows_rolling(const T* in, T* out, const PoolGeometry& g, int64_t planes,
+                      bool count_include_pad, int64_t divisor_override) {
+  const int64_t OH = g.out[1], OW = g.out[2], IH = g.in[1], IW = g.in[2];
+  const AvgTables t(g, false, count_include_pad, divisor_override);
+  const RowReciprocals rr(g, t);
+  const int64_t band = std::max<int64_t>(4 * K, (24 << 10) / static_cast<int64_t>(IW * sizeof(T)));
+  const int64_t bands = (OH + band - 1) / band;
+  at::parallel_for(0, planes * bands, grain_for(std::min(band, OH) * OW * K * K), [&](int64_t begin, int64_t end) {
+    // Sizes in locals: the vector stores may alias anything, so values read through the
+    // closure's references would be reloaded after every store (NOTES §33).
+    const int64_t oh_n = OH, ow_n = OW, ih_n = IH, iw_n = IW, ph = g.pad[1], pw = g.pad[2];
+    const int64_t band_n = band, bands_n = bands;
+    const float* const* rcs = rr.row.data();
+    // The same cells two units (bands, or planes when a band is a whole plane) ahead are
+    // prefetched as they are read and written: the walks' column order across rows leaves the
+    // hardware prefetchers behind (NOTES §57).
+    const int64_t in_ahead = 2 * (bands_n == 1 ? ih_n * iw_n : band_n * iw_n);
+    const int64_t out_ahead = 2 * (bands_n == 1 ? oh_n * ow_n : band_n * ow_n);
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t plane = u / bands_n, oh0 = u % bands_n * band_n;
+      const int64_t oh1 = std::min(oh_n, oh0 + band_n);
+      const T* src = in + plane * ih_n * iw_n;
+      T* dst = out + plane * oh_n * ow_n;
+      // Chunk ow0's column (first input cell x0 = ow0 - PW) down the band; h_row(row) sums one
+      // input row's K shifted loads, and h holds those sums for the current output's K input
+      // rows, the oldest first (rows outside the plane: 0).
+      auto walk = [&](int64_t ow0, auto h_row) __attribute__((always_inline)) {
+        auto h_of = [&](int64_t ih) __attribute__((always_inline)) {
+          if (ih < 0 || ih >= ih_n) return _mm256_setzero_ps();
+          const T* row = src + ih * iw_n;
+          _mm_prefetch(reinterpret_cast<const char*>(row + ow0 - pw + in_ahead), _MM_HINT_T0);
+          return h_row(row);
+        };
+        __m256 h[K];
+        for (int j = 0; j + 1 < K; ++j) h[j] = h_of(oh0 - ph + j);
+        T* d = dst + oh0 * ow_n + ow0;
+        for (int64_t oh = oh0; oh < oh1; ++oh, d += ow_n) {
+          h[K - 1] = h_of(oh - ph + K - 1);
+          __m256 sum = h[0];
+          for (int j = 1; j < K; ++j) sum = _mm256_add_ps(sum, h[j]);
+          _mm_prefetch(reinterpret_cast<const char*>(d + out_ahead), _MM_HINT_T0);
+          storef(d, _mm256_mul_ps(sum, _mm256_loadu_ps(rcs[oh] + ow0)));
+          for (int j = 0; j + 1 < K; ++j) h[j] = h[j + 1];
+        }
+      };
+      for (int64_t i = 0; i < ow_n; i += 8) {
+        const int64_t ow0 = chunk_start(i, ow_n), x0 = ow0 - pw;
+        if (x0 >= 0 && x0 + K - 1 + 8 <= iw_n) {
+          walk(ow0, [&](const T* row) __attribute__((always_inline)) {
+            __m256 s = loadf(row + x0);
+            for (int kw = 1; kw < K; ++kw) s = _mm256_add_ps(s, loadf(row + x0 + kw));
+            return s;
+          });
+          continue;
+        }
+        // An edge chunk: cells outside the row read as 0. float: masked loads (masked-off lanes
+        // are not read); the half types: the row's 8 cells nearest each load, moved to their
+        // lanes.
+        __m256i inside[K], from[K];
+        int64_t base[K];
+        for (int kw = 0; kw < K; ++kw) {
+          inside[kw] = lanes_inside(x0 + kw, iw_n);
+          base[kw] = std::min(std::max<int64_t>(x0 + kw, 0), iw_n - 8);
+          from[kw] = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                      _mm256_set1_epi32(static_cast<int32_t>(x0 + kw - base[kw])));
+        }
+        walk(ow0, [&](const T* row) __attribute__((always_inline)) {
+          __m256 s = _mm256_setzero_ps();
+          for (int kw = 0; kw < K; ++kw) {
+            __m256 v;
+            if constexpr (std::is_same_v<T, float>) {
+              v = _mm256_maskload_ps(row + x0 + kw, inside[kw]);
+            } else {
+              v = _mm256_and_ps(_mm256_permutevar8x32_ps(loadf(row + base[kw]), from[kw]),
+                                _mm256_castsi256_ps(inside[kw]));
+            }
+            s = kw == 0 ? v : _mm256_add_ps(s, v);
+          }
+          return s;
+        });
+      }
+    }
+  });
+}
+
 template <typename T>
 void avg_cl_fused(const T* in, T* out, const PoolGeometry& g, int64_t N, int64_t C,
                   bool count_include_pad, int64_t divisor_override) {
@@ -2115,7 +2230,9 @@ void avg_fwd_planar(const scalar_t* in, scalar_t* out, const PoolGeometry& g, in
   if constexpr (kFusedType<scalar_t>) {
     if (fused_rows_ok(g)) {
       with_fused_shape(g, [&](auto S, auto KW, auto NR) {
-        if (S.value == 1 && g.kernel[2] > 1 && g.kernel[0] * g.kernel[1] > 1) {
+        if (S.value == 1 && KW.value > 0 && rolling_avg_ok(g)) {
+          avg_rows_rolling<KW.value>(in, out, g, planes, count_include_pad, divisor_override);
+        } else if (S.value == 1 && g.kernel[2] > 1 && g.kernel[0] * g.kernel[1] > 1) {
           avg_rows_separable<KW.value>(in, out, g, planes, count_include_pad, divisor_override);
         } else {
           avg_rows_fused<S.value, KW.value, NR.value>(in, out, g, planes, count_include_pad, divisor_override);
