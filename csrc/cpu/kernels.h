@@ -2091,103 +2091,123 @@ void avg_rows_separable(const T* in, T* out, const PoolGeometry& g, int64_t plan
   });
 }
 
-// Stride 1 along H and W, a K x K window (K = 2 or 3), one depth slice, rows and outputs at least
-// 8 wide: each chunk of 8 outputs walks down its columns of the plane. Each input row's K shifted
-// loads are summed once (h) and the last K such sums stay in registers, so an output is K loads,
-// 2K - 2 adds and a multiply by 1 / divisor, with no row buffer to store and reload (the separable
-// path's). Plane bands of about 24 KB of input keep a walk's rows in L1 for the next chunk.
-// The order of the additions is not torch's (results differ in the last bits), as in the
-// separable path.
+// Stride 1 along H and W, a K x K window (K = 2 or 3), one depth slice, rows of input and output
+// at least 8 wide: the forward and the backward are both box sums of K x K source cells per
+// destination cell, walked down columns (box_rows_rolling).
 inline bool rolling_avg_ok(const PoolGeometry& g) {
   return g.in[0] == 1 && g.out[0] == 1 && g.kernel[0] == 1 && g.stride[1] == 1 &&
-         g.dilation[1] == 1 && g.kernel[1] == g.kernel[2] && g.in[2] >= 8 && g.out[2] >= 8 &&
-         g.in[1] * g.in[2] < (int64_t{1} << 40);
+         g.stride[2] == 1 && g.dilation[1] == 1 && g.dilation[2] == 1 &&
+         g.kernel[1] == g.kernel[2] && (g.kernel[2] == 2 || g.kernel[2] == 3) && g.in[2] >= 8 &&
+         g.out[2] >= 8 && g.in[1] * g.in[2] < (int64_t{1} << 40);
 }
 
-template <int K, typename T>
-void avg_rows_rolling(const T* in, T* out, const PoolGeometry& g, int64_t planes,
-                      bool count_include_pad, int64_t divisor_override) {
-  const int64_t OH = g.out[1], OW = g.out[2], IH = g.in[1], IW = g.in[2];
-  const AvgTables t(g, false, count_include_pad, divisor_override);
-  const RowReciprocals rr(g, t);
-  const int64_t band = std::max<int64_t>(4 * K, (24 << 10) / static_cast<int64_t>(IW * sizeof(T)));
-  const int64_t bands = (OH + band - 1) / band;
-  at::parallel_for(0, planes * bands, grain_for(std::min(band, OH) * OW * K * K), [&](int64_t begin, int64_t end) {
+// dst[r][c] for planes of DH x DW = the sum over j, k < K of H(r + roff + j) at source column
+// c + coff + k, source planes SH x SW, cells outside them 0. Forward (kGrad false): the source
+// cell itself, the sum times rc[r][c] (1 / divisor). Backward: each source cell (an output's
+// gradient) times its own rc[s][x] first. Each chunk of 8 destination cells walks down its
+// columns: a source row's K shifted loads are summed once, and the last K such sums stay in
+// registers, so a destination vector costs K loads (backward: 2K), 2K - 2 adds and a multiply,
+// with no row buffer to store and reload (the separable paths'). Bands of about 24 KB of source
+// rows per task keep a column's rows in L1 for the next one. The additions' order is not
+// torch's (results differ in the last bits).
+template <int K, bool kGrad, typename T>
+void box_rows_rolling(const T* src, T* dst, int64_t planes, int64_t SH, int64_t SW, int64_t DH,
+                      int64_t DW, int64_t roff, int64_t coff, const float* const* rc) {
+  const int64_t band = std::max<int64_t>(4 * K, (24 << 10) / static_cast<int64_t>(SW * sizeof(T)));
+  const int64_t bands = (DH + band - 1) / band;
+  at::parallel_for(0, planes * bands, grain_for(std::min(band, DH) * DW * K * K), [&](int64_t begin, int64_t end) {
     // Sizes in locals: the vector stores may alias anything, so values read through the
     // closure's references would be reloaded after every store (NOTES §33).
-    const int64_t oh_n = OH, ow_n = OW, ih_n = IH, iw_n = IW, ph = g.pad[1], pw = g.pad[2];
+    const int64_t sh_n = SH, sw_n = SW, dh_n = DH, dw_n = DW, roff_n = roff, coff_n = coff;
     const int64_t band_n = band, bands_n = bands;
-    const float* const* rcs = rr.row.data();
+    const float* const* rcs = rc;
     // The same cells two units (bands, or planes when a band is a whole plane) ahead are
     // prefetched as they are read and written: the walks' column order across rows leaves the
     // hardware prefetchers behind (NOTES §57).
-    const int64_t in_ahead = 2 * (bands_n == 1 ? ih_n * iw_n : band_n * iw_n);
-    const int64_t out_ahead = 2 * (bands_n == 1 ? oh_n * ow_n : band_n * ow_n);
+    const int64_t src_ahead = 2 * (bands_n == 1 ? sh_n * sw_n : band_n * sw_n);
+    const int64_t dst_ahead = 2 * (bands_n == 1 ? dh_n * dw_n : band_n * dw_n);
     for (int64_t u = begin; u < end; ++u) {
-      const int64_t plane = u / bands_n, oh0 = u % bands_n * band_n;
-      const int64_t oh1 = std::min(oh_n, oh0 + band_n);
-      const T* src = in + plane * ih_n * iw_n;
-      T* dst = out + plane * oh_n * ow_n;
-      // Chunk ow0's column (first input cell x0 = ow0 - PW) down the band; h_row(row) sums one
-      // input row's K shifted loads, and h holds those sums for the current output's K input
-      // rows, the oldest first (rows outside the plane: 0).
-      auto walk = [&](int64_t ow0, auto h_row) __attribute__((always_inline)) {
-        auto h_of = [&](int64_t ih) __attribute__((always_inline)) {
-          if (ih < 0 || ih >= ih_n) return _mm256_setzero_ps();
-          const T* row = src + ih * iw_n;
-          _mm_prefetch(reinterpret_cast<const char*>(row + ow0 - pw + in_ahead), _MM_HINT_T0);
-          return h_row(row);
+      const int64_t plane = u / bands_n, r0 = u % bands_n * band_n;
+      const int64_t r1 = std::min(dh_n, r0 + band_n);
+      const T* sp = src + plane * sh_n * sw_n;
+      T* dp = dst + plane * dh_n * dw_n;
+      // Chunk c0's column (first source cell x0 = c0 + coff) down the band; h_row(s) sums
+      // source row s's K shifted loads, and h holds those sums for the current destination
+      // row's K source rows, the oldest first (rows outside the plane: 0).
+      auto walk = [&](int64_t c0, int64_t x0, auto h_row) __attribute__((always_inline)) {
+        auto h_of = [&](int64_t sr) __attribute__((always_inline)) {
+          if (sr < 0 || sr >= sh_n) return _mm256_setzero_ps();
+          const T* row = sp + sr * sw_n;
+          _mm_prefetch(reinterpret_cast<const char*>(row + x0 + src_ahead), _MM_HINT_T0);
+          return h_row(row, rcs[kGrad ? sr : 0]);
         };
         __m256 h[K];
-        for (int j = 0; j + 1 < K; ++j) h[j] = h_of(oh0 - ph + j);
-        T* d = dst + oh0 * ow_n + ow0;
-        for (int64_t oh = oh0; oh < oh1; ++oh, d += ow_n) {
-          h[K - 1] = h_of(oh - ph + K - 1);
+        for (int j = 0; j + 1 < K; ++j) h[j] = h_of(r0 + roff_n + j);
+        T* d = dp + r0 * dw_n + c0;
+        for (int64_t r = r0; r < r1; ++r, d += dw_n) {
+          h[K - 1] = h_of(r + roff_n + K - 1);
           __m256 sum = h[0];
           for (int j = 1; j < K; ++j) sum = _mm256_add_ps(sum, h[j]);
-          _mm_prefetch(reinterpret_cast<const char*>(d + out_ahead), _MM_HINT_T0);
-          storef(d, _mm256_mul_ps(sum, _mm256_loadu_ps(rcs[oh] + ow0)));
+          if constexpr (!kGrad) sum = _mm256_mul_ps(sum, _mm256_loadu_ps(rcs[r] + c0));
+          _mm_prefetch(reinterpret_cast<const char*>(d + dst_ahead), _MM_HINT_T0);
+          storef(d, sum);
           for (int j = 0; j + 1 < K; ++j) h[j] = h[j + 1];
         }
       };
-      for (int64_t i = 0; i < ow_n; i += 8) {
-        const int64_t ow0 = chunk_start(i, ow_n), x0 = ow0 - pw;
-        if (x0 >= 0 && x0 + K - 1 + 8 <= iw_n) {
-          walk(ow0, [&](const T* row) __attribute__((always_inline)) {
-            __m256 s = loadf(row + x0);
-            for (int kw = 1; kw < K; ++kw) s = _mm256_add_ps(s, loadf(row + x0 + kw));
+      for (int64_t i = 0; i < dw_n; i += 8) {
+        const int64_t c0 = chunk_start(i, dw_n), x0 = c0 + coff_n;
+        if (x0 >= 0 && x0 + K - 1 + 8 <= sw_n) {
+          walk(c0, x0, [&](const T* row, const float* w) __attribute__((always_inline)) {
+            auto term = [&](int k) __attribute__((always_inline)) {
+              const __m256 v = loadf(row + x0 + k);
+              return kGrad ? _mm256_mul_ps(v, _mm256_loadu_ps(w + x0 + k)) : v;
+            };
+            __m256 s = term(0);
+            for (int k = 1; k < K; ++k) s = _mm256_add_ps(s, term(k));
             return s;
           });
           continue;
         }
         // An edge chunk: cells outside the row read as 0. float: masked loads (masked-off lanes
         // are not read); the half types: the row's 8 cells nearest each load, moved to their
-        // lanes.
+        // lanes. The backward's divisors load the same way (the tables hold sw_n of them).
         __m256i inside[K], from[K];
         int64_t base[K];
-        for (int kw = 0; kw < K; ++kw) {
-          inside[kw] = lanes_inside(x0 + kw, iw_n);
-          base[kw] = std::min(std::max<int64_t>(x0 + kw, 0), iw_n - 8);
-          from[kw] = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-                                      _mm256_set1_epi32(static_cast<int32_t>(x0 + kw - base[kw])));
+        for (int k = 0; k < K; ++k) {
+          inside[k] = lanes_inside(x0 + k, sw_n);
+          base[k] = std::min(std::max<int64_t>(x0 + k, 0), sw_n - 8);
+          from[k] = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                     _mm256_set1_epi32(static_cast<int32_t>(x0 + k - base[k])));
         }
-        walk(ow0, [&](const T* row) __attribute__((always_inline)) {
-          __m256 s = _mm256_setzero_ps();
-          for (int kw = 0; kw < K; ++kw) {
-            __m256 v;
-            if constexpr (std::is_same_v<T, float>) {
-              v = _mm256_maskload_ps(row + x0 + kw, inside[kw]);
+        walk(c0, x0, [&](const T* row, const float* w) __attribute__((always_inline)) {
+          auto edge_load = [&](const auto* p, int k) __attribute__((always_inline)) {
+            if constexpr (std::is_same_v<std::remove_cv_t<std::remove_pointer_t<decltype(p)>>, float>) {
+              return _mm256_maskload_ps(p + x0 + k, inside[k]);
             } else {
-              v = _mm256_and_ps(_mm256_permutevar8x32_ps(loadf(row + base[kw]), from[kw]),
-                                _mm256_castsi256_ps(inside[kw]));
+              return _mm256_and_ps(_mm256_permutevar8x32_ps(loadf(p + base[k]), from[k]),
+                                   _mm256_castsi256_ps(inside[k]));
             }
-            s = kw == 0 ? v : _mm256_add_ps(s, v);
+          };
+          __m256 s = _mm256_setzero_ps();
+          for (int k = 0; k < K; ++k) {
+            __m256 v = edge_load(row, k);
+            if constexpr (kGrad) v = _mm256_mul_ps(v, edge_load(w, k));
+            s = k == 0 ? v : _mm256_add_ps(s, v);
           }
           return s;
         });
       }
     }
   });
+}
+
+template <int K, typename T>
+void avg_rows_rolling(const T* in, T* out, const PoolGeometry& g, int64_t planes,
+                      bool count_include_pad, int64_t divisor_override) {
+  const AvgTables t(g, false, count_include_pad, divisor_override);
+  const RowReciprocals rr(g, t);
+  box_rows_rolling<K, false>(in, out, planes, g.in[1], g.in[2], g.out[1], g.out[2], -g.pad[1],
+                             -g.pad[2], rr.row.data());
 }
 
 template <typename T>
@@ -2571,6 +2591,15 @@ void avg_bwd_planar(const scalar_t* gout, scalar_t* gin, const PoolGeometry& g, 
   if constexpr (kFusedType<scalar_t>) {
     if (tile_bwd_ok(g, planes)) {
       avg_bwd_tiles(gout, gin, g, planes, t);
+      return;
+    }
+    if (rolling_avg_ok(g)) {
+      const RowReciprocals rr(g, t);
+      const int64_t K = g.kernel[2];
+      K == 3 ? box_rows_rolling<3, true>(gout, gin, planes, g.out[1], g.out[2], g.in[1], g.in[2],
+                                         g.pad[1] - 2, g.pad[2] - 2, rr.row.data())
+             : box_rows_rolling<2, true>(gout, gin, planes, g.out[1], g.out[2], g.in[1], g.in[2],
+                                         g.pad[1] - 1, g.pad[2] - 1, rr.row.data());
       return;
     }
     if (separable_bwd_ok(g, planes)) {
