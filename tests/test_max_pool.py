@@ -376,6 +376,25 @@ def test_backward_large_and_single_planes(device, rng, shape, kw, dtype):
     check_parity(x, len(shape) - 2, kw, rng)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["distinct", "ties"])
+@pytest.mark.parametrize(
+    "shape, kw",
+    [
+        ((2, 3, 12, 113), dict(kernel_size=3, stride=2, padding=1)),
+        ((2, 3, 7, 103), dict(kernel_size=2, stride=1)),
+        ((2, 3, 6, 99), dict(kernel_size=3, stride=1, padding=1, ceil_mode=True)),
+        ((2, 3, 9, 60), dict(kernel_size=3, stride=1)),
+    ],
+)
+def test_backward_wide_rows(device, rng, shape, kw, kind, dtype):
+    """Planes that fit in cache, with rows of 48 outputs or more: the CPU builds each input row's
+    gradient in registers from the 2 to 4 output rows over it, chunks clipped at both row ends
+    and a ragged last chunk (the half types convert those through a stack row)."""
+    x = make_input(shape, dtype, device, "contiguous", rng, kind=kind)
+    check_parity(x, 2, kw, rng)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["distinct", "ties"])
 @pytest.mark.parametrize(

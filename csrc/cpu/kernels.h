@@ -1171,6 +1171,16 @@ inline __m256i load_pos8(const uint8_t* p, int64_t n) {
   return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(t)));
 }
 
+// As load_pos8, from the 8 bytes that end at p + n (n >= 1), shifted down: no copy through the
+// stack, whose byte stores a wider load cannot take forwarded. The caller knows the 8 - n bytes
+// before p are readable (a row of 8 or more).
+inline __m256i load_pos8_end(const uint8_t* p, int64_t n) {
+  uint64_t v;
+  std::memcpy(&v, p + n - 8, 8);
+  if (n < 8) v >>= 8 * (8 - n);
+  return _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(v)));
+}
+
 // Channels-last max backward, gathered per input cell in registers: the outputs whose windows
 // cover the cell are listed once (the depth/height part per input row, the width part per
 // cell), then each block of channels adds the gradients whose saved position is this cell and
@@ -1417,7 +1427,6 @@ __attribute__((always_inline)) inline void bwd_row_fused(T* row, int64_t IW, int
   if constexpr (KWc > 0) KW = KWc;
   __m256 prev[8];  // each column's contributions of the previous chunk
   for (int64_t kw = S; kw < KW; ++kw) prev[kw] = _mm256_setzero_ps();
-  alignas(32) float edge[8 * S];
   __m256 C[8];
   // One chunk; kFull: its 8 outputs exist, so contrib's loads need no edge checks; kInside: its
   // 8 * S cells lie inside the row, so its stores need none either.
@@ -1457,11 +1466,16 @@ __attribute__((always_inline)) inline void bwd_row_fused(T* row, int64_t IW, int
       _mm256_maskstore_ps(row + x0, lanes_inside(x0, IW), a);
       if (S == 2) _mm256_maskstore_ps(row + x0 + 8, lanes_inside(x0 + 8, IW), b);
     } else {
-      _mm256_store_ps(edge, a);
-      if (S == 2) _mm256_store_ps(edge + 8 * (S - 1), b);
-      for (int64_t j = std::max<int64_t>(0, -x0); j < 8 * S && x0 + j < IW; ++j) {
-        row[x0 + j] = static_cast<T>(edge[j]);
+      // The half types: the chunk converted in registers into a stack row, its cells inside
+      // the row copied out.
+      T cells[8 * S];
+      if constexpr (S == 2) {
+        store_pairs(cells, even, odd);
+      } else {
+        storef(cells, even);
       }
+      const int64_t j0 = std::max<int64_t>(0, -x0), j1 = std::min<int64_t>(8 * S, IW - x0);
+      if (j1 > j0) std::memcpy(row + x0 + j0, cells + j0, (j1 - j0) * sizeof(T));
     }
   };
   // The chunks walk the row in order (each carries its shifted lanes into the next): those
@@ -1558,7 +1572,7 @@ void max_bwd_fused(const T* gout, const uint8_t* pos, T* gin, const PoolGeometry
             const uint8_t* pr = pos + orow[j];
             if constexpr (NC > 0) gr = grow[j], pr = prow[j];
             const __m256 g8 = load8<!kFull>(gr, ow0, ow_n, zero);
-            const __m256i p8 = load_pos8(pr + ow0, n);
+            const __m256i p8 = ow_n >= 8 ? load_pos8_end(pr + ow0, n) : load_pos8(pr + ow0, n);
             for (int64_t kw = 0; kw < kws; ++kw) {
               __m256i k;
               if constexpr (NC > 0) {
@@ -1739,9 +1753,10 @@ void max_bwd_planar(const scalar_t* gout, const pos_t* pos, scalar_t* gin, const
     }
   }
   // Windows one row high (1d pools): each input row comes from one output row, 8 outputs per
-  // chunk in registers, which beats the plane scatter's one output at a time (NOTES §39). Float
-  // windows 2 or 3 wide with at most 4 output rows over each input row too (§54); other taller
-  // windows (wider, more rows, half types) are faster through the scatter.
+  // chunk in registers, which beats the plane scatter's one output at a time (NOTES §39).
+  // Windows 2 or 3 wide with at most 4 output rows over each input row too, in rows of 48
+  // outputs or more (§54, §59); narrower rows, whose edge chunks are a larger share, and other
+  // taller windows are faster through the scatter.
   auto fused = [&]() {
     if constexpr (kFusedType<scalar_t> && std::is_same_v<pos_t, uint8_t>) {
       if (fused_bwd_ok(g)) {
@@ -1754,8 +1769,8 @@ void max_bwd_planar(const scalar_t* gout, const pos_t* pos, scalar_t* gin, const
     return false;
   };
   if (g.kernel[0] * g.kernel[1] == 1 && fused()) return;
-  if (std::is_same_v<scalar_t, float> && (g.kernel[2] == 2 || g.kernel[2] == 3) &&
-      max_cover_rows(g) <= 4 && fused()) {
+  if ((g.kernel[2] == 2 || g.kernel[2] == 3) && g.out[2] >= 48 && max_cover_rows(g) <= 4 &&
+      fused()) {
     return;
   }
 #endif
