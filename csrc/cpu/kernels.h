@@ -934,6 +934,39 @@ void for_fused_chunks(const T* in, const PoolGeometry& g, int64_t planes, __m256
   });
 }
 
+// The maximum of the cells visit(f) passes to f(k, v, row_start), for the forward without
+// positions, with torch's rules: a value replaces the maximum only if greater (of equal values,
+// +0 and -0 too, the first in scan order stays), and a NaN anywhere in the window is the result.
+// Each window row's maximum by _mm256_max_ps(new, max), which keeps max unless new is greater,
+// the rows' folded the same way (short chains side by side), and the
+// NaNs found apart, two cells per compare (unordered: either is NaN), then put into their lanes
+// at the end. Two instructions a cell where compare-and-blend takes four. Cells outside the input
+// read as -inf, which never wins.
+template <typename Visit>
+__attribute__((always_inline)) inline __m256 max_of_cells(Visit&& visit) {
+  __m256 nan = _mm256_setzero_ps(), pend = nan;
+  __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity()), rm = m;
+  bool row_open = false, folded = false, pending = false;
+  visit([&](__m256i, __m256 v, bool row_start) {
+    if (row_start || !row_open) {
+      if (row_open) {
+        m = folded ? _mm256_max_ps(rm, m) : rm;
+        folded = true;
+      }
+      rm = v;
+      row_open = true;
+    } else {
+      rm = _mm256_max_ps(v, rm);
+    }
+    if (pending) nan = _mm256_or_ps(nan, _mm256_cmp_ps(pend, v, _CMP_UNORD_Q));
+    pend = v;
+    pending = !pending;
+  });
+  m = folded ? _mm256_max_ps(rm, m) : rm;
+  if (pending) nan = _mm256_or_ps(nan, _mm256_cmp_ps(pend, pend, _CMP_UNORD_Q));
+  return _mm256_blendv_ps(m, _mm256_set1_ps(std::numeric_limits<float>::quiet_NaN()), nan);
+}
+
 template <int S, int KWc, int NRc, bool kPos, typename pos_t, typename T>
 void max_rows_fused(const T* in, T* out, pos_t* pos, const PoolGeometry& g,
                     int64_t planes) {
@@ -954,7 +987,9 @@ void max_rows_fused(const T* in, T* out, pos_t* pos, const PoolGeometry& g,
       cm = _mm256_blendv_ps(cm, v, t);
       if (kPos) cb = _mm256_blendv_ps(cb, k, t);
     };
-    if constexpr (kEdge) {
+    if constexpr (!kPos) {
+      m = max_of_cells(visit);
+    } else if constexpr (kEdge) {
       // Cells outside the input read as -inf and never win; their lanes keep "never" (-1).
       visit([&](__m256i k, __m256 v, bool) { take(m, b, v, _mm256_castsi256_ps(k)); });
     } else {
