@@ -389,7 +389,7 @@ def test_backward_large_and_single_planes(device, rng, shape, kw, dtype):
 )
 def test_backward_wide_rows(device, rng, shape, kw, kind, dtype):
     """Planes that fit in cache, with rows of 48 outputs or more: the CPU builds each input row's
-    gradient in registers from the 2 to 4 output rows over it, chunks clipped at both row ends
+    gradient in registers from the 1 to 3 output rows over it, chunks clipped at both row ends
     and a ragged last chunk (the half types convert those through a stack row)."""
     x = make_input(shape, dtype, device, "contiguous", rng, kind=kind)
     check_parity(x, 2, kw, rng)
