@@ -422,6 +422,48 @@ def test_backward_windows_one_row_high(device, rng, kw, kind, dtype):
     check_parity(x, 2, k2, rng, reference_device="cpu")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["distinct", "ties", "nan", "signed_zeros"])
+@pytest.mark.parametrize(
+    "shape,kw",
+    [
+        ((2, 3, 37), dict(kernel_size=2)),
+        ((4, 8, 26, 26), dict(kernel_size=2)),
+        ((2, 3, 9, 35), dict(kernel_size=(3, 2), stride=(1, 2))),
+        ((2, 3, 11, 40), dict(kernel_size=2, stride=(3, 2), dilation=(4, 1))),
+        ((2, 3, 7, 9, 33), dict(kernel_size=2)),
+        ((2, 2, 6, 7, 18), dict(kernel_size=(2, 1, 2), stride=(1, 1, 2))),
+        ((2, 3, 8, 21), dict(kernel_size=2, ceil_mode=True)),
+    ],
+)
+def test_two_wide_windows_inside_the_input(device, rng, shape, kw, kind, dtype):
+    """Windows two wide at W stride 2, all inside the input, over rows of 8 outputs or more (the
+    last chunk overlapping the one before): the CPU takes a walk of its own for them, reducing each
+    window row with one `max` and folding the rows in scan order, and redoes chunks holding a NaN
+    by torch's rule. Ties keep the first cell (of +0 and -0 too); a NaN wins, the last one for the
+    index. The last case has a window past the end (ceil_mode), which the walk leaves to the
+    general one."""
+    nd = len(shape) - 2
+    if kind == "signed_zeros":  # only zeros and negatives: the indices pick among equal zeros
+        sign = torch.randint(0, 2, shape, generator=rng).bool()
+        zeros = torch.where(sign, torch.tensor(-0.0), torch.tensor(0.0))
+        x = torch.where(torch.rand(shape, generator=rng) < 0.6, zeros, -torch.rand(shape, generator=rng) - 0.5)
+        x = x.to(dtype=dtype, device=device)
+        with torch.no_grad():
+            rout, ridx = TORCH[nd](x.float(), return_indices=True, **kw)
+            assert bool(torch.signbit(rout[rout == 0]).any())
+            out, idx = OURS[nd](x, return_indices=True, **kw)
+            assert torch.equal(idx, ridx)
+            for o in (out, OURS[nd](x, **kw)):
+                assert torch.equal(o.float(), rout)
+                assert torch.equal(torch.signbit(o), torch.signbit(rout))
+        return
+    x = make_input(shape, dtype, device, "contiguous", rng, kind="ties" if kind == "nan" else kind)
+    if kind == "nan":
+        x.view(-1)[torch.randperm(x.numel(), generator=rng)[: x.numel() // 40]] = float("nan")
+    check_parity(x, nd, kw, rng)
+
+
 @pytest.mark.parametrize("shape", [(3, 4, 33), (2, 3, 17, 19), (4, 8, 26, 26), (2, 2, 7, 9, 21)])
 def test_backward_tiling_windows(device, rng, shape):
     """2-wide windows that tile the input (kernel == stride, no padding): each input cell gets one

@@ -5,7 +5,8 @@
 //
 // Contiguous (N, C, D, H, W) input is processed one output row at a time: float rows with W
 // stride 1 or 2 are reduced 8 outputs at a time straight from the input rows in registers
-// (for_fused_chunks); other rows are copied once into a padded buffer split into `stride` phases,
+// (for_fused_chunks; windows two wide at stride 2 that lie inside the input by a leaner walk,
+// max_tiles_w2); other rows are copied once into a padded buffer split into `stride` phases,
 // after which every kernel column is a unit-stride pass over the output row.
 // Backward writes windows that tile the input straight into their cells (write_tiles), builds
 // other planes that fit in L2 whole in cache (max_bwd_scatter, avg_bwd_scatter) and gathers per
@@ -938,9 +939,8 @@ void for_fused_chunks(const T* in, const PoolGeometry& g, int64_t planes, __m256
 // positions, with torch's rules: a value replaces the maximum only if greater (of equal values,
 // +0 and -0 too, the first in scan order stays), and a NaN anywhere in the window is the result.
 // Each window row's maximum by _mm256_max_ps(new, max), which keeps max unless new is greater,
-// the rows' folded the same way (short chains side by side), and the
-// NaNs found apart, two cells per compare (unordered: either is NaN), then put into their lanes
-// at the end. Two instructions a cell where compare-and-blend takes four. Cells outside the input
+// the rows' folded the same way (short chains side by side), and the NaNs found apart, two cells
+// per compare (unordered: either is NaN), then put into their lanes at the end. Two instructions a cell where compare-and-blend takes four. Cells outside the input
 // read as -inf, which never wins.
 template <typename Visit>
 __attribute__((always_inline)) inline __m256 max_of_cells(Visit&& visit) {
@@ -1032,6 +1032,103 @@ void max_rows_fused(const T* in, T* out, pos_t* pos, const PoolGeometry& g,
           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wl + ow0)));
       const __m256i never = _mm256_cmpgt_epi32(_mm256_setzero_si256(), bn);
       store_pos8(pos + r * OW + ow0, _mm256_blendv_epi8(bn, dflt, never), n);
+    }
+  });
+}
+
+// NCHW max windows two cells wide at W stride 2 that all lie inside the input (no padding, none
+// past the end), NR = KD * KH window rows, rows of at least 8 outputs: small planes spend most
+// of their time per row and per chunk in for_fused_chunks' general walk (edge checks, row
+// tables); this walk finds each output row's input rows at fixed offsets and does nothing else.
+// Each window row's two cells are reduced by one `max` (first of equals stays), the rows' maxima
+// folded the same way in scan order, and the NaNs found by one unordered compare per row; a chunk
+// with a NaN in it is redone by the single chain of torch's rule (rare).
+inline bool tiles_w2_ok(const PoolGeometry& g) {
+  for (int d = 0; d < 3; ++d) {
+    if (g.pad[d] != 0 || g.input_coord(d, g.out[d] - 1, g.kernel[d] - 1) >= g.in[d]) return false;
+  }
+  const int64_t nr = g.kernel[0] * g.kernel[1];
+  return g.kernel[2] == 2 && g.stride[2] == 2 && g.dilation[2] == 1 && g.out[2] >= 8 &&
+         (nr == 1 || nr == 2 || nr == 4) && g.in[2] < (1 << 30);
+}
+
+template <int NR, bool kPos, typename pos_t, typename T>
+void max_tiles_w2(const T* in, T* out, pos_t* pos, const PoolGeometry& g, int64_t planes) {
+  const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
+  const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2];
+  int64_t off[NR];
+  for (int64_t kd = 0, j = 0; kd < g.kernel[0]; ++kd) {
+    for (int64_t kh = 0; kh < g.kernel[1]; ++kh, ++j) {
+      off[j] = (kd * g.dilation[0] * IH + kh * g.dilation[1]) * IW;
+    }
+  }
+  const int64_t sd = g.stride[0], sh = g.stride[1];
+  at::parallel_for(0, planes * OD * OH, grain_for(OW * 2 * NR), [&](int64_t begin, int64_t end) {
+    const int64_t ow_n = OW, iw_n = IW, ih_n = IH, id_n = ID, sd_n = sd, sh_n = sh;
+    int64_t o[NR];
+    for (int j = 0; j < NR; ++j) o[j] = off[j];
+    const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    const bool long_rows = iw_n >= 64;
+    // The chunk at input column x0 of window rows row0 + o[j]: its maxima and positions.
+    auto chunk = [&](const T* row0, int64_t x0, __m256& m, __m256& b) {
+      __m256 nan = _mm256_setzero_ps();
+      __m256 rm[NR], rb[NR];
+      for (int j = 0; j < NR; ++j) {
+        // As in for_fused_chunks (NOTES §29, §32).
+        if (NR >= 4) {
+          prefetch_ahead<4096, 1>(row0 + o[j] + x0);
+        } else if (long_rows && NR >= 2) {
+          prefetch_ahead<4096, 2>(row0 + o[j] + x0);
+        }
+        __m256 c[2];
+        for_window_row<2, 2, false>(row0 + o[j], x0, iw_n, 2, ninf,
+                                    [&](int64_t kw, __m256 v) { c[kw] = v; });
+        rm[j] = _mm256_max_ps(c[1], c[0]);
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps(c[0], c[1], _CMP_UNORD_Q));
+        if (kPos) {
+          rb[j] = _mm256_blendv_ps(_mm256_castsi256_ps(_mm256_set1_epi32(2 * j)),
+                                   _mm256_castsi256_ps(_mm256_set1_epi32(2 * j + 1)),
+                                   _mm256_cmp_ps(c[1], c[0], _CMP_GT_OQ));
+        }
+      }
+      // Row j2 after row j: a later row wins only if greater.
+      auto fold = [&](int j, int j2) {
+        if (kPos) {
+          rb[j] = _mm256_blendv_ps(rb[j], rb[j2], _mm256_cmp_ps(rm[j2], rm[j], _CMP_GT_OQ));
+        }
+        rm[j] = _mm256_max_ps(rm[j2], rm[j]);
+      };
+      if constexpr (NR == 2) fold(0, 1);
+      if constexpr (NR == 4) {
+        fold(0, 1);
+        fold(2, 3);
+        fold(0, 2);
+      }
+      m = rm[0];
+      if (kPos) b = rb[0];
+      if (__builtin_expect(_mm256_movemask_ps(nan) != 0, 0)) {
+        m = ninf;
+        b = _mm256_setzero_ps();
+        for (int j = 0; j < NR; ++j) {
+          for_window_row<2, 2, false>(row0 + o[j], x0, iw_n, 2, ninf, [&](int64_t kw, __m256 v) {
+            const __m256 t = take_mask(v, m);
+            m = _mm256_blendv_ps(m, v, t);
+            const __m256i k = _mm256_set1_epi32(static_cast<int32_t>(2 * j + kw));
+            b = _mm256_blendv_ps(b, _mm256_castsi256_ps(k), t);
+          });
+        }
+      }
+    };
+    RowCounter it(begin, OD, OH);
+    for (int64_t r = begin; r < end; ++r, it.next()) {
+      const T* row0 = in + ((it.a * id_n + it.b * sd_n) * ih_n + it.c * sh_n) * iw_n;
+      for (int64_t i = 0; i < ow_n; i += 8) {
+        const int64_t ow0 = std::min(i, ow_n - 8);
+        __m256 m, b = _mm256_setzero_ps();
+        chunk(row0, 2 * ow0, m, b);
+        store8<true>(out + r * ow_n + ow0, natural<2, T>(m), 8);
+        if (kPos) store_pos8(pos + r * ow_n + ow0, _mm256_castps_si256(natural<2, T>(b)), 8);
+      }
     }
   });
 }
@@ -1327,6 +1424,13 @@ void max_fwd_planar(const scalar_t* in, scalar_t* out, pos_t* pos, const PoolGeo
                     int64_t planes) {
 #if defined(TORCHPOOL_AVX2)
   if constexpr (kFusedType<scalar_t>) {
+    if (tiles_w2_ok(g)) {
+      const int64_t nr = g.kernel[0] * g.kernel[1];
+      if (nr == 1) max_tiles_w2<1, kPos>(in, out, pos, g, planes);
+      if (nr == 2) max_tiles_w2<2, kPos>(in, out, pos, g, planes);
+      if (nr == 4) max_tiles_w2<4, kPos>(in, out, pos, g, planes);
+      return;
+    }
     if (fused_rows_ok(g)) {
       with_fused_shape(g, [&](auto S, auto KW, auto NR) {
         max_rows_fused<S.value, KW.value, NR.value, kPos>(in, out, pos, g, planes);
@@ -1490,13 +1594,13 @@ __attribute__((always_inline)) inline void bwd_row_fused(T* row, int64_t IW, int
       }
       return;
     }
-    __m256 a = even, b = even;
-    if constexpr (S == 2) {
-      const __m256 lo = _mm256_unpacklo_ps(even, odd), hi = _mm256_unpackhi_ps(even, odd);
-      a = _mm256_permute2f128_ps(lo, hi, 0x20);
-      b = _mm256_permute2f128_ps(lo, hi, 0x31);
-    }
     if constexpr (std::is_same_v<T, float>) {  // row edges: only the cells inside
+      __m256 a = even, b = even;
+      if constexpr (S == 2) {
+        const __m256 lo = _mm256_unpacklo_ps(even, odd), hi = _mm256_unpackhi_ps(even, odd);
+        a = _mm256_permute2f128_ps(lo, hi, 0x20);
+        b = _mm256_permute2f128_ps(lo, hi, 0x31);
+      }
       // Masked-off lanes are not written, so the addresses may lie outside the row.
       _mm256_maskstore_ps(row + x0, lanes_inside(x0, IW), a);
       if (S == 2) _mm256_maskstore_ps(row + x0 + 8, lanes_inside(x0 + 8, IW), b);
