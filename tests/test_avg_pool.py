@@ -250,18 +250,22 @@ def test_backward_large_and_single_planes(device, rng, shape, kw, dtype):
     check_parity(x, len(shape) - 2, kw, rng)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kw", [dict(), dict(divisor_override=3)])
-@pytest.mark.parametrize("shape", [(3, 4, 33), (2, 3, 17, 19), (4, 8, 26, 26), (2, 2, 7, 9, 21)])
-def test_backward_tiling_windows(device, rng, shape, kw):
+@pytest.mark.parametrize(
+    "shape", [(3, 4, 33), (2, 3, 17, 19), (4, 8, 26, 26), (2, 2, 7, 9, 21), (2, 3, 5, 201), (2, 2, 5, 4, 131)]
+)
+def test_backward_tiling_windows(device, rng, shape, kw, dtype):
     """2-wide windows that tile the input (kernel == stride, no padding): each input cell gets one
     output's grad / divisor, so the gradient equals torch's exactly, including the cells past the
-    last window along each dim (odd sizes)."""
+    last window along each dim (odd sizes). Rows of 384 bytes or more (the last shapes in float32)
+    are written one after the other, shorter ones chunk by chunk across them."""
     nd = len(shape) - 2
-    x = make_input(shape, torch.float32, device, "contiguous", rng)
+    x = make_input(shape, dtype, device, "contiguous", rng)
     out, grad, g = run_fwd_bwd(lambda t: OURS[nd](t, 2, **kw), x, gen=rng)
-    rout, rgrad, _ = run_fwd_bwd(lambda t: TORCH[nd](t, 2, **kw), x, g=g)
-    assert_close(out, rout, torch.float32)
-    assert torch.equal(grad, rgrad)
+    rout, rgrad, _ = run_fwd_bwd(lambda t: TORCH[nd](t.float(), 2, **kw), x, g=g.float())
+    assert_close(out, rout.to(dtype), dtype)
+    assert torch.equal(grad, rgrad.to(dtype))
 
 
 STRIDE1_CASES = [

@@ -464,17 +464,30 @@ def test_two_wide_windows_inside_the_input(device, rng, shape, kw, kind, dtype):
     check_parity(x, nd, kw, rng)
 
 
-@pytest.mark.parametrize("shape", [(3, 4, 33), (2, 3, 17, 19), (4, 8, 26, 26), (2, 2, 7, 9, 21)])
-def test_backward_tiling_windows(device, rng, shape):
+@pytest.mark.parametrize(
+    "shape", [(3, 4, 33), (2, 3, 17, 19), (4, 8, 26, 26), (2, 2, 7, 9, 21), (2, 3, 5, 201), (2, 2, 5, 4, 131)]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_backward_tiling_windows(device, rng, shape, dtype):
     """2-wide windows that tile the input (kernel == stride, no padding): each input cell gets one
-    output's gradient or 0, so the gradient equals torch's exactly, including the cells past the
-    last window along each dim (odd sizes)."""
+    output's gradient or 0, so the gradient equals torch's bit for bit, including the cells past
+    the last window along each dim (odd sizes) and NaN gradients. Rows of 384 bytes or more (the
+    last two shapes) are written one after the other, shorter ones chunk by chunk across them (bfloat16 moves the gradient's
+    bits without converting them; a NaN becomes the NaN torch's float round trip makes)."""
     nd = len(shape) - 2
-    x = make_input(shape, torch.float32, device, "contiguous", rng, kind="distinct")
-    out, grad, g = run_fwd_bwd(lambda t: OURS[nd](t, 2), x, gen=rng)
+    x = make_input(shape, dtype, device, "contiguous", rng, kind="distinct")
+    with torch.no_grad():
+        g = torch.randn(OURS[nd](x, 2).shape, generator=rng).to(dtype=dtype, device=device)
+        g.view(-1)[torch.randperm(g.numel(), generator=rng)[: max(1, g.numel() // 30)]] = float("nan")
+        if dtype != torch.float32:  # NaNs of other signs and payloads
+            bits = g.view(torch.int16).view(-1)
+            bits[:3] = torch.tensor([0x7F81, -0x3F, 0x7E01] if dtype == torch.bfloat16 else [0x7C01, -0x3FF, 0x7E01])
+    out, grad, _ = run_fwd_bwd(lambda t: OURS[nd](t, 2), x, g=g)
     rout, rgrad, _ = run_fwd_bwd(lambda t: TORCH[nd](t, 2), x, g=g)
     assert torch.equal(out, rout)
-    assert torch.equal(grad, rgrad)
+    assert bool(torch.isnan(rgrad).any())
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    assert torch.equal(grad.view(bits), rgrad.view(bits))
 
 
 @pytest.mark.parametrize("nd", [1, 2, 3])

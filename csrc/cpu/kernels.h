@@ -1808,10 +1808,10 @@ void max_bwd_scatter(const scalar_t* gout, const pos_t* pos, scalar_t* gin, cons
 // padding or dilation), float NCHW: every input cell belongs to at most one window, so each output
 // row writes its KD x KH x 2 tile rows directly, 8 outputs (16 cells) a chunk, the two window
 // columns interleaved in registers. No zeroing pass, no sums, one write per cell; cells no window
-// covers (odd sizes) are zeroed. `output_row(o, od, oh, tmp)` is called once per output row (o:
-// its first flat output index; tmp: OW floats of scratch) and returns a callable
-// cols(ow0, kd, kh, v0, v1) that sets the gradient of window columns 0 and 1 of tile row (kd, kh)
-// for the 8 outputs from ow0. kExact: those are values of T already (store_pairs).
+// covers (odd sizes) are zeroed. `output_row(o, od, oh)` is called once per output row (o: its
+// first flat output index) and returns a callable cols(ow0, each_row): for the 8 outputs from
+// ow0 it calls each_row(f), which calls f(j, dst) for the output row's tile rows j = kd * KH + kh
+// in turn, dst being where the chunk's 16 cells of tile row j go; f stores them there.
 inline bool tile_bwd_ok(const PoolGeometry& g, int64_t planes) {
   if (planes < at::get_num_threads()) return false;  // one task per plane
   for (int d = 0; d < 3; ++d) {
@@ -1823,59 +1823,107 @@ inline bool tile_bwd_ok(const PoolGeometry& g, int64_t planes) {
   return g.kernel[2] == 2 && g.out[2] >= 8;
 }
 
-template <bool kExact, typename T, typename OutputRow>
+template <typename T, typename OutputRow>
 void write_tiles(T* gin, const PoolGeometry& g, int64_t planes, OutputRow&& output_row) {
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2], KD = g.kernel[0], KH = g.kernel[1];
-  at::parallel_for(0, planes, grain_for(g.in_plane()), [&](int64_t begin, int64_t end) {
-    // Sizes in locals: the vector stores may alias anything, so values read through the
-    // closure's references would be reloaded after every store (NOTES §33).
-    const int64_t ow_n = OW, iw_n = IW, kd_n = KD, kh_n = KH;
-    std::vector<float> tmp(OW);
-    for (int64_t pl = begin; pl < end; ++pl) {
-      T* plane = gin + pl * ID * IH * IW;
-      // Rows no window covers: past the last window row, and every row of the depth slices past
-      // the last window slice.
-      for (int64_t id = 0; id < ID; ++id) {
-        for (int64_t ih = (id < OD * KD ? OH * KH : 0); ih < IH; ++ih) {
-          std::fill(plane + (id * IH + ih) * IW, plane + (id * IH + ih + 1) * IW, T(0));
+  // NRc: the tile rows per output row (KD * KH) when 1, 2 or 4, known at compile time; else 0.
+  auto walk = [&](auto NRc) {
+    constexpr int kNR = decltype(NRc)::value;
+    at::parallel_for(0, planes, grain_for(g.in_plane()), [&](int64_t begin, int64_t end) {
+      // Sizes in locals: the vector stores may alias anything, so values read through the
+      // closure's references would be reloaded after every store (NOTES §33).
+      const int64_t ow_n = OW, iw_n = IW, ih_n = IH, kd_n = KD, kh_n = KH;
+      const int64_t nr = kNR > 0 ? kNR : KD * KH;
+      // Tile rows of 384 bytes or more are written one after the other (the stores one stream
+      // through memory); shorter ones chunk by chunk across the tile rows, each chunk's gradient
+      // and positions loaded once for all of them (NOTES §62).
+      const bool row_by_row = 2 * ow_n * static_cast<int64_t>(sizeof(T)) >= 384;
+      std::vector<T*> row_list(kNR > 0 ? 0 : nr);
+      T* row_fixed[kNR > 0 ? kNR : 1];
+      T** rows = kNR > 0 ? row_fixed : row_list.data();
+      for (int64_t pl = begin; pl < end; ++pl) {
+        T* plane = gin + pl * ID * IH * IW;
+        // Rows no window covers: past the last window row, and every row of the depth slices
+        // past the last window slice.
+        for (int64_t id = 0; id < ID; ++id) {
+          for (int64_t ih = (id < OD * KD ? OH * KH : 0); ih < IH; ++ih) {
+            std::fill(plane + (id * IH + ih) * IW, plane + (id * IH + ih + 1) * IW, T(0));
+          }
         }
-      }
-      for (int64_t od = 0; od < OD; ++od) {
-        for (int64_t oh = 0; oh < OH; ++oh) {
-          auto cols = output_row(((pl * OD + od) * OH + oh) * OW, od, oh, tmp.data());
-          for (int64_t kd = 0; kd < kd_n; ++kd) {
-            for (int64_t kh = 0; kh < kh_n; ++kh) {
-              T* row = plane + ((od * kd_n + kd) * IH + oh * kh_n + kh) * iw_n;
+        for (int64_t od = 0; od < OD; ++od) {
+          for (int64_t oh = 0; oh < OH; ++oh) {
+            auto cols = output_row(((pl * OD + od) * OH + oh) * OW, od, oh);
+            for (int64_t kd = 0, j = 0; kd < kd_n; ++kd) {
+              for (int64_t kh = 0; kh < kh_n; ++kh, ++j) {
+                rows[j] = plane + ((od * kd_n + kd) * ih_n + oh * kh_n + kh) * iw_n;
+              }
+            }
+            if (row_by_row) {
+              for (int64_t j = 0; j < nr; ++j) {
+                for (int64_t i = 0; i < ow_n; i += 8) {
+                  const int64_t ow0 = chunk_start(i, ow_n);
+                  cols(ow0, [&](auto&& tile_row) { tile_row(j, rows[j] + 2 * ow0); });
+                }
+              }
+            } else {
               for (int64_t i = 0; i < ow_n; i += 8) {
                 const int64_t ow0 = chunk_start(i, ow_n);
-                __m256 v0, v1;
-                cols(ow0, kd, kh, v0, v1);
-                store_pairs<kExact>(row + 2 * ow0, v0, v1);
+                cols(ow0, [&](auto&& tile_row) {
+                  for (int64_t j = 0; j < nr; ++j) tile_row(j, rows[j] + 2 * ow0);
+                });
               }
-              std::fill(row + 2 * ow_n, row + iw_n, T(0));  // columns past the last window
+            }
+            if (2 * ow_n < iw_n) {  // columns past the last window
+              for (int64_t j = 0; j < nr; ++j) std::fill(rows[j] + 2 * ow_n, rows[j] + iw_n, T(0));
             }
           }
         }
       }
-    }
-  });
+    });
+  };
+  switch (KD * KH) {
+    case 1: return walk(std::integral_constant<int, 1>{});
+    case 2: return walk(std::integral_constant<int, 2>{});
+    case 4: return walk(std::integral_constant<int, 4>{});
+    default: return walk(std::integral_constant<int, 0>{});
+  }
 }
 
 // Max: the saved position selects the column whose cell took the maximum; bit-identical to torch.
 template <typename T>
 void max_bwd_tiles(const T* gout, const uint8_t* pos, T* gin, const PoolGeometry& g,
                    int64_t planes) {
-  const int32_t KH = static_cast<int32_t>(g.kernel[1]);
-  write_tiles<true>(gin, g, planes, [&](int64_t o, int64_t, int64_t, float*) {
-    return [=](int64_t ow0, int64_t kd, int64_t kh, __m256& v0, __m256& v1) {
-      const __m256 g8 = loadf(gout + o + ow0);
+  write_tiles(gin, g, planes, [&](int64_t o, int64_t, int64_t) {
+    return [=](int64_t ow0, auto&& each_row) {
       const __m256i p8 =
           _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(pos + o + ow0)));
-      const __m256i k0 = _mm256_set1_epi32((static_cast<int32_t>(kd) * KH + static_cast<int32_t>(kh)) * 2);
-      const __m256i k1 = _mm256_add_epi32(k0, _mm256_set1_epi32(1));
-      v0 = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(p8, k0)), g8);
-      v1 = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(p8, k1)), g8);
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        // bfloat16 bits moved, not converted: tile row j's pair of cells for output i is one
+        // 32-bit lane, the gradient in its low half where the position is 2j, in its high half
+        // where it is 2j + 1. NaNs become 0x7FC0, as torch's float round trip makes them.
+        __m256i g16 = _mm256_cvtepu16_epi32(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(gout + o + ow0)));
+        const __m256i is_nan = _mm256_cmpgt_epi32(
+            _mm256_and_si256(g16, _mm256_set1_epi32(0x7FFF)), _mm256_set1_epi32(0x7F80));
+        g16 = _mm256_blendv_epi8(g16, _mm256_set1_epi32(0x7FC0), is_nan);
+        const __m256i hi = _mm256_slli_epi32(g16, 16);
+        each_row([&](int64_t j, T* dst) {
+          const __m256i k0 = _mm256_set1_epi32(static_cast<int32_t>(2 * j));
+          const __m256i k1 = _mm256_set1_epi32(static_cast<int32_t>(2 * j + 1));
+          const __m256i v = _mm256_or_si256(_mm256_and_si256(_mm256_cmpeq_epi32(p8, k0), g16),
+                                            _mm256_and_si256(_mm256_cmpeq_epi32(p8, k1), hi));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), v);
+        });
+      } else {
+        const __m256 g8 = loadf(gout + o + ow0);
+        each_row([&](int64_t j, T* dst) {
+          const __m256i k0 = _mm256_set1_epi32(static_cast<int32_t>(2 * j));
+          const __m256i k1 = _mm256_set1_epi32(static_cast<int32_t>(2 * j + 1));
+          store_pairs<true>(dst, _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(p8, k0)), g8),
+                            _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(p8, k1)), g8));
+        });
+      }
     };
   });
 }
@@ -2520,15 +2568,10 @@ void avg_bwd_tiles(const T* gout, T* gin, const PoolGeometry& g, int64_t planes,
   const int64_t OW = g.out[2];
   const std::vector<float> wf = t.w_factors((OW + 7) / 8 * 8);
   const Divisors8 divisors(t, wf);
-  write_tiles<false>(gin, g, planes, [&](int64_t o, int64_t od, int64_t oh, float* scaled) {
-    // The row's grad / divisor once, for all its tile rows.
-    for (int64_t i = 0; i < OW; i += 8) {
-      const int64_t ow0 = chunk_start(i, OW);
-      _mm256_storeu_ps(scaled + ow0, _mm256_div_ps(loadf(gout + o + ow0),
-                                                   divisors(od, oh, ow0)));
-    }
-    return [=](int64_t ow0, int64_t, int64_t, __m256& v0, __m256& v1) {
-      v0 = v1 = _mm256_loadu_ps(scaled + ow0);
+  write_tiles(gin, g, planes, [&](int64_t o, int64_t od, int64_t oh) {
+    return [=, &divisors](int64_t ow0, auto&& each_row) {
+      const __m256 v = _mm256_div_ps(loadf(gout + o + ow0), divisors(od, oh, ow0));
+      each_row([&](int64_t, T* dst) { store_pairs(dst, v, v); });
     };
   });
 }
