@@ -940,8 +940,9 @@ void for_fused_chunks(const T* in, const PoolGeometry& g, int64_t planes, __m256
 // +0 and -0 too, the first in scan order stays), and a NaN anywhere in the window is the result.
 // Each window row's maximum by _mm256_max_ps(new, max), which keeps max unless new is greater,
 // the rows' folded the same way (short chains side by side), and the NaNs found apart, two cells
-// per compare (unordered: either is NaN), then put into their lanes at the end. Two instructions a cell where compare-and-blend takes four. Cells outside the input
-// read as -inf, which never wins.
+// per compare (unordered: either is NaN), then put into their lanes at the end. Two instructions
+// a cell where compare-and-blend takes four. Cells outside the input read as -inf, which never
+// wins.
 template <typename Visit>
 __attribute__((always_inline)) inline __m256 max_of_cells(Visit&& visit) {
   __m256 nan = _mm256_setzero_ps(), pend = nan;
@@ -1074,9 +1075,10 @@ void max_tiles_w2(const T* in, T* out, pos_t* pos, const PoolGeometry& g, int64_
       __m256 nan = _mm256_setzero_ps();
       __m256 rm[NR], rb[NR];
       for (int j = 0; j < NR; ++j) {
-        // As in for_fused_chunks (NOTES §29, §32).
+        // As in for_fused_chunks (NOTES §29, §32), but the 2-byte types' windows of 4 rows (3d)
+        // 8 KiB ahead, which takes 40 % off bfloat16 pool3d where float32 is best at 4 (§63).
         if (NR >= 4) {
-          prefetch_ahead<4096, 1>(row0 + o[j] + x0);
+          prefetch_ahead<sizeof(T) == 2 ? 8192 : 4096, 1>(row0 + o[j] + x0);
         } else if (long_rows && NR >= 2) {
           prefetch_ahead<4096, 2>(row0 + o[j] + x0);
         }
