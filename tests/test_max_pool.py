@@ -471,9 +471,10 @@ def test_two_wide_windows_inside_the_input(device, rng, shape, kw, kind, dtype):
 def test_backward_tiling_windows(device, rng, shape, dtype):
     """2-wide windows that tile the input (kernel == stride, no padding): each input cell gets one
     output's gradient or 0, so the gradient equals torch's bit for bit, including the cells past
-    the last window along each dim (odd sizes) and NaN gradients. Rows of 384 bytes or more (the
-    last two shapes) are written one after the other, shorter ones chunk by chunk across them (bfloat16 moves the gradient's
-    bits without converting them; a NaN becomes the NaN torch's float round trip makes)."""
+    the last window along each dim (odd sizes) and NaN gradients (bfloat16 moves the gradient's
+    bits without converting them; a NaN becomes the NaN torch's float round trip makes; float16
+    NaNs are checked for place, not payload). Rows of 384 bytes or more (the last two shapes) are
+    written one after the other, shorter ones chunk by chunk across them."""
     nd = len(shape) - 2
     x = make_input(shape, dtype, device, "contiguous", rng, kind="distinct")
     with torch.no_grad():
