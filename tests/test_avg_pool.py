@@ -302,6 +302,49 @@ def test_stride1_windows(device, rng, shape, kw, threads):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "shape, kw",
+    [
+        ((3, 4, 33), dict(kernel_size=2)),
+        ((4, 8, 26, 26), dict(kernel_size=2)),
+        ((2, 3, 17, 19), dict(kernel_size=2, divisor_override=3)),
+        ((2, 3, 17, 19), dict(kernel_size=2, divisor_override=8)),
+        ((2, 3, 17, 19), dict(kernel_size=2, divisor_override=-2)),
+        ((2, 3, 8, 40), dict(kernel_size=(2, 2), stride=(3, 2))),
+        ((2, 3, 8, 40), dict(kernel_size=(1, 2), stride=(1, 2))),
+        ((2, 2, 7, 9, 21), dict(kernel_size=2)),
+        ((2, 2, 7, 9, 21), dict(kernel_size=(2, 1, 2), stride=(3, 1, 2), divisor_override=5)),
+        ((2, 3, 8, 21), dict(kernel_size=2, ceil_mode=True)),
+    ],
+)
+def test_two_wide_windows_inside_the_input(device, rng, shape, kw, dtype):
+    """Windows two wide at W stride 2, all inside the input, over rows of 8 outputs or more (the
+    last chunk overlapping the one before): the CPU takes a walk of its own for them, summing in
+    torch's order (scan order, from 0) and dividing by the window size or the override (a power
+    of two by a multiply). So on the CPU the result equals torch's (computed in float32 for the half
+    types, rounded once) bit for bit, infinities and NaNs included. The last case has a window past
+    the end (ceil_mode), which the walk leaves to the general one."""
+    nd = len(shape) - 2
+    x = make_input(shape, dtype, device, "contiguous", rng)
+    flat = x.view(-1)
+    for v in (float("nan"), float("inf"), -float("inf")):
+        flat[torch.randperm(flat.numel(), generator=rng)[: flat.numel() // 40]] = v
+    with torch.no_grad():
+        out = OURS[nd](x, **kw)
+        ref = TORCH[nd](x.float(), **kw).to(dtype)
+    out_train = OURS[nd](x.detach().requires_grad_(), **kw).detach()
+    nan = torch.isnan(ref)
+    assert bool(nan.any()) and bool(torch.isinf(ref).any()) and bool((ref[~nan] != 0).any())
+    for o in (out, out_train):
+        assert torch.equal(torch.isnan(o), nan)
+        if device == "cpu":
+            bits = torch.int32 if dtype == torch.float32 else torch.int16
+            assert torch.equal(o[~nan].view(bits), ref[~nan].view(bits))
+        else:
+            assert_close(o[~nan], ref[~nan], dtype)
+
+
 def test_wide_window(device, rng):
     x = make_input((2, 3, 40, 37), torch.float32, device, "contiguous", rng)
     check_parity(x, 2, dict(kernel_size=(20, 17), stride=3, padding=(10, 8), ceil_mode=True, count_include_pad=False), rng)

@@ -1037,13 +1037,14 @@ void max_rows_fused(const T* in, T* out, pos_t* pos, const PoolGeometry& g,
   });
 }
 
-// NCHW max windows two cells wide at W stride 2 that all lie inside the input (no padding, none
-// past the end), NR = KD * KH window rows, rows of at least 8 outputs: small planes spend most
-// of their time per row and per chunk in for_fused_chunks' general walk (edge checks, row
-// tables); this walk finds each output row's input rows at fixed offsets and does nothing else.
-// Each window row's two cells are reduced by one `max` (first of equals stays), the rows' maxima
-// folded the same way in scan order, and the NaNs found by one unordered compare per row; a chunk
-// with a NaN in it is redone by the single chain of torch's rule (rare).
+// NCHW windows two cells wide at W stride 2 that all lie inside the input (no padding, none past
+// the end), NR = KD * KH window rows, rows of at least 8 outputs, max and average: small planes
+// spend most of their time per row and per chunk in for_fused_chunks' general walk (edge checks,
+// row tables); this walk finds each output row's input rows at fixed offsets and does nothing
+// else. Max (max_tiles_w2): each window row's two cells are reduced by one `max` (first of equals
+// stays), the rows' maxima folded the same way in scan order, and the NaNs found by one unordered
+// compare per row; a chunk with a NaN in it is redone by the single chain of torch's rule (rare).
+// Average (avg_tiles_w2): the cells summed in scan order from 0, as avg_rows_fused does.
 inline bool tiles_w2_ok(const PoolGeometry& g) {
   for (int d = 0; d < 3; ++d) {
     if (g.pad[d] != 0 || g.input_coord(d, g.out[d] - 1, g.kernel[d] - 1) >= g.in[d]) return false;
@@ -1053,8 +1054,11 @@ inline bool tiles_w2_ok(const PoolGeometry& g) {
          (nr == 1 || nr == 2 || nr == 4) && g.in[2] < (1 << 30);
 }
 
-template <int NR, bool kPos, typename pos_t, typename T>
-void max_tiles_w2(const T* in, T* out, pos_t* pos, const PoolGeometry& g, int64_t planes) {
+// The walk: chunk(o, cells) for every chunk of 8 outputs (o: the flat index of its first output;
+// rows end with a chunk moved back to finish exactly at OW), cells(j, c) setting c[0], c[1] to the
+// chunk's even and odd cells of window row j (j < NR, in scan order).
+template <int NR, typename T, typename Chunk>
+void for_tiles_w2(const T* in, const PoolGeometry& g, int64_t planes, const Chunk& chunk) {
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2];
   int64_t off[NR];
@@ -1065,73 +1069,83 @@ void max_tiles_w2(const T* in, T* out, pos_t* pos, const PoolGeometry& g, int64_
   }
   const int64_t sd = g.stride[0], sh = g.stride[1];
   at::parallel_for(0, planes * OD * OH, grain_for(OW * 2 * NR), [&](int64_t begin, int64_t end) {
+    // Locals, as in for_fused_chunks: the stores may alias what the closures reference.
     const int64_t ow_n = OW, iw_n = IW, ih_n = IH, id_n = ID, sd_n = sd, sh_n = sh;
     int64_t o[NR];
     for (int j = 0; j < NR; ++j) o[j] = off[j];
     const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
     const bool long_rows = iw_n >= 64;
-    // The chunk at input column x0 of window rows row0 + o[j]: its maxima and positions.
-    auto chunk = [&](const T* row0, int64_t x0, __m256& m, __m256& b) {
-      __m256 nan = _mm256_setzero_ps();
-      __m256 rm[NR], rb[NR];
-      for (int j = 0; j < NR; ++j) {
-        // As in for_fused_chunks (NOTES §29, §32), but the 2-byte types' windows of 4 rows (3d)
-        // 8 KiB ahead, which takes 40 % off bfloat16 pool3d where float32 is best at 4 (§63).
-        if (NR >= 4) {
-          prefetch_ahead<sizeof(T) == 2 ? 8192 : 4096, 1>(row0 + o[j] + x0);
-        } else if (long_rows && NR >= 2) {
-          prefetch_ahead<4096, 2>(row0 + o[j] + x0);
-        }
-        __m256 c[2];
-        for_window_row<2, 2, false>(row0 + o[j], x0, iw_n, 2, ninf,
-                                    [&](int64_t kw, __m256 v) { c[kw] = v; });
-        rm[j] = _mm256_max_ps(c[1], c[0]);
-        nan = _mm256_or_ps(nan, _mm256_cmp_ps(c[0], c[1], _CMP_UNORD_Q));
-        if (kPos) {
-          rb[j] = _mm256_blendv_ps(_mm256_castsi256_ps(_mm256_set1_epi32(2 * j)),
-                                   _mm256_castsi256_ps(_mm256_set1_epi32(2 * j + 1)),
-                                   _mm256_cmp_ps(c[1], c[0], _CMP_GT_OQ));
-        }
-      }
-      // Row j2 after row j: a later row wins only if greater.
-      auto fold = [&](int j, int j2) {
-        if (kPos) {
-          rb[j] = _mm256_blendv_ps(rb[j], rb[j2], _mm256_cmp_ps(rm[j2], rm[j], _CMP_GT_OQ));
-        }
-        rm[j] = _mm256_max_ps(rm[j2], rm[j]);
-      };
-      if constexpr (NR == 2) fold(0, 1);
-      if constexpr (NR == 4) {
-        fold(0, 1);
-        fold(2, 3);
-        fold(0, 2);
-      }
-      m = rm[0];
-      if (kPos) b = rb[0];
-      if (__builtin_expect(_mm256_movemask_ps(nan) != 0, 0)) {
-        m = ninf;
-        b = _mm256_setzero_ps();
-        for (int j = 0; j < NR; ++j) {
-          for_window_row<2, 2, false>(row0 + o[j], x0, iw_n, 2, ninf, [&](int64_t kw, __m256 v) {
-            const __m256 t = take_mask(v, m);
-            m = _mm256_blendv_ps(m, v, t);
-            const __m256i k = _mm256_set1_epi32(static_cast<int32_t>(2 * j + kw));
-            b = _mm256_blendv_ps(b, _mm256_castsi256_ps(k), t);
-          });
-        }
-      }
-    };
+    const Chunk ch = chunk;
     RowCounter it(begin, OD, OH);
     for (int64_t r = begin; r < end; ++r, it.next()) {
       const T* row0 = in + ((it.a * id_n + it.b * sd_n) * ih_n + it.c * sh_n) * iw_n;
       for (int64_t i = 0; i < ow_n; i += 8) {
-        const int64_t ow0 = std::min(i, ow_n - 8);
-        __m256 m, b = _mm256_setzero_ps();
-        chunk(row0, 2 * ow0, m, b);
-        store8<true>(out + r * ow_n + ow0, natural<2, T>(m), 8);
-        if (kPos) store_pos8(pos + r * ow_n + ow0, _mm256_castps_si256(natural<2, T>(b)), 8);
+        const int64_t ow0 = std::min(i, ow_n - 8), x0 = 2 * ow0;
+        auto cells = [&](int j, __m256* c) {
+          // As in for_fused_chunks (NOTES §29, §32), but the 2-byte types' windows of 4 rows
+          // (3d) 8 KiB ahead, which takes 40 % off bfloat16 pool3d where float32 is best at 4
+          // (§63).
+          if (NR >= 4) {
+            prefetch_ahead<sizeof(T) == 2 ? 8192 : 4096, 1>(row0 + o[j] + x0);
+          } else if (long_rows && NR >= 2) {
+            prefetch_ahead<4096, 2>(row0 + o[j] + x0);
+          }
+          for_window_row<2, 2, false>(row0 + o[j], x0, iw_n, 2, ninf,
+                                      [&](int64_t kw, __m256 v) { c[kw] = v; });
+        };
+        ch(r * ow_n + ow0, cells);
       }
     }
+  });
+}
+
+template <int NR, bool kPos, typename pos_t, typename T>
+void max_tiles_w2(const T* in, T* out, pos_t* pos, const PoolGeometry& g, int64_t planes) {
+  for_tiles_w2<NR>(in, g, planes, [=](int64_t o, auto&& cells) {
+    const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    __m256 nan = _mm256_setzero_ps();
+    __m256 rm[NR], rb[NR];
+    for (int j = 0; j < NR; ++j) {
+      __m256 c[2];
+      cells(j, c);
+      rm[j] = _mm256_max_ps(c[1], c[0]);
+      nan = _mm256_or_ps(nan, _mm256_cmp_ps(c[0], c[1], _CMP_UNORD_Q));
+      if (kPos) {
+        rb[j] = _mm256_blendv_ps(_mm256_castsi256_ps(_mm256_set1_epi32(2 * j)),
+                                 _mm256_castsi256_ps(_mm256_set1_epi32(2 * j + 1)),
+                                 _mm256_cmp_ps(c[1], c[0], _CMP_GT_OQ));
+      }
+    }
+    // Row j2 after row j: a later row wins only if greater.
+    auto fold = [&](int j, int j2) {
+      if (kPos) {
+        rb[j] = _mm256_blendv_ps(rb[j], rb[j2], _mm256_cmp_ps(rm[j2], rm[j], _CMP_GT_OQ));
+      }
+      rm[j] = _mm256_max_ps(rm[j2], rm[j]);
+    };
+    if constexpr (NR == 2) fold(0, 1);
+    if constexpr (NR == 4) {
+      fold(0, 1);
+      fold(2, 3);
+      fold(0, 2);
+    }
+    __m256 m = rm[0], b = kPos ? rb[0] : _mm256_setzero_ps();
+    if (__builtin_expect(_mm256_movemask_ps(nan) != 0, 0)) {
+      m = ninf;
+      b = _mm256_setzero_ps();
+      for (int j = 0; j < NR; ++j) {
+        __m256 c[2];
+        cells(j, c);
+        for (int kw = 0; kw < 2; ++kw) {
+          const __m256 t = take_mask(c[kw], m);
+          m = _mm256_blendv_ps(m, c[kw], t);
+          const __m256i k = _mm256_set1_epi32(2 * j + kw);
+          b = _mm256_blendv_ps(b, _mm256_castsi256_ps(k), t);
+        }
+      }
+    }
+    store8<true>(out + o, natural<2, T>(m), 8);
+    if (kPos) store_pos8(pos + o, _mm256_castps_si256(natural<2, T>(b)), 8);
   });
 }
 
@@ -2131,6 +2145,34 @@ void avg_rows_fused(const T* in, T* out, const PoolGeometry& g, int64_t planes,
   });
 }
 
+// Every window lies inside the input, so every divisor is the window's size (or the override). A
+// power of two divides as a multiply by its reciprocal, which gives the same result (both exact
+// before the one rounding) without the divide's latency.
+template <int NR, typename T>
+void avg_tiles_w2(const T* in, T* out, const PoolGeometry& g, int64_t planes,
+                  int64_t divisor_override) {
+  const int64_t d = divisor_override != 0 ? divisor_override : 2 * NR;
+  auto walk = [&](auto kPow2) {
+    const __m256 divisor = _mm256_set1_ps(static_cast<float>(d));
+    const __m256 recip = _mm256_set1_ps(1.f / static_cast<float>(d));
+    for_tiles_w2<NR>(in, g, planes, [=](int64_t o, auto&& cells) {
+      __m256 sum = _mm256_setzero_ps();
+      for (int j = 0; j < NR; ++j) {
+        __m256 c[2];
+        cells(j, c);
+        sum = _mm256_add_ps(_mm256_add_ps(sum, c[0]), c[1]);
+      }
+      sum = natural<2, T>(sum);
+      store8(out + o, kPow2 ? _mm256_mul_ps(sum, recip) : _mm256_div_ps(sum, divisor), 8);
+    });
+  };
+  if (d > 0 && (d & (d - 1)) == 0 && d <= (int64_t{1} << 24)) {
+    walk(std::true_type{});
+  } else {
+    walk(std::false_type{});
+  }
+}
+
 // A row's last IW % 8 cells: their lanes, and for the half types where they sit among the
 // row's last 8 cells (rows of 8 or more load those whole and move them down in registers).
 struct RowTail {
@@ -2452,6 +2494,13 @@ void avg_fwd_planar(const scalar_t* in, scalar_t* out, const PoolGeometry& g, in
                     bool count_include_pad, int64_t divisor_override) {
 #if defined(TORCHPOOL_AVX2)
   if constexpr (kFusedType<scalar_t>) {
+    if (tiles_w2_ok(g)) {
+      const int64_t nr = g.kernel[0] * g.kernel[1];
+      if (nr == 1) avg_tiles_w2<1>(in, out, g, planes, divisor_override);
+      if (nr == 2) avg_tiles_w2<2>(in, out, g, planes, divisor_override);
+      if (nr == 4) avg_tiles_w2<4>(in, out, g, planes, divisor_override);
+      return;
+    }
     if (fused_rows_ok(g)) {
       with_fused_shape(g, [&](auto S, auto KW, auto NR) {
         if (S.value == 1 && KW.value > 0 && rolling_avg_ok(g)) {
