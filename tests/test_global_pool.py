@@ -222,13 +222,23 @@ def test_inference_mode(device, rng, nd):
     assert_close(out_avg, ref_avg(x, nd, True))
 
 
-@pytest.mark.parametrize("cells", [(1, 1), (1, 3), (2, 4), (4, 4), (7, 7), (5, 10), (15, 17), (16, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "cells", [(1, 1), (1, 3), (2, 4), (1, 8), (3, 3), (4, 4), (7, 7), (5, 10), (15, 17), (16, 16)]
+)
 @pytest.mark.parametrize("planes", [8, 15, 43])
-def test_avg_of_many_short_planes(device, rng, cells, planes):
-    """Planes of 1–256 cells reduced eight at a time (whole groups and a remainder), against the
-    float64 mean; values far from zero so that a dropped or doubled cell shows."""
-    x = (torch.rand((planes,) + cells, generator=rng) + 1.0).reshape(1, planes, *cells).to(device)
+def test_avg_of_many_short_planes(device, rng, cells, planes, dtype):
+    """Planes of 1–256 cells reduced eight at a time (whole groups and a remainder; the half
+    types from 8 cells on, their last partial vector loaded as the plane's last 8 cells with the
+    lanes already summed zeroed), against the float64 mean; values far from zero so that a
+    dropped or doubled cell shows (one cell is 2 % of a 49-cell mean, more than the one rounding
+    of a half-type result allows)."""
+    x = (torch.rand((planes,) + cells, generator=rng) + 1.0).reshape(1, planes, *cells).to(device, dtype)
     out = tpf.global_avg_pool2d(x)
-    ref = x.double().mean(dim=(2, 3)).float()
-    assert_close(out, ref, torch.float32)
+    ref = x.double().mean(dim=(2, 3))
+    if dtype == torch.float32:
+        assert_close(out, ref.float(), torch.float32)
+    else:  # the float sum divided and rounded once: within one unit in the last place
+        ulp = 2.0 ** (-7 if dtype == torch.bfloat16 else -10)
+        assert bool(((out.double() - ref).abs() <= ulp * ref.abs()).all())
     assert float(out.min()) > 1.0

@@ -2930,19 +2930,28 @@ void avg_bwd_cl(const scalar_t* gout, scalar_t* gin, const PoolGeometry& g, int6
 // per n, P rows of C values.
 
 #if defined(TORCHPOOL_AVX2)
-// The sums of 8 consecutive planes of n < 2^31 floats each (src: the first plane), as one
-// vector: each plane's cells summed in one vector accumulator (the last partial vector masked),
-// then the 8 accumulators reduced together by a transpose of pairwise adds. For short planes,
-// where one plane at a time spends more on its horizontal sum and tail than on its loads.
-inline __m256 sum_planes8(const float* __restrict src, int64_t n) {
-  const int64_t full = n / 8 * 8;
-  const __m256i tail = lanes_inside(0, n - full);
+// The sums of 8 consecutive planes of n < 2^31 elements each (src: the first plane), as one
+// float vector: each plane's cells summed in one vector accumulator, then the 8 accumulators
+// reduced together by a transpose of pairwise adds. For short planes, where one plane at a time
+// spends more on its horizontal sum and tail than on its loads. A plane's last n % 8 cells: float
+// by a masked load; the half types (n >= 8) by a load of the plane's last 8 cells with the lanes
+// summed already zeroed.
+template <typename T>
+inline __m256 sum_planes8(const T* __restrict src, int64_t n) {
+  const int64_t full = n / 8 * 8, rem = n - full;
+  const __m256i tail = std::is_same_v<T, float> ? lanes_inside(0, rem) : lanes_inside(rem - 8, rem);
   __m256 a[8];
   for (int p = 0; p < 8; ++p) {
-    const float* s = src + p * n;
-    __m256 acc = full > 0 ? _mm256_loadu_ps(s) : _mm256_setzero_ps();
-    for (int64_t i = 8; i < full; i += 8) acc = _mm256_add_ps(acc, _mm256_loadu_ps(s + i));
-    if (full < n) acc = _mm256_add_ps(acc, _mm256_maskload_ps(s + full, tail));
+    const T* s = src + p * n;
+    __m256 acc = full > 0 ? loadf(s) : _mm256_setzero_ps();
+    for (int64_t i = 8; i < full; i += 8) acc = _mm256_add_ps(acc, loadf(s + i));
+    if (rem > 0) {
+      if constexpr (std::is_same_v<T, float>) {
+        acc = _mm256_add_ps(acc, _mm256_maskload_ps(s + full, tail));
+      } else {
+        acc = _mm256_add_ps(acc, _mm256_and_ps(loadf(s + n - 8), _mm256_castsi256_ps(tail)));
+      }
+    }
     a[p] = acc;
   }
   const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
@@ -3041,19 +3050,22 @@ template <typename scalar_t>
 void global_avg_planar(const scalar_t* in, scalar_t* out, int64_t planes, int64_t P) {
   using acc_t = acc_type<scalar_t>;
 #if defined(TORCHPOOL_AVX2)
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    if (P < 256) {  // short planes: eight at a time (sum_planes8)
+  if constexpr (kFusedType<scalar_t>) {
+    // Short planes: eight at a time (sum_planes8); the half types' tails need planes of 8 or more.
+    if (P < 256 && (std::is_same_v<scalar_t, float> || P >= 8)) {
       const __m256 count = _mm256_set1_ps(static_cast<float>(P));
       at::parallel_for(0, (planes + 7) / 8, grain_for(8 * P), [&](int64_t begin, int64_t end) {
-        const float* src = in;
-        float* dst = out;
+        const scalar_t* src = in;
+        scalar_t* dst = out;
         const int64_t n = P, all = planes;
         for (int64_t b = begin; b < end; ++b) {
           const int64_t pl = 8 * b;
           if (pl + 8 <= all) {
-            _mm256_storeu_ps(dst + pl, _mm256_div_ps(sum_planes8(src + pl * n, n), count));
+            storef(dst + pl, _mm256_div_ps(sum_planes8(src + pl * n, n), count));
           } else {
-            for (int64_t q = pl; q < all; ++q) dst[q] = reduce_sum(src + q * n, n) / static_cast<float>(n);
+            for (int64_t q = pl; q < all; ++q) {
+              dst[q] = static_cast<scalar_t>(reduce_sum(src + q * n, n) / static_cast<float>(n));
+            }
           }
         }
       });
