@@ -2,6 +2,7 @@
 unbatched, empty batches, layouts, NaN, ties (gradient to the first maximum), gradcheck."""
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -242,3 +243,30 @@ def test_avg_of_many_short_planes(device, rng, cells, planes, dtype):
         ulp = 2.0 ** (-7 if dtype == torch.bfloat16 else -10)
         assert bool(((out.double() - ref).abs() <= ulp * ref.abs()).all())
     assert float(out.min()) > 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cells", [(1, 7), (1, 8), (3, 3), (7, 7), (14, 14), (15, 17), (16, 16), (20, 15)])
+@pytest.mark.parametrize("planes", [8, 15, 43])
+def test_max_of_many_short_planes(device, rng, cells, planes, dtype):
+    """Global max (inference) of planes of 7–300 cells, 8 to 255 eight at a time (whole groups and
+    a remainder; a plane's last partial vector is its last 8 cells), against torch's
+    adaptive_max_pool2d bit for bit: NaNs in some planes, and in others a zero maximum that appears
+    as -0 before +0 (torch keeps the first of equal values, so the result is -0)."""
+    n = cells[0] * cells[1]
+    x = -(torch.rand((1, planes, n), generator=rng) + 0.5)
+    for p in range(0, planes, 3):  # -0 first, +0 later (16 cells apart when the plane allows)
+        x[0, p, 1] = -0.0
+        x[0, p, min(17, n - 1)] = 0.0
+    for p in range(1, planes, 5):
+        x[0, p, int(torch.randint(0, n, (1,), generator=rng))] = float("nan")
+    x = x.reshape(1, planes, *cells).to(device, dtype)
+    with torch.no_grad():
+        out = tpf.global_max_pool2d(x)
+        ref = F.adaptive_max_pool2d(x.float(), 1).reshape(1, planes).to(dtype)
+    nan = torch.isnan(ref)
+    assert bool(nan.any()) and bool(torch.signbit(ref[ref == 0]).all())
+    assert torch.equal(torch.isnan(out), nan)
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    assert torch.equal(out[~nan].view(bits), ref[~nan].view(bits))
+

@@ -327,6 +327,7 @@ inline float reduce_sum(const T* __restrict src, int64_t n) {
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {
+    prefetch_ahead<2048, 2>(src + i);
     a0 = _mm256_add_ps(a0, loadf(src + i));
     a1 = _mm256_add_ps(a1, loadf(src + i + 8));
     a2 = _mm256_add_ps(a2, loadf(src + i + 16));
@@ -345,6 +346,7 @@ inline float reduce_max(const T* __restrict src, int64_t n) {
   __m256 m0 = ninf, m1 = ninf, nan = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
+    prefetch_ahead<2048, 1>(src + i);
     const __m256 v0 = loadf(src + i), v1 = loadf(src + i + 8);
     m0 = _mm256_max_ps(m0, v0);
     m1 = _mm256_max_ps(m1, v1);
@@ -2942,7 +2944,10 @@ inline __m256 sum_planes8(const T* __restrict src, int64_t n) {
   for (int p = 0; p < 8; ++p) {
     const T* s = src + p * n;
     __m256 acc = full > 0 ? loadf(s) : _mm256_setzero_ps();
-    for (int64_t i = 8; i < full; i += 8) acc = _mm256_add_ps(acc, loadf(s + i));
+    for (int64_t i = 8; i < full; i += 8) {
+      prefetch_ahead<2048, 1>(s + i);
+      acc = _mm256_add_ps(acc, loadf(s + i));
+    }
     if (rem > 0) {
       if constexpr (std::is_same_v<T, float>) {
         acc = _mm256_add_ps(acc, _mm256_maskload_ps(s + full, tail));
@@ -2957,6 +2962,55 @@ inline __m256 sum_planes8(const T* __restrict src, int64_t n) {
   return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20),
                        _mm256_permute2f128_ps(s0123, s4567, 0x31));
 }
+
+// The maxima of 8 consecutive planes of n >= 8 cells each, as sum_planes8 (a plane's last partial
+// vector is its last 8 cells: cells seen twice do not change a maximum), NaN where a plane holds
+// one. Which of +0 and -0 comes out of a tie is not torch's rule: callers redo zero results.
+template <typename T>
+inline __m256 max_planes8(const T* __restrict src, int64_t n) {
+  const int64_t full = n / 8 * 8;
+  __m256 m[8], nan[8];
+  for (int p = 0; p < 8; ++p) {
+    const T* s = src + p * n;
+    __m256 a = loadf(s), u = _mm256_cmp_ps(a, a, _CMP_UNORD_Q);
+    auto add = [&](__m256 v) {
+      a = _mm256_max_ps(v, a);
+      u = _mm256_or_ps(u, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    };
+    for (int64_t i = 8; i < full; i += 8) {
+      prefetch_ahead<2048, 1>(s + i);
+      add(loadf(s + i));
+    }
+    if (full < n) add(loadf(s + n - 8));
+    m[p] = a;
+    nan[p] = u;
+  }
+  // Pairs reduced as _mm256_hadd_ps does, with max (and or for the NaN masks).
+  auto pairs = [](auto op, __m256 a, __m256 b) {
+    return op(_mm256_shuffle_ps(a, b, 0x88), _mm256_shuffle_ps(a, b, 0xDD));
+  };
+  auto fold8 = [&](auto op, const __m256* v) {
+    const __m256 lo = pairs(op, pairs(op, v[0], v[1]), pairs(op, v[2], v[3]));
+    const __m256 hi = pairs(op, pairs(op, v[4], v[5]), pairs(op, v[6], v[7]));
+    return op(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
+  };
+  const __m256 mx = fold8([](__m256 a, __m256 b) { return _mm256_max_ps(a, b); }, m);
+  const __m256 un = fold8([](__m256 a, __m256 b) { return _mm256_or_ps(a, b); }, nan);
+  return _mm256_blendv_ps(mx, _mm256_set1_ps(std::numeric_limits<float>::quiet_NaN()), un);
+}
+
+// A plane's maximum with torch's rule for +0 and -0 (the first of equal values): reduce_max's
+// lanes do not keep it, so a zero maximum (rare) is found again by reduce_argmax.
+template <typename T>
+inline T plane_max(const T* __restrict src, int64_t n) {
+  const float m = reduce_max(src, n);
+  if (m == 0.f && n < (int64_t{1} << 31)) {
+    T v;
+    reduce_argmax(src, n, &v);
+    return v;
+  }
+  return static_cast<T>(m);  // an input value: exact
+}
 #endif
 
 constexpr int64_t kLanes = 16;  // independent partial results: vectorizable, and more accurate
@@ -2965,6 +3019,32 @@ template <typename scalar_t, bool kPos>
 void global_max_planar(const scalar_t* in, scalar_t* out, int64_t* pos, int64_t planes,
                        int64_t P) {
   using acc_t = acc_type<scalar_t>;
+#if defined(TORCHPOOL_AVX2)
+  if constexpr (!kPos && kFusedType<scalar_t>) {
+    if (P >= 8 && P < 256) {  // short planes: eight at a time (max_planes8)
+      at::parallel_for(0, (planes + 7) / 8, grain_for(8 * P), [&](int64_t begin, int64_t end) {
+        const scalar_t* src = in;
+        scalar_t* dst = out;
+        const int64_t n = P, all = planes;
+        for (int64_t b = begin; b < end; ++b) {
+          const int64_t pl = 8 * b;
+          if (pl + 8 <= all) {
+            const __m256 m = max_planes8(src + pl * n, n);
+            storef<true>(dst + pl, m);
+            int zeros = _mm256_movemask_ps(_mm256_cmp_ps(m, _mm256_setzero_ps(), _CMP_EQ_OQ));
+            for (; zeros != 0; zeros &= zeros - 1) {
+              const int64_t q = pl + __builtin_ctz(zeros);
+              dst[q] = plane_max(src + q * n, n);
+            }
+          } else {
+            for (int64_t q = pl; q < all; ++q) dst[q] = plane_max(src + q * n, n);
+          }
+        }
+      });
+      return;
+    }
+  }
+#endif
   at::parallel_for(0, planes, grain_for(P), [&](int64_t begin, int64_t end) {
     acc_t lane[kLanes], tmp[kLanes];
     int32_t lane_best[kLanes];
@@ -2977,7 +3057,7 @@ void global_max_planar(const scalar_t* in, scalar_t* out, int64_t* pos, int64_t 
           continue;
         }
         if (!kPos) {
-          out[pl] = static_cast<scalar_t>(reduce_max(src, P));  // an input value: exact
+          out[pl] = plane_max(src, P);
           continue;
         }
       }
