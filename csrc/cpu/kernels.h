@@ -2999,6 +2999,27 @@ inline __m256 max_planes8(const T* __restrict src, int64_t n) {
   return _mm256_blendv_ps(mx, _mm256_set1_ps(std::numeric_limits<float>::quiet_NaN()), un);
 }
 
+// Short planes of the global pools, eight at a time: group(pl) for every whole group of 8 planes
+// from pl, one(q) for each plane of a last partial group.
+template <typename Group, typename One>
+void for_plane_groups8(int64_t planes, int64_t P, const Group& group, const One& one) {
+  at::parallel_for(0, (planes + 7) / 8, grain_for(8 * P), [&](int64_t begin, int64_t end) {
+    // Local copies of the closures: the vector stores may alias anything, so captures read
+    // through a reference would be reloaded after every store.
+    const Group grp = group;
+    const One single = one;
+    const int64_t all = planes;
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t pl = 8 * b;
+      if (pl + 8 <= all) {
+        grp(pl);
+      } else {
+        for (int64_t q = pl; q < all; ++q) single(q);
+      }
+    }
+  });
+}
+
 // A plane's maximum with torch's rule for +0 and -0 (the first of equal values): reduce_max's
 // lanes do not keep it, so a zero maximum (rare) is found again by reduce_argmax.
 template <typename T>
@@ -3022,25 +3043,18 @@ void global_max_planar(const scalar_t* in, scalar_t* out, int64_t* pos, int64_t 
 #if defined(TORCHPOOL_AVX2)
   if constexpr (!kPos && kFusedType<scalar_t>) {
     if (P >= 8 && P < 256) {  // short planes: eight at a time (max_planes8)
-      at::parallel_for(0, (planes + 7) / 8, grain_for(8 * P), [&](int64_t begin, int64_t end) {
-        const scalar_t* src = in;
-        scalar_t* dst = out;
-        const int64_t n = P, all = planes;
-        for (int64_t b = begin; b < end; ++b) {
-          const int64_t pl = 8 * b;
-          if (pl + 8 <= all) {
-            const __m256 m = max_planes8(src + pl * n, n);
-            storef<true>(dst + pl, m);
+      for_plane_groups8(
+          planes, P,
+          [=](int64_t pl) {
+            const __m256 m = max_planes8(in + pl * P, P);
+            storef<true>(out + pl, m);
             int zeros = _mm256_movemask_ps(_mm256_cmp_ps(m, _mm256_setzero_ps(), _CMP_EQ_OQ));
             for (; zeros != 0; zeros &= zeros - 1) {
               const int64_t q = pl + __builtin_ctz(zeros);
-              dst[q] = plane_max(src + q * n, n);
+              out[q] = plane_max(in + q * P, P);
             }
-          } else {
-            for (int64_t q = pl; q < all; ++q) dst[q] = plane_max(src + q * n, n);
-          }
-        }
-      });
+          },
+          [=](int64_t q) { out[q] = plane_max(in + q * P, P); });
       return;
     }
   }
@@ -3132,21 +3146,12 @@ void global_avg_planar(const scalar_t* in, scalar_t* out, int64_t planes, int64_
     // Short planes: eight at a time (sum_planes8); the half types' tails need planes of 8 or more.
     if (P < 256 && (std::is_same_v<scalar_t, float> || P >= 8)) {
       const __m256 count = _mm256_set1_ps(static_cast<float>(P));
-      at::parallel_for(0, (planes + 7) / 8, grain_for(8 * P), [&](int64_t begin, int64_t end) {
-        const scalar_t* src = in;
-        scalar_t* dst = out;
-        const int64_t n = P, all = planes;
-        for (int64_t b = begin; b < end; ++b) {
-          const int64_t pl = 8 * b;
-          if (pl + 8 <= all) {
-            storef(dst + pl, _mm256_div_ps(sum_planes8(src + pl * n, n), count));
-          } else {
-            for (int64_t q = pl; q < all; ++q) {
-              dst[q] = static_cast<scalar_t>(reduce_sum(src + q * n, n) / static_cast<float>(n));
-            }
-          }
-        }
-      });
+      for_plane_groups8(
+          planes, P,
+          [=](int64_t pl) { storef(out + pl, _mm256_div_ps(sum_planes8(in + pl * P, P), count)); },
+          [=](int64_t q) {
+            out[q] = static_cast<scalar_t>(reduce_sum(in + q * P, P) / static_cast<float>(P));
+          });
       return;
     }
   }
