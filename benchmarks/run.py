@@ -9,7 +9,8 @@ Method (DESIGN §5):
   first eager equivalent, run in float64 on the same values); a case that fails is not timed for
   torchpool. torch.compile that fails to compile reads n/a.
 * every contender runs on the same random inputs (never zeros), rotating through enough input
-  buffers that together they are 3x the last-level cache (L3 / GPU L2); warm-up, then rounds in
+  buffers that together they are 3x the last-level cache (L3 / GPU L2), one cursor for all
+  contenders so that no sample reads buffers another has just read; warm-up, then rounds in
   which each contender takes one sample in turn (so drift on a busy machine hits all of them
   alike); a sample is as many calls as make it >= --min-sample seconds; median, p25/p75 and
   min/max over samples. CUDA samples are timed with events. Backward is timed on a fresh graph
@@ -242,25 +243,30 @@ def measure(calls, nbuf, device, cfg):
         return {}
     est, wall = {}, {}
     warm = max(1, cfg["warmup"])
+    # One cursor for all contenders: each sample starts on the buffer after the last one any
+    # contender used, so none reads buffers another has just pulled into the cache (on a machine
+    # whose last-level cache holds a few inputs, a per-contender cursor let every contender after
+    # the first in a round read from the cache).
+    cursor = 0
     for lab in labels:
         _sync(device)
         t0 = time.perf_counter()
-        est[lab] = max(_sample(calls[lab], 0, warm, nbuf, device) / warm, 1e-7)
+        est[lab] = max(_sample(calls[lab], cursor, warm, nbuf, device) / warm, 1e-7)
         _sync(device)
         wall[lab] = (time.perf_counter() - t0) / warm  # prep included: for the time budget
+        cursor = (cursor + warm) % nbuf
     inner = {lab: max(1, math.ceil(cfg["min_sample_s"] / est[lab])) for lab in labels}
     round_s = sum(inner[lab] * wall[lab] for lab in labels)
     rounds = max(cfg["min_repeat"], min(cfg["repeat"], int(cfg["budget_s"] / round_s)))
     samples = {lab: [] for lab in labels}
-    cursor = {lab: warm % nbuf for lab in labels}
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
         for r in range(rounds):
             for lab in labels[r % len(labels):] + labels[:r % len(labels)]:
                 n = inner[lab]
-                samples[lab].append(_sample(calls[lab], cursor[lab], n, nbuf, device) / n)
-                cursor[lab] = (cursor[lab] + n) % nbuf
+                samples[lab].append(_sample(calls[lab], cursor, n, nbuf, device) / n)
+                cursor = (cursor + n) % nbuf
     finally:
         if gc_was_enabled:
             gc.enable()
