@@ -38,6 +38,101 @@ inline int64_t grain_for(int64_t work) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Writing a large result: ordinary stores read every cache line before writing it (read for
+// ownership), so a stream of them costs twice its bytes in memory traffic; non-temporal stores
+// write whole lines without that read and without keeping them in the cache. The window
+// backwards write gradients of kStreamBytes or more into a staging buffer in L1 or L2, then
+// stream it out. Smaller ones are written as before: below 32 MiB glibc's allocator hands back
+// recently freed memory, often still in the cache, where streaming was slower (NOTES §68).
+constexpr int64_t kStreamBytes = int64_t{32} << 20;
+
+// Float results only: the half types' backwards are bound by their instructions, and there the
+// staging copy cost more than the streaming saved (NOTES §68).
+template <typename T>
+inline bool streams(int64_t elems) {
+  return std::is_same_v<T, float> && elems * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
+}
+
+// dst[0, n) = src[0, n): the whole 64-byte lines of dst by non-temporal stores (AVX2 build), the
+// partial lines at either end by memcpy. Call stream_fence() before the task's results are used.
+template <typename T>
+inline void stream_copy(T* dst, const T* src, int64_t n) {
+  char* d = reinterpret_cast<char*>(dst);
+  const char* s = reinterpret_cast<const char*>(src);
+  int64_t bytes = n * static_cast<int64_t>(sizeof(T));
+#if defined(TORCHPOOL_AVX2)
+  const int64_t head = std::min<int64_t>(bytes, (64 - reinterpret_cast<uintptr_t>(d) % 64) % 64);
+  std::memcpy(d, s, head);
+  d += head, s += head, bytes -= head;
+  for (; bytes >= 64; bytes -= 64, d += 64, s += 64) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(d),
+                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s)));
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(d + 32),
+                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + 32)));
+  }
+#endif
+  std::memcpy(d, s, bytes);
+}
+
+// Orders the non-temporal stores before what follows (they are weakly ordered).
+inline void stream_fence() {
+#if defined(TORCHPOOL_AVX2)
+  _mm_sfence();
+#endif
+}
+
+// Staging capacity for whole planes of n cells: 0 (not staged) above 512 KiB, else as many whole
+// planes as fill 32 KiB, at least one.
+template <typename T>
+inline int64_t staged_planes(int64_t n) {
+  const int64_t bytes = n * static_cast<int64_t>(sizeof(T));
+  return bytes > (512 << 10) ? 0 : n * std::max<int64_t>(1, (32 << 10) / bytes);
+}
+
+// Consecutive runs of a result, staged and streamed out: at(dst, n) gives where to write the n
+// cells meant for dst (the staging buffer when streaming, else dst itself); runs follow each other
+// in memory until flush() (or a run that does not follow, or a full buffer) writes the staged ones
+// out; the destructor flushes and fences.
+template <typename T>
+class StagedRuns {
+ public:
+  // cap: the most cells staged at once (by default 32 KiB of them).
+  explicit StagedRuns(bool on, int64_t cap = 32 * 1024 / sizeof(T)) : on_(on), cap_(cap) {}
+  ~StagedRuns() {
+    flush();
+    if (streamed_) stream_fence();
+  }
+
+  T* at(T* dst, int64_t n) {
+    if (!on_ || n > cap_) {
+      flush();
+      return dst;
+    }
+    if (used_ > 0 && (dst != dst_ + used_ || used_ + n > cap_)) flush();
+    if (!buf_) buf_.reset(new T[cap_]);
+    if (used_ == 0) dst_ = dst;
+    T* p = buf_.get() + used_;
+    used_ += n;
+    return p;
+  }
+
+  void flush() {
+    if (used_ > 0) {
+      stream_copy(dst_, buf_.get(), used_);
+      used_ = 0;
+      streamed_ = true;
+    }
+  }
+
+ private:
+  bool on_, streamed_ = false;
+  int64_t cap_;
+  std::unique_ptr<T[]> buf_;
+  T* dst_ = nullptr;
+  int64_t used_ = 0;
+};
+
+// ---------------------------------------------------------------------------------------------
 // Unit-stride passes over L1-resident rows. Written so the compiler vectorizes them (no aliasing,
 // no early exits). `take` is torch's max update rule: a larger value or a NaN replaces the current
 // one, so NaN propagates and among equal maxima the first stays.
@@ -1339,9 +1434,11 @@ void max_bwd_cl_fused(const T* gout, const uint8_t* pos, T* gin, const PoolGeome
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2], KH = g.kernel[1], KW = g.kernel[2];
   const DimTable td(g, 0, true), th(g, 1, true), tw(g, 2, true);
+  const bool stream_rows = streams<T>(N * ID * IH * IW * C);
   at::parallel_for(0, N * ID * IH, grain_for(IW * C), [&](int64_t begin, int64_t end) {
     std::vector<int64_t> row_o, offs;
     std::vector<int32_t> row_k, ks;
+    StagedRuns<T> out(stream_rows);
     RowCounter it(begin, ID, IH);
     for (int64_t r = begin; r < end; ++r, it.next()) {
       const int64_t n = it.a, id = it.b, ih = it.c;
@@ -1354,8 +1451,9 @@ void max_bwd_cl_fused(const T* gout, const uint8_t* pos, T* gin, const PoolGeome
         }
       }
       const int64_t nr = static_cast<int64_t>(row_o.size());
+      T* row = out.at(gin + r * IW * C, IW * C);
       for (int64_t iw = 0; iw < IW; ++iw) {
-        T* dst = gin + (r * IW + iw) * C;
+        T* dst = row + iw * C;
         const int64_t w0 = tw.first[iw], nw = tw.first[iw + 1] - w0;
         // The cell's covering outputs: NR rows times NW columns at compile time (1 or 2 each:
         // every cell of 3 x 3 stride-2 windows), their offsets and window positions in locals,
@@ -1684,6 +1782,7 @@ void max_bwd_fused(const T* gout, const uint8_t* pos, T* gin, const PoolGeometry
       cover_n[i] = nc;
     }
   }
+  const bool stream_rows = streams<T>(planes * ID * IH * IW);
   at::parallel_for(0, planes * ID * IH, grain_for(IW * 2), [&](int64_t begin, int64_t end) {
     // Sizes in locals, and this row's covering output rows copied into local arrays: the vector
     // stores may alias anything, so values read through the closure's references would be
@@ -1694,13 +1793,14 @@ void max_bwd_fused(const T* gout, const uint8_t* pos, T* gin, const PoolGeometry
     std::vector<int32_t> base_v(most);
     int64_t* orow = orow_v.data();
     int32_t* base = base_v.data();
+    StagedRuns<T> out(stream_rows);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t plane = r / rows_n, i = r - plane * rows_n, nc = cover_n[i];
       for (int64_t j = 0; j < nc; ++j) {
         orow[j] = plane * out_plane + cover_o[i * most + j];
         base[j] = cover_k[i * most + j];
       }
-      T* row = gin + r * iw_n;
+      T* row = out.at(gin + r * iw_n, iw_n);
       // One to four covering output rows (3 x 3 stride-2 windows: one or two) at compile time,
       // with their rows' addresses and window positions in locals, where the compiler keeps them
       // in registers; more at run time.
@@ -1858,8 +1958,12 @@ void write_tiles(T* gin, const PoolGeometry& g, int64_t planes, OutputRow&& outp
       std::vector<T*> row_list(kNR > 0 ? 0 : nr);
       T* row_fixed[kNR > 0 ? kNR : 1];
       T** rows = kNR > 0 ? row_fixed : row_list.data();
+      // Large gradients: planes up to 512 KiB staged whole (32 KiB or more at a time) and
+      // streamed out.
+      const int64_t plane_n = ID * IH * IW;
+      StagedRuns<T> out(streams<T>(planes * plane_n), staged_planes<T>(plane_n));
       for (int64_t pl = begin; pl < end; ++pl) {
-        T* plane = gin + pl * ID * IH * IW;
+        T* plane = out.at(gin + pl * plane_n, plane_n);
         // Rows no window covers: past the last window row, and every row of the depth slices
         // past the last window slice.
         for (int64_t id = 0; id < ID; ++id) {
@@ -3225,7 +3329,8 @@ void global_bwd(const scalar_t* gout, const int64_t* pos, scalar_t* gin, int64_t
     // Max: the task's whole range zeroed by one memset, whose string stores write whole cache
     // lines without reading them first (no read for ownership): here about twice the speed of
     // vector stores, and of one memset per short plane (NOTES §47). Then the one gradient per
-    // plane (per channel, channels-last) goes in.
+    // plane (per channel, channels-last) goes in. (Streaming the result out as the window
+    // backwards do was no faster here, NOTES §68.)
     if (kMax) {
       std::memset(static_cast<void*>(gin + begin * run), 0, (end - begin) * run * sizeof(scalar_t));
     }
