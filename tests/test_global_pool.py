@@ -248,11 +248,13 @@ def test_avg_of_many_short_planes(device, rng, cells, planes, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("cells", [(1, 7), (1, 8), (3, 3), (7, 7), (14, 14), (15, 17), (16, 16), (20, 15)])
 @pytest.mark.parametrize("planes", [8, 15, 43])
-def test_max_of_many_short_planes(device, rng, cells, planes, dtype):
-    """Global max (inference) of planes of 7–300 cells, 8 to 255 eight at a time (whole groups and
-    a remainder; a plane's last partial vector is its last 8 cells), against torch's
-    adaptive_max_pool2d bit for bit: NaNs in some planes, and in others a zero maximum that appears
-    as -0 before +0 (torch keeps the first of equal values, so the result is -0)."""
+@pytest.mark.parametrize("train", [False, True], ids=["infer", "train"])
+def test_max_of_many_short_planes(device, rng, cells, planes, dtype, train):
+    """Global max of planes of 7–300 cells, 8 to 255 eight at a time (whole groups and a remainder;
+    a plane's last partial vector is its last 8 cells), against torch's adaptive_max_pool2d bit
+    for bit: NaNs in some planes, and in others a zero maximum that appears as -0 before +0 (torch
+    keeps the first of equal values, so the result is -0). Training: the gradient must reach the
+    cell torch picks (its index), in every plane."""
     n = cells[0] * cells[1]
     x = -(torch.rand((1, planes, n), generator=rng) + 0.5)
     for p in range(0, planes, 3):  # -0 first, +0 later (16 cells apart when the plane allows)
@@ -261,9 +263,18 @@ def test_max_of_many_short_planes(device, rng, cells, planes, dtype):
     for p in range(1, planes, 5):
         x[0, p, int(torch.randint(0, n, (1,), generator=rng))] = float("nan")
     x = x.reshape(1, planes, *cells).to(device, dtype)
+    with torch.set_grad_enabled(train):
+        leaf = x.detach().requires_grad_(train)
+        out = tpf.global_max_pool2d(leaf)
     with torch.no_grad():
-        out = tpf.global_max_pool2d(x)
-        ref = F.adaptive_max_pool2d(x.float(), 1).reshape(1, planes).to(dtype)
+        ref, idx = F.adaptive_max_pool2d(x.float(), 1, return_indices=True)
+        ref = ref.reshape(1, planes).to(dtype)
+    if train:
+        g = torch.rand(out.shape, generator=rng).to(device, dtype) + 1.0
+        out.backward(g)
+        want = torch.zeros((1, planes, n), dtype=dtype, device=device)
+        want.scatter_(2, idx.reshape(1, planes, 1), g.reshape(1, planes, 1))
+        assert torch.equal(leaf.grad.reshape(1, planes, n), want)
     nan = torch.isnan(ref)
     zero = ref == 0
     assert bool(nan.any()) and bool(zero.any()) and bool(torch.signbit(ref[zero]).all())

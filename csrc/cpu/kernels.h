@@ -3124,6 +3124,25 @@ void for_plane_groups8(int64_t planes, int64_t P, const Group& group, const One&
   });
 }
 
+// The cell of a plane of n >= 8 cells that holds its maximum m (a value of the plane, as float):
+// the last NaN when m is NaN, else the first cell equal to m, +0 and -0 alike (reduce_argmax's
+// rule). The plane is in L1 right after max_planes8 read it.
+template <typename T>
+inline int64_t find_max_cell(const T* __restrict src, int64_t n, float m) {
+  if (std::isnan(m)) {
+    int64_t at = n - 1;
+    while (at > 0 && !std::isnan(static_cast<float>(src[at]))) --at;
+    return at;
+  }
+  const __m256 mv = _mm256_set1_ps(m);
+  for (int64_t i = 0;; i += 8) {
+    const int64_t at = std::min(i, n - 8);  // the last vector: the plane's last 8 cells
+    const int hit = _mm256_movemask_ps(_mm256_cmp_ps(loadf(src + at), mv, _CMP_EQ_OQ));
+    if (hit != 0) return at + __builtin_ctz(hit);
+    if (at == n - 8) return 0;  // not reached: m is a value of the plane
+  }
+}
+
 // A plane's maximum with torch's rule for +0 and -0 (the first of equal values): reduce_max's
 // lanes do not keep it, so a zero maximum (rare) is found again by reduce_argmax.
 template <typename T>
@@ -3145,6 +3164,26 @@ void global_max_planar(const scalar_t* in, scalar_t* out, int64_t* pos, int64_t 
                        int64_t P) {
   using acc_t = acc_type<scalar_t>;
 #if defined(TORCHPOOL_AVX2)
+  // Float short planes with positions: the maxima eight at a time, then their cells (the half
+  // types were slower so, their second pass converting every cell again: NOTES §70).
+  if constexpr (kPos && std::is_same_v<scalar_t, float>) {
+    if (P >= 8 && P < 256) {
+      for_plane_groups8(
+          planes, P,
+          [=](int64_t pl) {
+            alignas(32) float m[8];
+            _mm256_store_ps(m, max_planes8(in + pl * P, P));
+            for (int j = 0; j < 8; ++j) {
+              const scalar_t* src = in + (pl + j) * P;
+              const int64_t at = find_max_cell(src, P, m[j]);
+              pos[pl + j] = at;
+              out[pl + j] = src[at];
+            }
+          },
+          [=](int64_t q) { pos[q] = reduce_argmax(in + q * P, P, out + q); });
+      return;
+    }
+  }
   if constexpr (!kPos && kFusedType<scalar_t>) {
     if (P >= 8 && P < 256) {  // short planes: eight at a time (max_planes8)
       for_plane_groups8(
