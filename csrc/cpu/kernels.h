@@ -42,12 +42,13 @@ inline int64_t grain_for(int64_t work) {
 // ownership), so a stream of them costs twice its bytes in memory traffic; non-temporal stores
 // write whole lines without that read and without keeping them in the cache. The window
 // backwards write gradients of kStreamBytes or more into a staging buffer in L1 or L2, then
-// stream it out. Smaller ones are written as before: below 32 MiB glibc's allocator hands back
-// recently freed memory, often still in the cache, where streaming was slower (NOTES §68).
+// stream it out. Smaller ones are written as before: the block they land in (recycled from an
+// earlier output) was then often still in the last-level cache, where streaming was slower
+// (NOTES §69; the threshold is this measurement's, on a VM whose cache holds 64 MiB or more).
 constexpr int64_t kStreamBytes = int64_t{32} << 20;
 
 // Float results only: the half types' backwards are bound by their instructions, and there the
-// staging copy cost more than the streaming saved (NOTES §68).
+// staging copy cost more than the streaming saved (NOTES §69).
 template <typename T>
 inline bool streams(int64_t elems) {
   return std::is_same_v<T, float> && elems * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
@@ -3369,7 +3370,7 @@ void global_bwd(const scalar_t* gout, const int64_t* pos, scalar_t* gin, int64_t
     // lines without reading them first (no read for ownership): here about twice the speed of
     // vector stores, and of one memset per short plane (NOTES §47). Then the one gradient per
     // plane (per channel, channels-last) goes in. (Streaming the result out as the window
-    // backwards do was no faster here, NOTES §68.)
+    // backwards do was no faster here, NOTES §69.)
     if (kMax) {
       std::memset(static_cast<void*>(gin + begin * run), 0, (end - begin) * run * sizeof(scalar_t));
     }
