@@ -45,6 +45,8 @@ inline int64_t grain_for(int64_t work) {
 // stream it out. Smaller ones are written as before: the block they land in (recycled from an
 // earlier output) was then often still in the last-level cache, where streaming was slower
 // (NOTES §69; the threshold is this measurement's, on a VM whose cache holds 64 MiB or more).
+// AVX2 build only, as are the kernels that use it.
+#if defined(TORCHPOOL_AVX2)
 constexpr int64_t kStreamBytes = int64_t{32} << 20;
 
 // Float results only: the half types' backwards are bound by their instructions, and there the
@@ -54,14 +56,13 @@ inline bool streams(int64_t elems) {
   return std::is_same_v<T, float> && elems * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
 }
 
-// dst[0, n) = src[0, n): the whole 64-byte lines of dst by non-temporal stores (AVX2 build), the
-// partial lines at either end by memcpy. Call stream_fence() before the task's results are used.
+// dst[0, n) = src[0, n): the whole 64-byte lines of dst by non-temporal stores, the partial lines
+// at either end by memcpy. Call stream_fence() before the task's results are used.
 template <typename T>
 inline void stream_copy(T* dst, const T* src, int64_t n) {
   char* d = reinterpret_cast<char*>(dst);
   const char* s = reinterpret_cast<const char*>(src);
   int64_t bytes = n * static_cast<int64_t>(sizeof(T));
-#if defined(TORCHPOOL_AVX2)
   const int64_t head = std::min<int64_t>(bytes, (64 - reinterpret_cast<uintptr_t>(d) % 64) % 64);
   std::memcpy(d, s, head);
   d += head, s += head, bytes -= head;
@@ -71,16 +72,11 @@ inline void stream_copy(T* dst, const T* src, int64_t n) {
     _mm256_stream_si256(reinterpret_cast<__m256i*>(d + 32),
                         _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + 32)));
   }
-#endif
   std::memcpy(d, s, bytes);
 }
 
 // Orders the non-temporal stores before what follows (they are weakly ordered).
-inline void stream_fence() {
-#if defined(TORCHPOOL_AVX2)
-  _mm_sfence();
-#endif
-}
+inline void stream_fence() { _mm_sfence(); }
 
 // Staging capacity for whole planes of n cells: 0 (not staged) above 512 KiB, else as many whole
 // planes as fill 32 KiB, at least one.
@@ -132,6 +128,7 @@ class StagedRuns {
   T* dst_ = nullptr;
   int64_t used_ = 0;
 };
+#endif  // TORCHPOOL_AVX2
 
 // ---------------------------------------------------------------------------------------------
 // Unit-stride passes over L1-resident rows. Written so the compiler vectorizes them (no aliasing,
