@@ -282,3 +282,44 @@ def test_max_of_many_short_planes(device, rng, cells, planes, dtype, train):
     bits = torch.int32 if dtype == torch.float32 else torch.int16
     assert torch.equal(out[~nan].view(bits), ref[~nan].view(bits))
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n", [4096, 4100, 6151, 8200])
+@pytest.mark.parametrize("train", [False, True], ids=["infer", "train"])
+def test_max_of_long_planes(device, rng, n, dtype, train):
+    """Global max of planes of 4096 cells or more (searched block by block: each block's maximum,
+    then the first block holding the largest searched for its cell), against torch's
+    adaptive_max_pool1d bit for bit and, in training, the gradient on torch's index. Each plane
+    has its own trap: equal maxima in several blocks (the first wins), a maximum in the last cells
+    (also a last block shorter than 8 cells), -0 in one block and +0 in a later one, two NaNs in
+    different blocks (torch takes the last), a NaN in the last cells only, every cell -inf."""
+    x = -(torch.rand((1, 8, n), generator=rng) + 0.5)
+    x[0, 0, [3000, 100, 5000 % n]] = 2.0  # ties in blocks 1, 0 and 2 (or 1)
+    x[0, 1, n - 1] = 3.0
+    x[0, 2, 2100] = -0.0
+    x[0, 2, n - 5] = 0.0
+    x[0, 3, [10, 3000]] = float("nan")
+    x[0, 4, n - 2] = float("nan")
+    x[0, 5] = float("-inf")
+    x[0, 6, 2047] = 5.0  # the last cell of the first block
+    x[0, 6, 2048] = 5.0
+    x[0, 7, n - 9] = 4.0  # just before a short last block
+    x = x.to(device, dtype)
+    with torch.set_grad_enabled(train):
+        leaf = x.detach().requires_grad_(train)
+        out = tpf.global_max_pool1d(leaf)
+    with torch.no_grad():
+        ref, idx = F.adaptive_max_pool1d(x.float().cpu(), 1, return_indices=True)
+        ref = ref.reshape(1, 8).to(dtype)
+    assert idx.reshape(8)[[0, 2, 3, 6]].tolist() == [100, 2100, 3000, 2047]  # the traps in place
+    nan = torch.isnan(ref)
+    assert torch.equal(torch.isnan(out.cpu()), nan)
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    assert torch.equal(out.cpu()[~nan].view(bits), ref[~nan].view(bits))
+    if train:
+        g = torch.rand(out.shape, generator=rng).to(device, dtype) + 1.0
+        out.backward(g)
+        want = torch.zeros((1, 8, n), dtype=dtype)
+        want.scatter_(2, idx.reshape(1, 8, 1), g.cpu().reshape(1, 8, 1))
+        assert torch.equal(leaf.grad.cpu(), want)
