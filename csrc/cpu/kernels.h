@@ -3154,36 +3154,23 @@ inline T plane_max(const T* __restrict src, int64_t n) {
   return static_cast<T>(m);  // an input value: exact
 }
 
-// reduce_argmax for long planes (n >= 2 kArgmaxBlock): each block's maximum as reduce_max finds
-// it, the first block holding the largest kept, then that block searched for the first cell
-// equal to it. The same rule: the last NaN if there is one, else the first maximum, +0 and -0
-// alike. Per cell it costs what reduce_max does (NOTES §71).
+// reduce_argmax for long planes (n >= 2 kArgmaxBlock): each block's maximum by reduce_max, the
+// first block holding the largest kept, then that block searched for the first cell equal to it.
+// The same rule: the last NaN if there is one, else the first maximum, +0 and -0 alike. Per cell
+// it costs what reduce_max does (NOTES §71).
 constexpr int64_t kArgmaxBlock = 2048;
 
 template <typename T>
 inline int64_t reduce_argmax_blocked(const T* __restrict src, int64_t n, T* value) {
-  const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   float best = -std::numeric_limits<float>::infinity();
   int64_t best_at = 0;
   bool any_nan = false;
   for (int64_t b = 0; b < n; b += kArgmaxBlock) {
-    const int64_t e = std::min(n, b + kArgmaxBlock);
-    __m256 m0 = ninf, m1 = ninf, nan = _mm256_setzero_ps();
-    int64_t i = b;
-    for (; i + 16 <= e; i += 16) {
-      prefetch_ahead<2048, 1>(src + i);
-      const __m256 v0 = loadf(src + i), v1 = loadf(src + i + 8);
-      m0 = _mm256_max_ps(m0, v0);
-      m1 = _mm256_max_ps(m1, v1);
-      nan = _mm256_or_ps(nan, _mm256_cmp_ps(v0, v1, _CMP_UNORD_Q));
+    const float m = reduce_max(src + b, std::min(kArgmaxBlock, n - b));
+    if (std::isnan(m)) {  // the answer is the plane's last NaN, found below
+      any_nan = true;
+      break;
     }
-    float m = _mm256_cvtss_f32(hmax_all(_mm256_max_ps(m0, m1)));
-    for (; i < e; ++i) {
-      const float v = static_cast<float>(src[i]);
-      any_nan |= std::isnan(v);
-      m = v > m ? v : m;
-    }
-    any_nan |= _mm256_movemask_ps(nan) != 0;
     if (m > best) {
       best = m;
       best_at = b;
