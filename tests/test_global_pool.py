@@ -283,7 +283,6 @@ def test_max_of_many_short_planes(device, rng, cells, planes, dtype, train):
     assert torch.equal(out[~nan].view(bits), ref[~nan].view(bits))
 
 
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n", [4096, 4100, 6151, 8200])
 @pytest.mark.parametrize("train", [False, True], ids=["infer", "train"])
@@ -295,7 +294,7 @@ def test_max_of_long_planes(device, rng, n, dtype, train):
     (also a last block shorter than 8 cells), -0 in one block and +0 in a later one, two NaNs in
     different blocks (torch takes the last), a NaN in the last cells only, every cell -inf."""
     x = -(torch.rand((1, 8, n), generator=rng) + 0.5)
-    x[0, 0, [3000, 100, 5000 % n]] = 2.0  # ties in blocks 1, 0 and 2 (or 1)
+    x[0, 0, [3000, 100, 5000 % n]] = 2.0  # ties in blocks 1, 0 and 2 (0 where n < 5000)
     x[0, 1, n - 1] = 3.0
     x[0, 2, 2100] = -0.0
     x[0, 2, n - 5] = 0.0
@@ -304,7 +303,7 @@ def test_max_of_long_planes(device, rng, n, dtype, train):
     x[0, 5] = float("-inf")
     x[0, 6, 2047] = 5.0  # the last cell of the first block
     x[0, 6, 2048] = 5.0
-    x[0, 7, n - 9] = 4.0  # just before a short last block
+    x[0, 7, n - 9] = 4.0  # in the block before a short last one (n = 6151)
     x = x.to(device, dtype)
     with torch.set_grad_enabled(train):
         leaf = x.detach().requires_grad_(train)
