@@ -3164,11 +3164,11 @@ template <typename T>
 inline int64_t reduce_argmax_blocked(const T* __restrict src, int64_t n, T* value) {
   float best = -std::numeric_limits<float>::infinity();
   int64_t best_at = 0;
-  bool any_nan = false;
   for (int64_t b = 0; b < n; b += kArgmaxBlock) {
     const float m = reduce_max(src + b, std::min(kArgmaxBlock, n - b));
-    if (std::isnan(m)) {  // the answer is the plane's last NaN, found below
-      any_nan = true;
+    if (std::isnan(m)) {  // the answer is the plane's last NaN: find_max_cell's search from the end
+      best = m;
+      best_at = 0;
       break;
     }
     if (m > best) {
@@ -3176,14 +3176,9 @@ inline int64_t reduce_argmax_blocked(const T* __restrict src, int64_t n, T* valu
       best_at = b;
     }
   }
-  int64_t at;
-  if (any_nan) {
-    for (at = n - 1; !std::isnan(static_cast<float>(src[at])); --at) {}
-  } else {
-    // Cells before best_at are all below best, so a search may start up to 8 cells early.
-    const int64_t from = std::min(best_at, n - 8);
-    at = from + find_max_cell(src + from, n - from, best);
-  }
+  // Cells before best_at are all below best, so the search may start up to 8 cells early.
+  const int64_t from = std::min(best_at, n - 8);
+  const int64_t at = from + find_max_cell(src + from, n - from, best);
   *value = src[at];
   return at;
 }
