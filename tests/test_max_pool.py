@@ -292,7 +292,33 @@ def test_nan_inside_wide_rows(device, rng, kw):
         assert_close(tpf.max_pool2d(x, **kw), rout, exact=True, equal_nan=True)
 
 
-def test_keras_worked_example(device):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels", [5, 8, 45, 64])
+@pytest.mark.parametrize("nd,kw", [(2, dict(kernel_size=3, stride=2, padding=1)), (2, dict(kernel_size=2)),
+                                   (2, dict(kernel_size=(2, 3), stride=1, dilation=(2, 1))),
+                                   (3, dict(kernel_size=3, stride=2, padding=1))])
+def test_nan_and_infinities_channels_last(device, rng, dtype, channels, nd, kw):
+    """Channels-last windows holding NaNs (one or several, in any channel block: blocks of 32, of 8
+    and a last partial one), +inf and -inf: NaN exactly where torch's output has it, the other
+    values equal, the index that of the last NaN or else of the first maximum, with and without
+    return_indices and in inference."""
+    shape = (2, channels, 9, 11) if nd == 2 else (2, channels, 5, 6, 7)
+    x = torch.randn(shape, generator=rng)
+    pick = torch.rand(shape, generator=rng)
+    x[pick < 0.04] = float("nan")
+    x[(pick >= 0.04) & (pick < 0.08)] = float("inf")
+    x[(pick >= 0.08) & (pick < 0.2)] = float("-inf")
+    x = to_layout(x.to(dtype).to(device), "channels_last")
+    rout, ridx = TORCH[nd](x.float(), return_indices=True, **kw)
+    nan = torch.isnan(rout)
+    assert bool(nan.any()) and bool((~nan).any()) and bool((rout == float("inf")).any())
+    with torch.no_grad():
+        out_inf = OURS[nd](x, **kw)
+    out, idx = OURS[nd](x.clone().requires_grad_(), return_indices=True, **kw)
+    for o in (out_inf, out.detach()):
+        assert torch.equal(torch.isnan(o), nan)
+        assert torch.equal(o[~nan].float(), rout[~nan])
+    assert torch.equal(idx, ridx)
     x = torch.tensor([[1, 3, 2, 9], [5, 6, 1, 7], [4, 2, 8, 6], [3, 5, 7, 2]], dtype=torch.float32, device=device)
     out = tpf.max_pool2d(x[None, None], kernel_size=2, stride=2)
     assert out.tolist() == [[[[6.0, 9.0], [5.0, 8.0]]]]

@@ -256,6 +256,21 @@ inline void storef(c10::Half* p, __m256 v) {
 template <bool kExact = false, typename T>
 inline void store_pairs(T* p, __m256 a, __m256 b) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if constexpr (!kExact) {
+      // Without NaNs (one compare for both vectors) the rounding alone, b's rounded bits kept
+      // where they are: 13 instructions instead of 21 (NOTES §73).
+      if (__builtin_expect(_mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_UNORD_Q)) == 0, 1)) {
+        const __m256i one = _mm256_set1_epi32(1), half = _mm256_set1_epi32(0x7FFF);
+        auto rounded = [&](__m256 v) {
+          const __m256i x = _mm256_castps_si256(v);
+          return _mm256_add_epi32(x, _mm256_add_epi32(half, _mm256_and_si256(_mm256_srli_epi32(x, 16), one)));
+        };
+        const __m256i lo = _mm256_srli_epi32(rounded(a), 16);
+        const __m256i hi = _mm256_and_si256(rounded(b), _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_or_si256(lo, hi));
+        return;
+      }
+    }
     const __m256i lo = bf16_bits<kExact>(a), hi = _mm256_slli_epi32(bf16_bits<kExact>(b), 16);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_or_si256(lo, hi));
   } else {
@@ -271,6 +286,17 @@ inline void store_pairs(T* p, __m256 a, __m256 b) {
 
 inline __m256 take_mask(__m256 v, __m256 cur) {
   return _mm256_or_ps(_mm256_cmp_ps(v, cur, _CMP_GT_OQ), _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+}
+
+// The maximum m and its position b updated with the value v at position k, where k is greater
+// than every position b holds (later in scan order) and NaNs are dealt with apart: v replaces m
+// only if greater (of equal values, +0 and -0 too, the first stays; a NaN v never replaces it).
+// Four instructions where take_mask and two blends take nine (blendv is three on this class of
+// core).
+inline void take_greater(__m256& m, __m256& b, __m256 v, __m256i k) {
+  const __m256i t = _mm256_castps_si256(_mm256_cmp_ps(v, m, _CMP_GT_OQ));
+  b = _mm256_castsi256_ps(_mm256_max_epi32(_mm256_castps_si256(b), _mm256_and_si256(t, k)));
+  m = _mm256_max_ps(v, m);
 }
 
 // The passes over a row of T (float, or a half type widened in registers) into float
@@ -1089,19 +1115,21 @@ void max_rows_fused(const T* in, T* out, pos_t* pos, const PoolGeometry& g,
       visit([&](__m256i k, __m256 v, bool) { take(m, b, v, _mm256_castsi256_ps(k)); });
     } else {
       // Every cell is inside the input. Each window row is reduced on its own, starting from
-      // its first cell, then folded into the window's in scan order: the rows' chains of
-      // compare-and-blend run side by side instead of one chain through the whole window
-      // (NOTES §49). Ties keep the earlier row, NaN the later, as the single chain would. The
-      // window's first cell is at `first`, which is then the position when nothing beats -inf.
-      __m256 rm = m, rb = b;
-      bool row_open = false, folded = false;
+      // its first cell, then folded into the window's in scan order: the rows' chains run side
+      // by side instead of one chain through the whole window (NOTES §49). Ties keep the earlier
+      // row, as the single chain would. Values and positions by take_greater, the NaNs found
+      // apart as max_of_cells does; a chunk with a NaN is redone by torch's compare-and-blend
+      // chain (rare; NOTES §73). The window's first cell is at `first`, which is then the
+      // position when nothing beats -inf.
+      __m256 rm = m, rb = b, nan = _mm256_setzero_ps(), pend = nan;
+      bool row_open = false, folded = false, pending = false;
       auto fold = [&] {
         if (!folded) {
           m = rm;
           b = rb;
           folded = true;
         } else {
-          take(m, b, rm, rb);
+          take_greater(m, b, rm, _mm256_castps_si256(rb));
         }
       };
       visit([&](__m256i k, __m256 v, bool row_start) {
@@ -1111,10 +1139,19 @@ void max_rows_fused(const T* in, T* out, pos_t* pos, const PoolGeometry& g,
           rb = _mm256_castsi256_ps(k);
           row_open = true;
         } else {
-          take(rm, rb, v, _mm256_castsi256_ps(k));
+          take_greater(rm, rb, v, k);
         }
+        if (pending) nan = _mm256_or_ps(nan, _mm256_cmp_ps(pend, v, _CMP_UNORD_Q));
+        pend = v;
+        pending = !pending;
       });
       fold();
+      if (pending) nan = _mm256_or_ps(nan, _mm256_cmp_ps(pend, pend, _CMP_UNORD_Q));
+      if (__builtin_expect(_mm256_movemask_ps(nan) != 0, 0)) {
+        m = ninf;
+        b = _mm256_castsi256_ps(_mm256_set1_epi32(first));
+        visit([&](__m256i k, __m256 v, bool) { take(m, b, v, _mm256_castsi256_ps(k)); });
+      }
     }
     const int64_t n = std::min<int64_t>(8, OW - ow0);
     store8<true>(out + r * OW + ow0, natural<S, T>(m), n);
@@ -1203,18 +1240,18 @@ void max_tiles_w2(const T* in, T* out, pos_t* pos, const PoolGeometry& g, int64_
       cells(j, c);
       rm[j] = _mm256_max_ps(c[1], c[0]);
       nan = _mm256_or_ps(nan, _mm256_cmp_ps(c[0], c[1], _CMP_UNORD_Q));
-      if (kPos) {
-        rb[j] = _mm256_blendv_ps(_mm256_castsi256_ps(_mm256_set1_epi32(2 * j)),
-                                 _mm256_castsi256_ps(_mm256_set1_epi32(2 * j + 1)),
-                                 _mm256_cmp_ps(c[1], c[0], _CMP_GT_OQ));
+      if (kPos) {  // 2j, or 2j + 1 where the compare's all-ones (-1) says the odd cell is greater
+        rb[j] = _mm256_castsi256_ps(_mm256_sub_epi32(
+            _mm256_set1_epi32(2 * j), _mm256_castps_si256(_mm256_cmp_ps(c[1], c[0], _CMP_GT_OQ))));
       }
     }
     // Row j2 after row j: a later row wins only if greater.
     auto fold = [&](int j, int j2) {
       if (kPos) {
-        rb[j] = _mm256_blendv_ps(rb[j], rb[j2], _mm256_cmp_ps(rm[j2], rm[j], _CMP_GT_OQ));
+        take_greater(rm[j], rb[j], rm[j2], _mm256_castps_si256(rb[j2]));
+      } else {
+        rm[j] = _mm256_max_ps(rm[j2], rm[j]);
       }
-      rm[j] = _mm256_max_ps(rm[j2], rm[j]);
     };
     if constexpr (NR == 2) fold(0, 1);
     if constexpr (NR == 4) {
@@ -1372,6 +1409,12 @@ inline void block_store_pos(pos_t* dst, const __m256* b, int64_t n) {
   }
 }
 
+// Each channel vector's maximum by _mm256_max_ps(new, max), which keeps max unless new is greater
+// (of equal values, +0 and -0 too, the first in scan order stays), with its position by
+// take_greater in training. NaNs are found apart, two vectors per unordered compare; a block with
+// a NaN anywhere is redone by torch's compare-and-blend chain (the last NaN wins), which is rare.
+// Two instructions a value in inference where compare-and-blend takes six, five in training where
+// it takes nine (NOTES §73).
 template <bool kPos, typename pos_t, typename T>
 void max_cl_fused(const T* in, T* out, pos_t* pos, const PoolGeometry& g, int64_t N,
                   int64_t C) {
@@ -1379,21 +1422,43 @@ void max_cl_fused(const T* in, T* out, pos_t* pos, const PoolGeometry& g, int64_
   for_cl_windows(g, N, C, [=](const ClWindow& w) {
     for_channel_blocks(C, [&](auto NVc, int64_t c, int64_t n) {
       constexpr int NV = decltype(NVc)::value;
-      __m256 m[NV], b[NV];
+      __m256 m[NV], b[NV], nan = _mm256_setzero_ps();
       for (int v = 0; v < NV; ++v) {
         m[v] = ninf;
         b[v] = _mm256_castsi256_ps(_mm256_set1_epi32(w.first));
       }
       for (int64_t j = 0; j < w.cells; ++j) {
         const T* src = in + w.base + w.offs[j] + c;
-        const __m256 k = _mm256_castsi256_ps(_mm256_set1_epi32(w.ks[j]));
+        const __m256i k = _mm256_set1_epi32(w.ks[j]);
         prefetch_ahead(src);
         __m256 x[NV];
         block_load<NV>(src, n, x);
         for (int v = 0; v < NV; ++v) {
-          const __m256 t = take_mask(x[v], m[v]);
-          m[v] = _mm256_blendv_ps(m[v], x[v], t);
-          if (kPos) b[v] = _mm256_blendv_ps(b[v], k, t);
+          if (kPos) {
+            take_greater(m[v], b[v], x[v], k);
+          } else {
+            m[v] = _mm256_max_ps(x[v], m[v]);
+          }
+          if (v % 2 == 1) nan = _mm256_or_ps(nan, _mm256_cmp_ps(x[v - 1], x[v], _CMP_UNORD_Q));
+        }
+        if (NV % 2 == 1) {
+          nan = _mm256_or_ps(nan, _mm256_cmp_ps(x[NV - 1], x[NV - 1], _CMP_UNORD_Q));
+        }
+      }
+      if (__builtin_expect(_mm256_movemask_ps(nan) != 0, 0)) {
+        for (int v = 0; v < NV; ++v) {
+          m[v] = ninf;
+          b[v] = _mm256_castsi256_ps(_mm256_set1_epi32(w.first));
+        }
+        for (int64_t j = 0; j < w.cells; ++j) {
+          const __m256 k = _mm256_castsi256_ps(_mm256_set1_epi32(w.ks[j]));
+          __m256 x[NV];
+          block_load<NV>(in + w.base + w.offs[j] + c, n, x);
+          for (int v = 0; v < NV; ++v) {
+            const __m256 t = take_mask(x[v], m[v]);
+            m[v] = _mm256_blendv_ps(m[v], x[v], t);
+            b[v] = _mm256_blendv_ps(b[v], k, t);
+          }
         }
       }
       const int64_t o = w.o * C + c;
@@ -1488,24 +1553,36 @@ void max_bwd_cl_fused(const T* gout, const uint8_t* pos, T* gin, const PoolGeome
             __m256 acc[NV];
             for (int v = 0; v < NV; ++v) acc[v] = _mm256_setzero_ps();
             for (int64_t j = 0; j < nc; ++j) {
-              int64_t o;
-              __m256i kv;
-              if constexpr (kN > 0) {
-                o = fixed_o[j];
-                kv = _mm256_set1_epi32(fixed_k[j]);
-              } else {
-                o = op[j];
-                kv = _mm256_set1_epi32(kp[j]);
-              }
+              const int64_t o = kN > 0 ? fixed_o[j] : op[j];
+              const int32_t k = kN > 0 ? fixed_k[j] : kp[j];
               const T* gs = go + o + c;
               const uint8_t* ps = po + o + c;
-              for (int v = 0; v < NV; ++v) {
-                const __m256 m =
-                    _mm256_castsi256_ps(_mm256_cmpeq_epi32(load_pos8(ps + 8 * v, nl), kv));
-                acc[v] = _mm256_add_ps(acc[v], _mm256_and_ps(m, load_lanes(gs + 8 * v, nl)));
+              if constexpr (kPairBlock<T, NV>) {
+                // bfloat16, 16 channels at a time: the positions widened to 16 bits and compared
+                // there, the gradient bits masked before they are widened in pair order
+                // (block_load's): no lane-crossing widening of either (NOTES §73).
+                const __m256i kv = _mm256_set1_epi16(static_cast<int16_t>(k));
+                const __m256i high = _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+                for (int h = 0; h < NV / 2; ++h) {
+                  const __m256i q = _mm256_cvtepu8_epi16(
+                      _mm_loadu_si128(reinterpret_cast<const __m128i*>(ps + 16 * h)));
+                  const __m256i gm = _mm256_and_si256(
+                      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(gs + 16 * h)),
+                      _mm256_cmpeq_epi16(q, kv));
+                  acc[2 * h] = _mm256_add_ps(acc[2 * h], _mm256_castsi256_ps(_mm256_slli_epi32(gm, 16)));
+                  acc[2 * h + 1] =
+                      _mm256_add_ps(acc[2 * h + 1], _mm256_castsi256_ps(_mm256_and_si256(gm, high)));
+                }
+              } else {
+                const __m256i kv = _mm256_set1_epi32(k);
+                for (int v = 0; v < NV; ++v) {
+                  const __m256 m =
+                      _mm256_castsi256_ps(_mm256_cmpeq_epi32(load_pos8(ps + 8 * v, nl), kv));
+                  acc[v] = _mm256_add_ps(acc[v], _mm256_and_ps(m, load_lanes(gs + 8 * v, nl)));
+                }
               }
             }
-            for (int v = 0; v < NV; ++v) store8(dst + c + 8 * v, acc[v], nl);
+            block_store<false, NV>(dst + c, acc, nl);
           });
         };
         using One = std::integral_constant<int, 1>;
