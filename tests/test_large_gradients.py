@@ -1,7 +1,8 @@
 """Float input gradients of 32 MiB or more: the CPU window backwards stage them in cache and write
-them out with non-temporal stores. Each kernel that does so is compared with torch here, at sizes
-whose rows and planes neither start nor end on cache-line boundaries; bfloat16 at the same sizes
-(written as before) too."""
+them out with non-temporal stores; the global backwards do so from 16 MiB (zeros and fills by
+non-temporal stores, short planes and channels-last rows staged). Each kernel that does so is
+compared with torch here, at sizes whose rows and planes neither start nor end on cache-line
+boundaries; bfloat16 at the same sizes (written as before) too."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -50,3 +51,32 @@ def test_large_input_gradient(case):
     assert_close(y, y_ref.to(dtype), dtype, exact=exact)
     assert_close(gx, gx_ref.to(dtype), dtype, exact=exact)
     assert gx.stride() == x.stride()
+
+
+# (id, shape, layout): short planes (staged), planes too long to stage, channels-last rows
+GLOBAL_CASES = [
+    ("short-planes", (64, 1003, 9, 9), "contiguous"),
+    ("long-planes", (2, 8, 511, 521), "contiguous"),
+    ("channels-last", (16, 257, 33, 33), "channels_last"),
+]
+
+
+@pytest.mark.parametrize("case", GLOBAL_CASES, ids=[c[0] for c in GLOBAL_CASES])
+@pytest.mark.parametrize("kind", ["max", "avg"])
+def test_large_global_gradient(case, kind):
+    """The global backwards from 16 MiB, into memory that held another gradient's nonzeros just
+    before (the output blocks are recycled), against torch's adaptive pools."""
+    _, shape, layout = case
+    gen = torch.Generator().manual_seed(shape[1])
+    x = to_layout(make_input(shape, torch.float32, gen=gen), layout)
+    assert x.numel() * x.element_size() >= 16 * MIB
+    ours = tpf.global_max_pool2d if kind == "max" else tpf.global_avg_pool2d
+    theirs = F.adaptive_max_pool2d if kind == "max" else F.adaptive_avg_pool2d
+    other = tpf.global_avg_pool2d if kind == "max" else tpf.global_max_pool2d
+    for _ in range(2):
+        run_fwd_bwd(other, x, gen=gen)  # a gradient of the same size, then freed
+        y, gx, g = run_fwd_bwd(ours, x, gen=gen)
+        y_ref, gx_ref, _ = run_fwd_bwd(lambda t: theirs(t, 1).flatten(1), x, g)
+        assert_close(y, y_ref, torch.float32, exact=kind == "max")
+        assert_close(gx, gx_ref, torch.float32, exact=kind == "max")
+        assert gx.stride() == x.stride()

@@ -52,8 +52,8 @@ constexpr int64_t kStreamBytes = int64_t{32} << 20;
 // Float results only: the half types' backwards are bound by their instructions, and there the
 // staging copy cost more than the streaming saved (NOTES §69).
 template <typename T>
-inline bool streams(int64_t elems) {
-  return std::is_same_v<T, float> && elems * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
+inline bool streams(int64_t elems, int64_t min_bytes = kStreamBytes) {
+  return std::is_same_v<T, float> && elems * static_cast<int64_t>(sizeof(T)) >= min_bytes;
 }
 
 // dst[0, n) = src[0, n): the whole 64-byte lines of dst by non-temporal stores, the partial lines
@@ -75,6 +75,20 @@ inline void stream_copy(T* dst, const T* src, int64_t n) {
   std::memcpy(d, s, bytes);
 }
 
+// dst[0, n) = v, as stream_copy writes: whole lines by non-temporal stores, the ends by fill.
+inline void stream_fill(float* dst, int64_t n, float v) {
+  const int64_t head =
+      std::min<int64_t>(n, (64 - reinterpret_cast<uintptr_t>(dst) % 64) % 64 / sizeof(float));
+  std::fill(dst, dst + head, v);
+  dst += head, n -= head;
+  const __m256 x = _mm256_set1_ps(v);
+  for (; n >= 16; n -= 16, dst += 16) {
+    _mm256_stream_ps(dst, x);
+    _mm256_stream_ps(dst + 8, x);
+  }
+  std::fill(dst, dst + n, v);
+}
+
 // Orders the non-temporal stores before what follows (they are weakly ordered).
 inline void stream_fence() { _mm_sfence(); }
 
@@ -94,7 +108,8 @@ template <typename T>
 class StagedRuns {
  public:
   // cap: the most cells staged at once (by default 32 KiB of them).
-  explicit StagedRuns(bool on, int64_t cap = 32 * 1024 / sizeof(T)) : on_(on), cap_(cap) {}
+  static constexpr int64_t kCap = 32 * 1024 / sizeof(T);
+  explicit StagedRuns(bool on, int64_t cap = kCap) : on_(on), cap_(cap) {}
   ~StagedRuns() {
     flush();
     if (streamed_) stream_fence();
@@ -3450,6 +3465,41 @@ void global_avg_cl(const scalar_t* in, scalar_t* out, int64_t N, int64_t C, int6
 
 // dst[0, n) = v. The half types fill their 16-bit patterns: std::fill on the c10 structs goes
 // one element at a time.
+// Streaming for the global backwards in both builds: the AVX2 build's streams() and
+// StagedRuns, the baseline's ordinary stores. From half the window backwards' size: these write
+// nothing but their result, mostly without staging it (on the Xeon VM a 22 MB window backward
+// streamed was no faster, these of 26 MB were: NOTES §74).
+#if defined(TORCHPOOL_AVX2)
+template <typename T>
+inline bool streams_out(int64_t elems) { return streams<T>(elems, kStreamBytes / 2); }
+template <typename T>
+using Staged = StagedRuns<T>;
+#else
+template <typename T>
+inline bool streams_out(int64_t) { return false; }
+template <typename T>
+struct Staged {
+  explicit Staged(bool) {}
+  T* at(T* dst, int64_t) { return dst; }
+};
+#endif
+
+// dst[0, n) = 0; `stream` (float only): by non-temporal stores, fenced so that ordinary stores
+// may follow.
+template <typename T>
+inline void zero_out(T* dst, int64_t n, bool stream) {
+#if defined(TORCHPOOL_AVX2)
+  if constexpr (std::is_same_v<T, float>) {
+    if (stream) {
+      stream_fill(dst, n, 0.0f);
+      stream_fence();
+      return;
+    }
+  }
+#endif
+  std::memset(static_cast<void*>(dst), 0, n * sizeof(T));
+}
+
 template <typename T>
 inline void fill_value(T* dst, int64_t n, T v) {
   if constexpr (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>) {
@@ -3457,6 +3507,22 @@ inline void fill_value(T* dst, int64_t n, T v) {
   } else {
     std::fill(dst, dst + n, v);
   }
+}
+
+// dst[0, n) = v where dst came from Staged::at (or is a plane too long to stage: `stream`
+// fills it by non-temporal stores).
+template <typename T>
+inline void fill_out(T* dst, int64_t n, T v, bool stream) {
+#if defined(TORCHPOOL_AVX2)
+  if constexpr (std::is_same_v<T, float>) {
+    if (stream && n > StagedRuns<T>::kCap) {
+      stream_fill(dst, n, v);
+      stream_fence();
+      return;
+    }
+  }
+#endif
+  fill_value(dst, n, v);
 }
 
 // grad_in = 0 except grad at the saved position (max), or grad / P everywhere (avg).
@@ -3473,16 +3539,18 @@ void global_bwd(const scalar_t* gout, const int64_t* pos, scalar_t* gin, int64_t
     constexpr bool kHalf = !std::is_same_v<scalar_t, acc_t>;
     std::vector<scalar_t> scaled(!kMax && cl && kHalf ? C : 0);
     int64_t scaled_n = -1;
-    // Max: the task's whole range zeroed by one memset, whose string stores write whole cache
-    // lines without reading them first (no read for ownership): here about twice the speed of
-    // vector stores, and of one memset per short plane (NOTES §47). Then the one gradient per
-    // plane (per channel, channels-last) goes in. (Streaming the result out as the window
-    // backwards do was no faster here, NOTES §69.)
-    if (kMax) {
-      std::memset(static_cast<void*>(gin + begin * run), 0, (end - begin) * run * sizeof(scalar_t));
-    }
+    // Max: the task's whole range zeroed at once, then the one gradient per plane (per channel,
+    // channels-last) goes in. Large float results (streams()) are zeroed by non-temporal stores
+    // and the averages' staged and streamed out, or, planes too long to stage, filled by
+    // non-temporal stores: on the Xeon VM, writing lines not in the cache by ordinary stores ran
+    // at a third of that speed (NOTES §74). Otherwise one memset, whose string stores write whole
+    // lines without reading them first: on the EPYC VM about twice the speed of vector stores,
+    // and of one memset per short plane (§47).
+    const bool stream = streams_out<scalar_t>(rows * run);
+    if (kMax) zero_out(gin + begin * run, (end - begin) * run, stream);
+    Staged<scalar_t> out(stream && !kMax);
     for (int64_t r = begin; r < end; ++r) {
-      scalar_t* dst = gin + r * run;
+      scalar_t* dst = kMax ? gin + r * run : out.at(gin + r * run, run);
       if (kMax) {
         if (cl) {
           const int64_t n = r / P, i = r % P;
@@ -3507,7 +3575,7 @@ void global_bwd(const scalar_t* gout, const int64_t* pos, scalar_t* gin, int64_t
       } else {
         const scalar_t v =
             static_cast<scalar_t>(static_cast<acc_t>(gout[r]) / static_cast<acc_t>(P));
-        fill_value(dst, run, v);
+        fill_out(dst, run, v, stream);
       }
     }
   });
