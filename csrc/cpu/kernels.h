@@ -45,7 +45,8 @@ inline int64_t grain_for(int64_t work) {
 // stream it out. Smaller ones are written as before: the block they land in (recycled from an
 // earlier output) was then often still in the last-level cache, where streaming was slower
 // (NOTES §69; the threshold is this measurement's, on a VM whose cache holds 64 MiB or more).
-// AVX2 build only, as are the kernels that use it.
+// The global backwards stream from half that size (§74). AVX2 build only, as are the window
+// kernels that use it (the global backwards reach it through streams_out and Staged).
 #if defined(TORCHPOOL_AVX2)
 constexpr int64_t kStreamBytes = int64_t{32} << 20;
 
