@@ -3464,8 +3464,6 @@ void global_avg_cl(const scalar_t* in, scalar_t* out, int64_t N, int64_t C, int6
   });
 }
 
-// dst[0, n) = v. The half types fill their 16-bit patterns: std::fill on the c10 structs goes
-// one element at a time.
 // Streaming for the global backwards in both builds: the AVX2 build's streams() and
 // StagedRuns, the baseline's ordinary stores. From half the window backwards' size: these write
 // nothing but their result, mostly without staging it (on the Xeon VM a 22 MB window backward
@@ -3501,6 +3499,8 @@ inline void zero_out(T* dst, int64_t n, bool stream) {
   std::memset(static_cast<void*>(dst), 0, n * sizeof(T));
 }
 
+// dst[0, n) = v. The half types fill their 16-bit patterns: std::fill on the c10 structs goes
+// one element at a time.
 template <typename T>
 inline void fill_value(T* dst, int64_t n, T v) {
   if constexpr (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>) {
