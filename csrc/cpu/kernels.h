@@ -240,20 +240,21 @@ inline __m256 loadf(const c10::Half* p) {
 // Stores 8 floats at p as T.
 template <bool kExact = false>
 inline void storef(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+// The float bits of v plus c10's rounding increment: their top 16 bits are the rounded bfloat16
+// (NaNs apart).
+inline __m256i bf16_rounding(__m256 v) {
+  const __m256i b = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  return _mm256_add_epi32(b, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF)));
+}
+
 // v as bfloat16 bits in the low half of each 32-bit lane, the high half 0: c10::BFloat16's
 // rounding (+ 0x7FFF + the kept part's lowest bit, keep the top 16 bits); NaN -> 0x7FC0.
 // kExact: every lane already is a bfloat16 value (an input, or a maximum of inputs), so its top
 // 16 bits are kept without rounding.
 template <bool kExact>
 inline __m256i bf16_bits(__m256 v) {
-  const __m256i b = _mm256_castps_si256(v);
-  __m256i r;
-  if constexpr (kExact) {
-    r = _mm256_srli_epi32(b, 16);
-  } else {
-    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
-    r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
-  }
+  const __m256i r = _mm256_srli_epi32(kExact ? _mm256_castps_si256(v) : bf16_rounding(v), 16);
   return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
 }
 template <bool kExact = false>
@@ -276,13 +277,8 @@ inline void store_pairs(T* p, __m256 a, __m256 b) {
       // Without NaNs (one compare for both vectors) the rounding alone, b's rounded bits kept
       // where they are: 13 instructions instead of 21 (NOTES §73).
       if (__builtin_expect(_mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_UNORD_Q)) == 0, 1)) {
-        const __m256i one = _mm256_set1_epi32(1), half = _mm256_set1_epi32(0x7FFF);
-        auto rounded = [&](__m256 v) {
-          const __m256i x = _mm256_castps_si256(v);
-          return _mm256_add_epi32(x, _mm256_add_epi32(half, _mm256_and_si256(_mm256_srli_epi32(x, 16), one)));
-        };
-        const __m256i lo = _mm256_srli_epi32(rounded(a), 16);
-        const __m256i hi = _mm256_and_si256(rounded(b), _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u)));
+        const __m256i lo = _mm256_srli_epi32(bf16_rounding(a), 16);
+        const __m256i hi = _mm256_and_si256(bf16_rounding(b), _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u)));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_or_si256(lo, hi));
         return;
       }
@@ -304,12 +300,20 @@ inline __m256 take_mask(__m256 v, __m256 cur) {
   return _mm256_or_ps(_mm256_cmp_ps(v, cur, _CMP_GT_OQ), _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
 }
 
+// torch's rule for the maximum m and its position b, by compare-and-blend: the value v at
+// position k replaces them if greater or NaN.
+__attribute__((always_inline)) inline void take_torch(__m256& m, __m256& b, __m256 v, __m256 k) {
+  const __m256 t = take_mask(v, m);
+  m = _mm256_blendv_ps(m, v, t);
+  b = _mm256_blendv_ps(b, k, t);
+}
+
 // The maximum m and its position b updated with the value v at position k, where k is greater
 // than every position b holds (later in scan order) and NaNs are dealt with apart: v replaces m
 // only if greater (of equal values, +0 and -0 too, the first stays; a NaN v never replaces it).
 // Four instructions where take_mask and two blends take nine (blendv is three on this class of
 // core).
-inline void take_greater(__m256& m, __m256& b, __m256 v, __m256i k) {
+__attribute__((always_inline)) inline void take_greater(__m256& m, __m256& b, __m256 v, __m256i k) {
   const __m256i t = _mm256_castps_si256(_mm256_cmp_ps(v, m, _CMP_GT_OQ));
   b = _mm256_castsi256_ps(_mm256_max_epi32(_mm256_castps_si256(b), _mm256_and_si256(t, k)));
   m = _mm256_max_ps(v, m);
@@ -1119,16 +1123,11 @@ void max_rows_fused(const T* in, T* out, pos_t* pos, const PoolGeometry& g,
     constexpr bool kEdge = decltype(edge)::value;
     // (m, b): maximum and position so far; (cm, cb) takes the next candidate.
     __m256 m = ninf, b = _mm256_castsi256_ps(_mm256_set1_epi32(kEdge ? -1 : first));
-    auto take = [&](__m256& cm, __m256& cb, __m256 v, __m256 k) {
-      const __m256 t = take_mask(v, cm);
-      cm = _mm256_blendv_ps(cm, v, t);
-      if (kPos) cb = _mm256_blendv_ps(cb, k, t);
-    };
     if constexpr (!kPos) {
       m = max_of_cells(visit);
     } else if constexpr (kEdge) {
       // Cells outside the input read as -inf and never win; their lanes keep "never" (-1).
-      visit([&](__m256i k, __m256 v, bool) { take(m, b, v, _mm256_castsi256_ps(k)); });
+      visit([&](__m256i k, __m256 v, bool) { take_torch(m, b, v, _mm256_castsi256_ps(k)); });
     } else {
       // Every cell is inside the input. Each window row is reduced on its own, starting from
       // its first cell, then folded into the window's in scan order: the rows' chains run side
@@ -1166,7 +1165,7 @@ void max_rows_fused(const T* in, T* out, pos_t* pos, const PoolGeometry& g,
       if (__builtin_expect(_mm256_movemask_ps(nan) != 0, 0)) {
         m = ninf;
         b = _mm256_castsi256_ps(_mm256_set1_epi32(first));
-        visit([&](__m256i k, __m256 v, bool) { take(m, b, v, _mm256_castsi256_ps(k)); });
+        visit([&](__m256i k, __m256 v, bool) { take_torch(m, b, v, _mm256_castsi256_ps(k)); });
       }
     }
     const int64_t n = std::min<int64_t>(8, OW - ow0);
@@ -1283,10 +1282,7 @@ void max_tiles_w2(const T* in, T* out, pos_t* pos, const PoolGeometry& g, int64_
         __m256 c[2];
         cells(j, c);
         for (int kw = 0; kw < 2; ++kw) {
-          const __m256 t = take_mask(c[kw], m);
-          m = _mm256_blendv_ps(m, c[kw], t);
-          const __m256i k = _mm256_set1_epi32(2 * j + kw);
-          b = _mm256_blendv_ps(b, _mm256_castsi256_ps(k), t);
+          take_torch(m, b, c[kw], _mm256_castsi256_ps(_mm256_set1_epi32(2 * j + kw)));
         }
       }
     }
@@ -1470,6 +1466,8 @@ void max_cl_fused(const T* in, T* out, pos_t* pos, const PoolGeometry& g, int64_
           const __m256 k = _mm256_castsi256_ps(_mm256_set1_epi32(w.ks[j]));
           __m256 x[NV];
           block_load<NV>(in + w.base + w.offs[j] + c, n, x);
+          // take_torch spelled out: called with references into m and b, it kept those arrays
+          // in memory, and the inference loop above ran about 20 % slower.
           for (int v = 0; v < NV; ++v) {
             const __m256 t = take_mask(x[v], m[v]);
             m[v] = _mm256_blendv_ps(m[v], x[v], t);
