@@ -3539,7 +3539,7 @@ void global_bwd(const scalar_t* gout, const int64_t* pos, scalar_t* gin, int64_t
     std::vector<scalar_t> scaled(!kMax && cl && kHalf ? C : 0);
     int64_t scaled_n = -1;
     // Max: the task's whole range zeroed at once, then the one gradient per plane (per channel,
-    // channels-last) goes in. Large float results (streams()) are zeroed by non-temporal stores
+    // channels-last) goes in. Large float results (streams_out) are zeroed by non-temporal stores
     // and the averages' staged and streamed out, or, planes too long to stage, filled by
     // non-temporal stores: on the Xeon VM, writing lines not in the cache by ordinary stores ran
     // at a third of that speed (NOTES §74). Otherwise one memset, whose string stores write whole
