@@ -182,7 +182,7 @@ struct ScanMerge {
 };
 
 template <typename T>
-inline void max_pass(const T* __restrict src, T* __restrict acc, int64_t n) {
+inline void max_pass(const T* __restrict src, T* __restrict acc, int64_t n, int64_t /*ahead*/ = 0) {
   for (int64_t i = 0; i < n; ++i) {
     const T v = src[i];
     acc[i] = takes(v, acc[i]) ? v : acc[i];
@@ -191,7 +191,7 @@ inline void max_pass(const T* __restrict src, T* __restrict acc, int64_t n) {
 
 template <typename T>
 inline void max_pass_pos(const T* __restrict src, T* __restrict acc, int32_t* __restrict best,
-                         int32_t k, int64_t n) {
+                         int32_t k, int64_t n, int64_t /*ahead*/ = 0) {
   for (int64_t i = 0; i < n; ++i) {
     const T v = src[i];
     const bool t = takes(v, acc[i]);
@@ -201,7 +201,7 @@ inline void max_pass_pos(const T* __restrict src, T* __restrict acc, int32_t* __
 }
 
 template <typename T>
-inline void sum_pass(const T* __restrict src, T* __restrict acc, int64_t n) {
+inline void sum_pass(const T* __restrict src, T* __restrict acc, int64_t n, int64_t /*ahead*/ = 0) {
   for (int64_t i = 0; i < n; ++i) acc[i] += src[i];
 }
 
@@ -319,15 +319,34 @@ __attribute__((always_inline)) inline void take_greater(__m256& m, __m256& b, __
   m = _mm256_max_ps(v, m);
 }
 
-// The passes over a row of T (float, or a half type widened in registers) into float
-// accumulators; the overloads below pick them for float and the half types.
-template <typename T>
-inline void max_pass_simd(const T* __restrict src, float* __restrict acc, int64_t n) {
+// body(i) for i = 0, 8, ... while i + 8 <= n; returns where it stopped. Where `ahead` is not 0,
+// the cache line of src `ahead` elements on is prefetched once per line read (the channels-last
+// global pools: NOTES §75).
+template <typename T, typename Body>
+__attribute__((always_inline)) inline int64_t vector_steps(const T* src, int64_t n, int64_t ahead,
+                                                           Body&& body) {
+  constexpr int64_t kLine = 64 / sizeof(T);  // 16 floats or 32 half-type values
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
+  if (ahead != 0) {
+    for (; i + kLine <= n; i += kLine) {
+      _mm_prefetch(reinterpret_cast<const char*>(src + i + ahead), _MM_HINT_T0);
+      for (int64_t j = 0; j < kLine; j += 8) body(i + j);
+    }
+  }
+  for (; i + 8 <= n; i += 8) body(i);
+  return i;
+}
+
+// The passes over a row of T (float, or a half type widened in registers) into float
+// accumulators, prefetching `ahead` elements on if that is not 0; the overloads below pick them
+// for float and the half types.
+template <typename T>
+inline void max_pass_simd(const T* __restrict src, float* __restrict acc, int64_t n,
+                          int64_t ahead) {
+  int64_t i = vector_steps(src, n, ahead, [&](int64_t i) {
     const __m256 v = loadf(src + i), a = _mm256_loadu_ps(acc + i);
     _mm256_storeu_ps(acc + i, _mm256_blendv_ps(a, v, take_mask(v, a)));
-  }
+  });
   for (; i < n; ++i) {
     const float v = static_cast<float>(src[i]);
     acc[i] = takes(v, acc[i]) ? v : acc[i];
@@ -336,16 +355,15 @@ inline void max_pass_simd(const T* __restrict src, float* __restrict acc, int64_
 
 template <typename T>
 inline void max_pass_pos_simd(const T* __restrict src, float* __restrict acc,
-                              int32_t* __restrict best, int32_t k, int64_t n) {
+                              int32_t* __restrict best, int32_t k, int64_t n, int64_t ahead) {
   const __m256 kv = _mm256_castsi256_ps(_mm256_set1_epi32(k));
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
+  int64_t i = vector_steps(src, n, ahead, [&](int64_t i) {
     const __m256 v = loadf(src + i), a = _mm256_loadu_ps(acc + i);
     const __m256 m = take_mask(v, a);
     const __m256 b = _mm256_loadu_ps(reinterpret_cast<const float*>(best + i));
     _mm256_storeu_ps(acc + i, _mm256_blendv_ps(a, v, m));
     _mm256_storeu_ps(reinterpret_cast<float*>(best + i), _mm256_blendv_ps(b, kv, m));
-  }
+  });
   for (; i < n; ++i) {
     const float v = static_cast<float>(src[i]);
     const bool t = takes(v, acc[i]);
@@ -355,30 +373,42 @@ inline void max_pass_pos_simd(const T* __restrict src, float* __restrict acc,
 }
 
 template <typename T>
-inline void sum_pass_simd(const T* __restrict src, float* __restrict acc, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(acc + i, _mm256_add_ps(_mm256_loadu_ps(acc + i), loadf(src + i)));
+inline void sum_pass_simd(const T* __restrict src, float* __restrict acc, int64_t n,
+                          int64_t ahead) {
+  int64_t i = vector_steps(src, n, ahead, [&](int64_t i) {
+    _mm256_storeu_ps(acc + i, _mm256_add_ps(_mm256_loadu_ps(acc + i), loadf(src + i)));
+  });
   for (; i < n; ++i) acc[i] += static_cast<float>(src[i]);
 }
 
 template <typename T>
 using if_half = std::enable_if_t<kFusedType<T> && !std::is_same_v<T, float>, int>;
 
-inline void max_pass(const float* src, float* acc, int64_t n) { max_pass_simd(src, acc, n); }
-template <typename T, if_half<T> = 0>
-inline void max_pass(const T* src, float* acc, int64_t n) { max_pass_simd(src, acc, n); }
-
-inline void max_pass_pos(const float* src, float* acc, int32_t* best, int32_t k, int64_t n) {
-  max_pass_pos_simd(src, acc, best, k, n);
+inline void max_pass(const float* src, float* acc, int64_t n, int64_t ahead = 0) {
+  max_pass_simd(src, acc, n, ahead);
 }
 template <typename T, if_half<T> = 0>
-inline void max_pass_pos(const T* src, float* acc, int32_t* best, int32_t k, int64_t n) {
-  max_pass_pos_simd(src, acc, best, k, n);
+inline void max_pass(const T* src, float* acc, int64_t n, int64_t ahead = 0) {
+  max_pass_simd(src, acc, n, ahead);
 }
 
-inline void sum_pass(const float* src, float* acc, int64_t n) { sum_pass_simd(src, acc, n); }
+inline void max_pass_pos(const float* src, float* acc, int32_t* best, int32_t k, int64_t n,
+                         int64_t ahead = 0) {
+  max_pass_pos_simd(src, acc, best, k, n, ahead);
+}
 template <typename T, if_half<T> = 0>
-inline void sum_pass(const T* src, float* acc, int64_t n) { sum_pass_simd(src, acc, n); }
+inline void max_pass_pos(const T* src, float* acc, int32_t* best, int32_t k, int64_t n,
+                         int64_t ahead = 0) {
+  max_pass_pos_simd(src, acc, best, k, n, ahead);
+}
+
+inline void sum_pass(const float* src, float* acc, int64_t n, int64_t ahead = 0) {
+  sum_pass_simd(src, acc, n, ahead);
+}
+template <typename T, if_half<T> = 0>
+inline void sum_pass(const T* src, float* acc, int64_t n, int64_t ahead = 0) {
+  sum_pass_simd(src, acc, n, ahead);
+}
 
 inline void masked_add(const float* __restrict grad, const uint8_t* __restrict pos, int32_t k,
                        float* __restrict dst, int64_t n) {
@@ -3365,6 +3395,14 @@ void global_max_planar(const scalar_t* in, scalar_t* out, int64_t* pos, int64_t 
   });
 }
 
+// How far on the channels-last global pools prefetch, in elements: the same channels some rows
+// on, 4 KiB or more further in the task's walk.
+template <typename scalar_t>
+inline int64_t cl_rows_ahead(int64_t C, int64_t cn) {
+  const int64_t row_bytes = cn * static_cast<int64_t>(sizeof(scalar_t));
+  return C * ((4096 + row_bytes - 1) / row_bytes);
+}
+
 // Channels per task of the channels-last global pools: whole rows of C up to 2048 (one stream
 // through memory, accumulators in L1), halved while there are fewer than 4 tasks per thread.
 inline int64_t cl_channel_block(int64_t N, int64_t C) {
@@ -3387,12 +3425,13 @@ void global_max_cl(const scalar_t* in, scalar_t* out, int64_t* pos, int64_t N, i
       const int64_t cn = std::min(kBlock, C - c0);
       std::fill(m.begin(), m.end(), neg_inf<acc_t>());
       if (kPos) std::fill(best.begin(), best.end(), 0);
+      const int64_t ahead = cl_rows_ahead<scalar_t>(C, cn);
       for (int64_t i = 0; i < P; ++i) {
         const auto* v = pass_input(in + (n * P + i) * C + c0, tmp.data(), cn);
         if (kPos) {
-          max_pass_pos(v, m.data(), best.data(), static_cast<int32_t>(i), cn);
+          max_pass_pos(v, m.data(), best.data(), static_cast<int32_t>(i), cn, ahead);
         } else {
-          max_pass(v, m.data(), cn);
+          max_pass(v, m.data(), cn, ahead);
         }
       }
       for (int64_t c = 0; c < cn; ++c) out[n * C + c0 + c] = static_cast<scalar_t>(m[c]);
@@ -3452,8 +3491,9 @@ void global_avg_cl(const scalar_t* in, scalar_t* out, int64_t N, int64_t C, int6
       const int64_t n = t / cblocks, c0 = (t % cblocks) * kBlock;
       const int64_t cn = std::min(kBlock, C - c0);
       std::fill(s.begin(), s.end(), acc_t(0));
+      const int64_t ahead = cl_rows_ahead<scalar_t>(C, cn);
       for (int64_t i = 0; i < P; ++i) {
-        sum_pass(pass_input(in + (n * P + i) * C + c0, tmp.data(), cn), s.data(), cn);
+        sum_pass(pass_input(in + (n * P + i) * C + c0, tmp.data(), cn), s.data(), cn, ahead);
       }
       for (int64_t c = 0; c < cn; ++c) {
         out[n * C + c0 + c] = static_cast<scalar_t>(s[c] / static_cast<acc_t>(P));
