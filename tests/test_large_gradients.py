@@ -23,6 +23,11 @@ CASES = [
      dict(kernel_size=2), True),
     ("tiles-avg", tpf.avg_pool2d, F.avg_pool2d, (8, 128, 97, 95), torch.float32, "contiguous",
      dict(kernel_size=2), False),
+    # planes of 1.2 KiB: three to a staged copy, none on line boundaries
+    ("tiles-short-planes", tpf.max_pool2d, F.max_pool2d, (64, 432, 15, 21), torch.float32,
+     "contiguous", dict(kernel_size=2), True),
+    ("tiles-short-planes-avg", tpf.avg_pool2d, F.avg_pool2d, (64, 432, 15, 21), torch.float32,
+     "contiguous", dict(kernel_size=2), False),
     # planes over 512 KiB: not staged, written in place
     ("tiles-big-planes", tpf.max_pool2d, F.max_pool2d, (2, 4, 1024, 1100), torch.float32, "contiguous",
      dict(kernel_size=2), True),

@@ -94,11 +94,12 @@ inline void stream_fill(float* dst, int64_t n, float v) {
 inline void stream_fence() { _mm_sfence(); }
 
 // Staging capacity for whole planes of n cells: 0 (not staged) above 512 KiB, else as many whole
-// planes as fill 32 KiB, at least one.
+// planes as fill 4 KiB, at least one. Short copies out interleave with the kernel's loads; 32 KiB
+// at a time left the reads waiting behind the streaming stores (NOTES §76).
 template <typename T>
 inline int64_t staged_planes(int64_t n) {
   const int64_t bytes = n * static_cast<int64_t>(sizeof(T));
-  return bytes > (512 << 10) ? 0 : n * std::max<int64_t>(1, (32 << 10) / bytes);
+  return bytes > (512 << 10) ? 0 : n * std::max<int64_t>(1, (4 << 10) / bytes);
 }
 
 // Consecutive runs of a result, staged and streamed out: at(dst, n) gives where to write the n
@@ -2135,6 +2136,8 @@ void max_bwd_tiles(const T* gout, const uint8_t* pos, T* gin, const PoolGeometry
                    int64_t planes) {
   write_tiles(gin, g, planes, [&](int64_t o, int64_t, int64_t) {
     return [=](int64_t ow0, auto&& each_row) {
+      prefetch_ahead<4096, 1>(gout + o + ow0);
+      prefetch_ahead<1024, 1>(pos + o + ow0);
       const __m256i p8 =
           _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(pos + o + ow0)));
       if constexpr (std::is_same_v<T, c10::BFloat16>) {
@@ -2844,6 +2847,7 @@ void avg_bwd_tiles(const T* gout, T* gin, const PoolGeometry& g, int64_t planes,
   const Divisors8 divisors(t, wf);
   write_tiles(gin, g, planes, [&](int64_t o, int64_t od, int64_t oh) {
     return [=, &divisors](int64_t ow0, auto&& each_row) {
+      prefetch_ahead<4096, 1>(gout + o + ow0);
       const __m256 v = _mm256_div_ps(loadf(gout + o + ow0), divisors(od, oh, ow0));
       each_row([&](int64_t, T* dst) { store_pairs(dst, v, v); });
     };
