@@ -85,3 +85,24 @@ def test_large_global_gradient(case, kind):
         assert_close(y, y_ref, torch.float32, exact=kind == "max")
         assert_close(gx, gx_ref, torch.float32, exact=kind == "max")
         assert gx.stride() == x.stride()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_large_half_global_average_gradient(dtype):
+    """Half-type global averages from 8 MiB with planes too long to stage: filled by non-temporal
+    stores (lines cut at both ends of every plane), into memory that held another gradient's
+    nonzeros just before, against torch's adaptive average in float64."""
+    shape = (4, 48, 211, 223)
+    gen = torch.Generator().manual_seed(211)
+    x = make_input(shape, dtype, gen=gen)
+    assert x.numel() * x.element_size() >= 8 * MIB
+    cells = shape[2] * shape[3]
+    for _ in range(2):
+        run_fwd_bwd(tpf.global_max_pool2d, x, gen=gen)  # a gradient of the same size, then freed
+        # an upstream gradient of about `cells`, so that every input cell's share is about 1
+        g = (torch.randn(shape[:2], generator=gen) * cells).to(dtype)
+        y, gx, _ = run_fwd_bwd(tpf.global_avg_pool2d, x, g)
+        y_ref, gx_ref, _ = run_fwd_bwd(lambda t: F.adaptive_avg_pool2d(t, 1).flatten(1),
+                                       x.double(), g.double())
+        assert_close(y, y_ref.to(dtype), dtype)
+        assert_close(gx, gx_ref.to(dtype), dtype)
