@@ -3615,9 +3615,10 @@ void global_bwd(const scalar_t* gout, const int64_t* pos, scalar_t* gin, int64_t
     // non-temporal stores: on the Xeon VM, writing lines not in the cache by ordinary stores ran
     // at a third of that speed (NOTES §74). Otherwise one memset, whose string stores write whole
     // lines without reading them first: on the EPYC VM about twice the speed of vector stores,
-    // and of one memset per short plane (§47).
-    const bool stream =
-        streams_out<scalar_t>(rows * run) || (!kMax && !cl && fills_stream<scalar_t>(rows * run, run));
+    // and of one memset per short plane (§47). The half types' averages stream only the fills
+    // of planes too long to stage (fills_stream, §77).
+    const bool stream = streams_out<scalar_t>(rows * run) ||
+                        (!kMax && !cl && fills_stream<scalar_t>(rows * run, run));
     if (kMax) zero_out(gin + begin * run, (end - begin) * run, stream);
     Staged<scalar_t> out(stream && !kMax);
     for (int64_t r = begin; r < end; ++r) {
