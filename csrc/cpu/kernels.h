@@ -153,6 +153,17 @@ class StagedRuns {
   T* dst_ = nullptr;
   int64_t used_ = 0;
 };
+
+// Staging capacity for rows of n cells written one after the other (the window backwards): rows
+// under 4 KiB as many whole as fill 1 KiB, at least one, so that each copy out interleaves with
+// the next rows' loads; longer rows the default 32 KiB (one 16 KiB row at a time was slower),
+// rows over that not staged. NOTES §78.
+template <typename T>
+inline int64_t staged_rows(int64_t n) {
+  const int64_t bytes = n * static_cast<int64_t>(sizeof(T));
+  return bytes >= (4 << 10) ? StagedRuns<T>::kCap
+                            : n * std::max<int64_t>(1, 1024 / std::max<int64_t>(1, bytes));
+}
 #endif  // TORCHPOOL_AVX2
 
 // ---------------------------------------------------------------------------------------------
@@ -1554,7 +1565,7 @@ void max_bwd_cl_fused(const T* gout, const uint8_t* pos, T* gin, const PoolGeome
   at::parallel_for(0, N * ID * IH, grain_for(IW * C), [&](int64_t begin, int64_t end) {
     std::vector<int64_t> row_o, offs;
     std::vector<int32_t> row_k, ks;
-    StagedRuns<T> out(stream_rows);
+    StagedRuns<T> out(stream_rows, staged_rows<T>(IW * C));
     RowCounter it(begin, ID, IH);
     for (int64_t r = begin; r < end; ++r, it.next()) {
       const int64_t n = it.a, id = it.b, ih = it.c;
@@ -1921,7 +1932,7 @@ void max_bwd_fused(const T* gout, const uint8_t* pos, T* gin, const PoolGeometry
     std::vector<int32_t> base_v(most);
     int64_t* orow = orow_v.data();
     int32_t* base = base_v.data();
-    StagedRuns<T> out(stream_rows);
+    StagedRuns<T> out(stream_rows, staged_rows<T>(iw_n));
     for (int64_t r = begin; r < end; ++r) {
       const int64_t plane = r / rows_n, i = r - plane * rows_n, nc = cover_n[i];
       for (int64_t j = 0; j < nc; ++j) {
