@@ -3558,6 +3558,7 @@ template <typename T>
 inline bool fills_stream(int64_t, int64_t) { return false; }
 template <typename T>
 struct Staged {
+  static constexpr int64_t kCap = 0;
   explicit Staged(bool) {}
   T* at(T* dst, int64_t) { return dst; }
 };
@@ -3630,11 +3631,18 @@ void global_bwd(const scalar_t* gout, const int64_t* pos, scalar_t* gin, int64_t
     // of planes too long to stage (fills_stream, §77).
     const bool stream = streams_out<scalar_t>(rows * run) ||
                         (!kMax && !cl && fills_stream<scalar_t>(rows * run, run));
-    if (kMax) zero_out(gin + begin * run, (end - begin) * run, stream);
-    Staged<scalar_t> out(stream && !kMax);
+    // Large float max results with planes short enough to stage: each plane zeroed and given its
+    // gradient in the staging buffer, then streamed out like the averages' (§79); stored into
+    // lines just streamed out, the gradients each read their line back from memory first.
+    const bool stage_max = kMax && !cl && stream && run <= Staged<scalar_t>::kCap;
+    if (kMax && !stage_max) zero_out(gin + begin * run, (end - begin) * run, stream);
+    Staged<scalar_t> out(stream && (!kMax || stage_max));
     for (int64_t r = begin; r < end; ++r) {
-      scalar_t* dst = kMax ? gin + r * run : out.at(gin + r * run, run);
-      if (kMax) {
+      scalar_t* dst = kMax && !stage_max ? gin + r * run : out.at(gin + r * run, run);
+      if (stage_max) {
+        fill_value(dst, run, scalar_t(0));
+        dst[pos[r]] = gout[r];
+      } else if (kMax) {
         if (cl) {
           const int64_t n = r / P, i = r % P;
           for (int64_t c = 0; c < C; ++c) {
