@@ -112,13 +112,17 @@ inline int64_t staged_planes(int64_t n) {
 
 // Consecutive runs of a result, staged and streamed out: at(dst, n) gives where to write the n
 // cells meant for dst (the staging buffer when streaming, else dst itself); runs follow each other
-// in memory until flush() (or a run that does not follow, or a full buffer) writes the staged ones
-// out; the destructor flushes and fences.
+// in memory until flush() (or a run that does not follow) writes the staged ones out. A full
+// buffer writes out its whole lines only and keeps the last partial one for the runs that follow,
+// so that runs which do not end on line boundaries (planes of 784 bytes, say) cost no partial
+// lines between them, which ordinary stores would have to read first (NOTES §81). The destructor
+// flushes and fences.
 template <typename T>
 class StagedRuns {
  public:
-  // cap: the most cells staged at once (by default 32 KiB of them).
+  // cap: the most cells staged at once (by default 32 KiB of them), besides a kept partial line.
   static constexpr int64_t kCap = 32 * 1024 / sizeof(T);
+  static constexpr int64_t kLineCells = 64 / sizeof(T);
   explicit StagedRuns(bool on, int64_t cap = kCap) : on_(on), cap_(cap) {}
   ~StagedRuns() {
     flush();
@@ -130,8 +134,12 @@ class StagedRuns {
       flush();
       return dst;
     }
-    if (used_ > 0 && (dst != dst_ + used_ || used_ + n > cap_)) flush();
-    if (!buf_) buf_.reset(new T[cap_]);
+    if (used_ > 0 && dst != dst_ + used_) {
+      flush();
+    } else if (used_ + n > cap_) {
+      flush_lines();
+    }
+    if (!buf_) buf_.reset(new T[cap_ + kLineCells]);
     if (used_ == 0) dst_ = dst;
     T* p = buf_.get() + used_;
     used_ += n;
@@ -147,6 +155,20 @@ class StagedRuns {
   }
 
  private:
+  // Writes out the staged cells up to the last line boundary of their destination; the rest
+  // (less than a line) moves to the buffer's start.
+  void flush_lines() {
+    const int64_t keep =
+        static_cast<int64_t>(reinterpret_cast<uintptr_t>(dst_ + used_) % 64) / sizeof(T);
+    const int64_t out = used_ - keep;
+    if (out <= 0) return;
+    stream_copy(dst_, buf_.get(), out);
+    std::memmove(buf_.get(), buf_.get() + out, keep * sizeof(T));
+    dst_ += out;
+    used_ = keep;
+    streamed_ = true;
+  }
+
   bool on_, streamed_ = false;
   int64_t cap_;
   std::unique_ptr<T[]> buf_;
