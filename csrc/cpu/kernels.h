@@ -2119,8 +2119,8 @@ void write_tiles(T* gin, const PoolGeometry& g, int64_t planes, OutputRow&& outp
       std::vector<T*> row_list(kNR > 0 ? 0 : nr);
       T* row_fixed[kNR > 0 ? kNR : 1];
       T** rows = kNR > 0 ? row_fixed : row_list.data();
-      // Large gradients: planes up to 512 KiB staged whole (32 KiB or more at a time) and
-      // streamed out.
+      // Large gradients: planes up to 512 KiB staged whole (4 KiB of them at a time, at least
+      // one: staged_planes) and streamed out.
       const int64_t plane_n = ID * IH * IW;
       StagedRuns<T> out(streams<T>(planes * plane_n), staged_planes<T>(plane_n));
       for (int64_t pl = begin; pl < end; ++pl) {
