@@ -3653,14 +3653,14 @@ void global_bwd(const scalar_t* gout, const int64_t* pos, scalar_t* gin, int64_t
     constexpr bool kHalf = !std::is_same_v<scalar_t, acc_t>;
     std::vector<scalar_t> scaled(!kMax && cl && kHalf ? C : 0);
     int64_t scaled_n = -1;
-    // Max: the task's whole range zeroed at once, then the one gradient per plane (per channel,
-    // channels-last) goes in. Large float results (streams_out) are zeroed by non-temporal stores
-    // and the averages' staged and streamed out, or, planes too long to stage, filled by
-    // non-temporal stores: on the Xeon VM, writing lines not in the cache by ordinary stores ran
-    // at a third of that speed (NOTES §74). Otherwise one memset, whose string stores write whole
-    // lines without reading them first: on the EPYC VM about twice the speed of vector stores,
-    // and of one memset per short plane (§47). The half types' averages stream only the fills
-    // of planes too long to stage (fills_stream, §77).
+    // Max (but for the staged planes below): the task's whole range zeroed at once, then the one
+    // gradient per plane (per channel, channels-last) goes in. Large float results (streams_out)
+    // are zeroed by non-temporal stores and the averages' staged and streamed out, or, planes too
+    // long to stage, filled by non-temporal stores: on the Xeon VM, writing lines not in the cache
+    // by ordinary stores ran at a third of that speed (NOTES §74). Otherwise one memset, whose
+    // string stores write whole lines without reading them first: on the EPYC VM about twice the
+    // speed of vector stores, and of one memset per short plane (§47). The half types' averages
+    // stream only the fills of planes too long to stage (fills_stream, §77).
     const bool stream = streams_out<scalar_t>(rows * run) ||
                         (!kMax && !cl && fills_stream<scalar_t>(rows * run, run));
     // Large float max results with planes short enough to stage: each plane zeroed and given its
