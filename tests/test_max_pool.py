@@ -490,6 +490,56 @@ def test_two_wide_windows_inside_the_input(device, rng, shape, kw, kind, dtype):
     check_parity(x, nd, kw, rng)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["distinct", "ties", "nan", "signed_zeros", "minus_inf"])
+@pytest.mark.parametrize(
+    "shape,kw",
+    [
+        ((2, 3, 9, 16), dict(kernel_size=3, stride=2, padding=1)),
+        ((2, 3, 13, 33), dict(kernel_size=3, stride=2, padding=1)),
+        ((2, 3, 12, 34), dict(kernel_size=3, stride=2)),
+        ((3, 4, 57), dict(kernel_size=3, stride=2, padding=1)),
+        ((2, 3, 11, 36), dict(kernel_size=3, stride=(1, 2), padding=1, dilation=(2, 1))),
+        ((2, 2, 5, 7, 40), dict(kernel_size=(3, 1, 3), stride=(1, 2, 2), padding=(1, 0, 1))),
+        ((2, 3, 9, 34), dict(kernel_size=3, stride=2, padding=1, ceil_mode=True)),
+    ],
+)
+def test_three_wide_windows_at_stride_two(device, rng, shape, kw, kind, dtype):
+    """Windows three wide at W stride 2 (resnet's stem pool) with at most one padded column, and
+    1 or 3 window rows: the CPU takes a walk of its own for them (float32 and bfloat16, whose
+    cells it takes two to a 32-bit lane), with the padded rows and the
+    padded first column replaced by repeats of cells inside the input. Those repeats must not
+    change the value (+0 and -0 too), the index (ties keep the first cell, a NaN wins, the last one
+    for the index), nor the windows entirely -inf along W (the index is the first cell inside the
+    input). The last case has a window past the end (ceil_mode), which goes to the general walk."""
+    nd = len(shape) - 2
+    if kind in ("signed_zeros", "minus_inf"):
+        fill = torch.where(torch.randint(0, 2, shape, generator=rng).bool(), torch.tensor(-0.0),
+                           torch.tensor(0.0)) if kind == "signed_zeros" else torch.tensor(float("-inf"))
+        x = torch.where(torch.rand(shape, generator=rng) < 0.6, fill, -torch.rand(shape, generator=rng) - 0.5)
+        x = x.to(dtype=dtype, device=device)
+        with torch.no_grad():
+            rout, ridx = TORCH[nd](x.float(), return_indices=True, **kw)
+            out, idx = OURS[nd](x, return_indices=True, **kw)
+            assert torch.equal(idx, ridx)
+            for o in (out, OURS[nd](x, **kw)):
+                assert torch.equal(o.float(), rout)
+                assert torch.equal(torch.signbit(o), torch.signbit(rout))
+        if kind == "signed_zeros":
+            assert bool(torch.signbit(rout[rout == 0]).any()) and not bool(torch.signbit(rout[rout == 0]).all())
+        else:
+            assert bool(torch.isinf(rout).any())
+        return
+    x = make_input(shape, dtype, device, "contiguous", rng, kind="ties" if kind == "nan" else kind)
+    if kind == "nan":
+        x.view(-1)[torch.randperm(x.numel(), generator=rng)[: x.numel() // 40]] = float("nan")
+    check_parity(x, nd, kw, rng)
+    if dtype != torch.float32:  # check_parity asks of half types' indices only that they point at a maximum
+        with torch.no_grad():
+            assert torch.equal(OURS[nd](x, return_indices=True, **kw)[1],
+                               TORCH[nd](x.float(), return_indices=True, **kw)[1])
+
+
 @pytest.mark.parametrize(
     "shape", [(3, 4, 33), (2, 3, 17, 19), (4, 8, 26, 26), (2, 2, 7, 9, 21), (2, 3, 5, 201), (2, 2, 5, 4, 131)]
 )

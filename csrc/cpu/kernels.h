@@ -5,9 +5,10 @@
 //
 // Contiguous (N, C, D, H, W) input is processed one output row at a time: float rows with W
 // stride 1 or 2 are reduced 8 outputs at a time straight from the input rows in registers
-// (for_fused_chunks; windows two wide at stride 2 that lie inside the input by a leaner walk,
-// max_tiles_w2); other rows are copied once into a padded buffer split into `stride` phases,
-// after which every kernel column is a unit-stride pass over the output row.
+// (for_fused_chunks; leaner walks for max windows two wide at stride 2 that lie inside the input,
+// max_tiles_w2, and three wide at stride 2, max_w3s2); other rows are copied once into a padded
+// buffer split into `stride` phases, after which every kernel column is a unit-stride pass over
+// the output row.
 // Backward writes windows that tile the input straight into their cells (write_tiles), builds
 // other planes that fit in L2 whole in cache (max_bwd_scatter, avg_bwd_scatter) and gathers per
 // input row for larger ones; each plane is written by one thread in a fixed order:
@@ -1363,6 +1364,133 @@ void max_tiles_w2(const T* in, T* out, pos_t* pos, const PoolGeometry& g, int64_
   });
 }
 
+// NCHW float and bfloat16 windows three cells wide at W stride 2 with at most one padded column
+// (resnet's 3 × 3 stride-2 stem pool, 1d pools of 3 at stride 2), NR = KD * KH window rows (1 or
+// 3), rows of at least 8 outputs whose last window ends inside the row, max: the general walk
+// spends about as long on its bookkeeping (row tables, edge checks, counters kept on the stack) as
+// on the chunks' own work. Here every chunk of an output row loads without checks: window rows
+// cut off by padding along D and H are replaced by a repeat of the last row inside the input, and
+// the padded column before the row (the first chunk's first cell) by a repeat of the row's first
+// cell, whose position it reports. A repeated cell equals the cell before it in scan order, so it
+// never changes the maximum, which of equal values (+0, -0) is taken, or (being no greater) the
+// position. The third column comes from loads at x0 + 2 and x0 + 9 (float; not x0 + 10) or x0 + 1
+// (bfloat16's odd cells), so the last chunk reads no cell past its last window. Rows reduced and
+// folded in scan order, positions by take_greater, and NaNs found two cells per compare as in
+// max_of_cells; a chunk with a NaN is redone by torch's compare-and-blend chain (rare).
+inline bool w3s2_ok(const PoolGeometry& g) {
+  const int64_t OW = g.out[2], IW = g.in[2], nr = g.kernel[0] * g.kernel[1];
+  return g.kernel[2] == 3 && g.stride[2] == 2 && g.dilation[2] == 1 && g.pad[2] <= 1 && OW >= 8 &&
+         2 * (OW - 1) - g.pad[2] + 2 < IW && (nr == 1 || nr == 3) && IW < (1 << 30);
+}
+
+template <int NR, bool kPos, typename pos_t, typename T>
+void max_w3s2(const T* in, T* out, pos_t* pos, const PoolGeometry& g, int64_t planes) {
+  const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
+  const DimTable td(g, 0, false), th(g, 1, false);
+  at::parallel_for(0, planes * OD * OH, grain_for(OW * 3 * NR), [&](int64_t begin, int64_t end) {
+    // Locals, as in for_fused_chunks: the stores may alias what the closures reference.
+    const int64_t ow_n = OW, pad_w = g.pad[2];
+    const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    const __m256i first_twice = _mm256_setr_epi32(0, 0, 1, 2, 3, 4, 5, 6);
+    // Window positions of the first chunk's even column: the repeated first cell of output 0
+    // (lane 0) reports the cell it repeats (kw 1).
+    const __m256i first_kw = _mm256_setr_epi32(1, 0, 0, 0, 0, 0, 0, 0);
+    const __m256i high = _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+    WindowRows<T> wr(g);
+    RowCounter it(begin, OD, OH);
+    for (int64_t r = begin; r < end; ++r, it.next()) {
+      const int64_t nr = wr.find(in, it.a, it.b, it.c, td, th);
+      const T* rows[NR];
+      int32_t base[NR];
+      for (int j = 0; j < NR; ++j) {
+        rows[j] = wr.rows[std::min<int64_t>(j, nr - 1)];
+        base[j] = wr.bases[std::min<int64_t>(j, nr - 1)];
+      }
+      const int64_t o = r * ow_n;
+      auto chunk = [&](int64_t ow0, auto left) {
+        constexpr bool kLeft = decltype(left)::value;
+        const int64_t x0 = 2 * ow0 - pad_w;
+        // The window's cells in scan order: even (kw 0), odd (kw 1) and next even (kw 2) columns
+        // of each row, lanes in _mm256_shuffle_ps order; k[]: their window positions.
+        __m256 c[3 * NR];
+        __m256i k[3 * NR];
+        for (int j = 0; j < NR; ++j) {
+          const T* row = rows[j];
+          prefetch_ahead<4096, 2>(row + x0 + 1);
+          if constexpr (std::is_same_v<T, float>) {
+            const __m256 a = kLeft ? _mm256_permutevar8x32_ps(_mm256_loadu_ps(row), first_twice)
+                                   : _mm256_loadu_ps(row + x0);
+            const __m256 b = _mm256_loadu_ps(row + (x0 + 8));
+            c[3 * j] = _mm256_shuffle_ps(a, b, 0x88);
+            c[3 * j + 1] = _mm256_shuffle_ps(a, b, 0xDD);
+            c[3 * j + 2] = _mm256_shuffle_ps(_mm256_loadu_ps(row + (x0 + 2)),
+                                             _mm256_loadu_ps(row + (x0 + 9)), 0xD8);
+          } else {
+            // bfloat16, as for_window_row takes it: 16 cells a load, the even ones in the low
+            // and the odd ones in the high half of each 32-bit lane, in order.
+            const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + (x0 + 1)));
+            c[3 * j + 2] = _mm256_castsi256_ps(_mm256_and_si256(q, high));
+            if (kLeft) {  // q holds cells 0 .. 15: kw 1 its even cells, kw 0 the odd ones moved up
+              c[3 * j + 1] = _mm256_castsi256_ps(_mm256_slli_epi32(q, 16));
+              c[3 * j] = _mm256_blend_ps(_mm256_permutevar8x32_ps(c[3 * j + 2], first_twice),
+                                         c[3 * j + 1], 1);
+            } else {
+              const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + x0));
+              c[3 * j] = _mm256_castsi256_ps(_mm256_slli_epi32(p, 16));
+              c[3 * j + 1] = _mm256_castsi256_ps(_mm256_and_si256(p, high));
+            }
+          }
+          if (kPos) {
+            const __m256i kb = _mm256_set1_epi32(base[j]);
+            k[3 * j] = kLeft ? _mm256_add_epi32(kb, first_kw) : kb;
+            k[3 * j + 1] = _mm256_add_epi32(kb, _mm256_set1_epi32(1));
+            k[3 * j + 2] = _mm256_add_epi32(kb, _mm256_set1_epi32(2));
+          }
+        }
+        __m256 m = ninf, b = _mm256_setzero_ps(), nan = _mm256_setzero_ps();
+        for (int j = 0; j < NR; ++j) {
+          __m256 rm = c[3 * j];
+          if (kPos) {
+            __m256 rb = _mm256_castsi256_ps(k[3 * j]);
+            take_greater(rm, rb, c[3 * j + 1], k[3 * j + 1]);
+            take_greater(rm, rb, c[3 * j + 2], k[3 * j + 2]);
+            if (j == 0) {
+              m = rm;
+              b = rb;
+            } else {
+              take_greater(m, b, rm, _mm256_castps_si256(rb));
+            }
+          } else {
+            rm = _mm256_max_ps(c[3 * j + 2], _mm256_max_ps(c[3 * j + 1], rm));
+            m = j == 0 ? rm : _mm256_max_ps(rm, m);
+          }
+        }
+        for (int q = 0; q < 3 * NR; q += 2) {
+          nan = _mm256_or_ps(nan, _mm256_cmp_ps(c[q], c[std::min(q + 1, 3 * NR - 1)], _CMP_UNORD_Q));
+        }
+        if (__builtin_expect(_mm256_movemask_ps(nan) != 0, 0)) {
+          m = ninf;
+          for (int q = 0; q < 3 * NR; ++q) {
+            if (kPos) {
+              take_torch(m, b, c[q], _mm256_castsi256_ps(k[q]));
+            } else {
+              m = _mm256_blendv_ps(m, c[q], take_mask(c[q], m));
+            }
+          }
+        }
+        store8<true>(out + o + ow0, natural<2, T>(m), 8);
+        if (kPos) store_pos8(pos + o + ow0, _mm256_castps_si256(natural<2, T>(b)), 8);
+      };
+      int64_t i = 0;
+      if (pad_w) {
+        chunk(0, std::true_type{});
+        i = 8;
+      }
+      for (; i < ow_n; i += 8) chunk(std::min(i, ow_n - 8), std::false_type{});
+    }
+  });
+}
+
 // ---------------------------------------------------------------------------------------------
 // Fused AVX2 channels-last forwards (float): the channels of one output cell are reduced over its
 // window in registers, 32 channels (4 vectors) at a time, then 8 at a time, the last block masked.
@@ -1705,6 +1833,16 @@ void max_fwd_planar(const scalar_t* in, scalar_t* out, pos_t* pos, const PoolGeo
       if (nr == 2) max_tiles_w2<2, kPos>(in, out, pos, g, planes);
       if (nr == 4) max_tiles_w2<4, kPos>(in, out, pos, g, planes);
       return;
+    }
+    if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
+      if (w3s2_ok(g)) {
+        if (g.kernel[0] * g.kernel[1] == 1) {
+          max_w3s2<1, kPos>(in, out, pos, g, planes);
+        } else {
+          max_w3s2<3, kPos>(in, out, pos, g, planes);
+        }
+        return;
+      }
     }
     if (fused_rows_ok(g)) {
       with_fused_shape(g, [&](auto S, auto KW, auto NR) {
