@@ -507,11 +507,11 @@ def test_two_wide_windows_inside_the_input(device, rng, shape, kw, kind, dtype):
 def test_three_wide_windows_at_stride_two(device, rng, shape, kw, kind, dtype):
     """Windows three wide at W stride 2 (resnet's stem pool) with at most one padded column, and
     1 or 3 window rows: the CPU takes a walk of its own for them (float32 and bfloat16, whose
-    cells it takes two to a 32-bit lane), with the padded rows and the
-    padded first column replaced by repeats of cells inside the input. Those repeats must not
-    change the value (+0 and -0 too), the index (ties keep the first cell, a NaN wins, the last one
-    for the index), nor the windows entirely -inf along W (the index is the first cell inside the
-    input). The last case has a window past the end (ceil_mode), which goes to the general walk."""
+    cells it takes two to a 32-bit lane), with the padded rows and the padded first column
+    replaced by repeats of cells inside the input. Those repeats must not change the value (+0 and
+    -0 too), the index (ties keep the first cell, a NaN wins, the last one for the index), nor the
+    windows entirely -inf (the index is the first cell inside the input). The last case has a
+    window past the end (ceil_mode), which goes to the general walk."""
     nd = len(shape) - 2
     if kind in ("signed_zeros", "minus_inf"):
         fill = torch.where(torch.randint(0, 2, shape, generator=rng).bool(), torch.tensor(-0.0),
