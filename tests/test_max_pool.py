@@ -490,7 +490,7 @@ def test_two_wide_windows_inside_the_input(device, rng, shape, kw, kind, dtype):
     check_parity(x, nd, kw, rng)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind", ["distinct", "ties", "nan", "signed_zeros", "minus_inf"])
 @pytest.mark.parametrize(
     "shape,kw",
@@ -506,8 +506,8 @@ def test_two_wide_windows_inside_the_input(device, rng, shape, kw, kind, dtype):
 )
 def test_three_wide_windows_at_stride_two(device, rng, shape, kw, kind, dtype):
     """Windows three wide at W stride 2 (resnet's stem pool) with at most one padded column, and
-    1 or 3 window rows: the CPU takes a walk of its own for them (float32 and bfloat16, whose
-    cells it takes two to a 32-bit lane), with the padded rows and the padded first column
+    1 or 3 window rows: the CPU takes a walk of its own for them (float32, float16 converted,
+    and bfloat16, whose cells it takes two to a 32-bit lane), with the padded rows and the padded first column
     replaced by repeats of cells inside the input. Those repeats must not change the value (+0 and
     -0 too), the index (ties keep the first cell, a NaN wins, the last one for the index), nor the
     windows entirely -inf (the index is the first cell inside the input). The last case has a

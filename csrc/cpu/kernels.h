@@ -1364,7 +1364,7 @@ void max_tiles_w2(const T* in, T* out, pos_t* pos, const PoolGeometry& g, int64_
   });
 }
 
-// NCHW float and bfloat16 windows three cells wide at W stride 2 with at most one padded column
+// NCHW float and half-type windows three cells wide at W stride 2 with at most one padded column
 // (resnet's 3 × 3 stride-2 stem pool, 1d pools of 3 at stride 2), NR = KD * KH window rows (1 or
 // 3), rows of at least 8 outputs whose last window ends inside the row, max: the general walk
 // spends about as long on its bookkeeping (row tables, edge checks, counters kept on the stack) as
@@ -1417,14 +1417,13 @@ void max_w3s2(const T* in, T* out, pos_t* pos, const PoolGeometry& g, int64_t pl
         for (int j = 0; j < NR; ++j) {
           const T* row = rows[j];
           prefetch_ahead<4096, 2>(row + x0 + 1);
-          if constexpr (std::is_same_v<T, float>) {
-            const __m256 a = kLeft ? _mm256_permutevar8x32_ps(_mm256_loadu_ps(row), first_twice)
-                                   : _mm256_loadu_ps(row + x0);
-            const __m256 b = _mm256_loadu_ps(row + (x0 + 8));
+          if constexpr (!std::is_same_v<T, c10::BFloat16>) {  // float, float16 (converted)
+            const __m256 a = kLeft ? _mm256_permutevar8x32_ps(loadf(row), first_twice)
+                                   : loadf(row + x0);
+            const __m256 b = loadf(row + (x0 + 8));
             c[3 * j] = _mm256_shuffle_ps(a, b, 0x88);
             c[3 * j + 1] = _mm256_shuffle_ps(a, b, 0xDD);
-            c[3 * j + 2] = _mm256_shuffle_ps(_mm256_loadu_ps(row + (x0 + 2)),
-                                             _mm256_loadu_ps(row + (x0 + 9)), 0xD8);
+            c[3 * j + 2] = _mm256_shuffle_ps(loadf(row + (x0 + 2)), loadf(row + (x0 + 9)), 0xD8);
           } else {
             // bfloat16, as for_window_row takes it: 16 cells a load, the even ones in the low
             // and the odd ones in the high half of each 32-bit lane, in order.
@@ -1834,15 +1833,13 @@ void max_fwd_planar(const scalar_t* in, scalar_t* out, pos_t* pos, const PoolGeo
       if (nr == 4) max_tiles_w2<4, kPos>(in, out, pos, g, planes);
       return;
     }
-    if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
-      if (w3s2_ok(g)) {
-        if (g.kernel[0] * g.kernel[1] == 1) {
-          max_w3s2<1, kPos>(in, out, pos, g, planes);
-        } else {
-          max_w3s2<3, kPos>(in, out, pos, g, planes);
-        }
-        return;
+    if (w3s2_ok(g)) {
+      if (g.kernel[0] * g.kernel[1] == 1) {
+        max_w3s2<1, kPos>(in, out, pos, g, planes);
+      } else {
+        max_w3s2<3, kPos>(in, out, pos, g, planes);
       }
+      return;
     }
     if (fused_rows_ok(g)) {
       with_fused_shape(g, [&](auto S, auto KW, auto NR) {
