@@ -93,8 +93,10 @@ def load_functional(standin):
     if not standin:
         import torchpool
         import torchpool.functional as tpf
+        kernels = torchpool.cpu_kernels() if hasattr(torchpool, "cpu_kernels") else None
         return tpf, {"torchpool": getattr(torchpool, "__version__", None),
-                     "torchpool_file": getattr(torchpool, "__file__", None), "standin": False}
+                     "torchpool_file": getattr(torchpool, "__file__", None), "cpu_kernels": kernels,
+                     "standin": False}
     ns = types.SimpleNamespace()
     for d in (1, 2, 3):
         dims = tuple(range(2, 2 + d))

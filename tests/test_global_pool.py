@@ -1,5 +1,11 @@
 """Global max / average pooling: parity with torch reductions (values and gradients), keepdim,
-unbatched, empty batches, layouts, NaN, ties (gradient to the first maximum), gradcheck."""
+unbatched, empty batches, layouts, NaN, ties (gradient to the first maximum), gradcheck; the
+CPU kernels' vendor tunings."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -322,3 +328,43 @@ def test_max_of_long_planes(device, rng, n, dtype, train):
         want = torch.zeros((1, 8, n), dtype=dtype)
         want.scatter_(2, idx.reshape(1, 8, 1), g.cpu().reshape(1, 8, 1))
         assert torch.equal(leaf.grad.cpu(), want)
+
+
+def _cpu_vendor():
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def test_cpu_kernels_named(device):
+    """torchpool.cpu_kernels() names the instruction set and the tuning in use; without
+    TORCHPOOL_CPU_TUNE the tuning follows the CPU's vendor."""
+    import torchpool
+
+    k = torchpool.cpu_kernels()
+    assert k["isa"] in ("avx2", "base") and k["tuning"] in ("intel", "amd")
+    if "TORCHPOOL_CPU_TUNE" not in os.environ and _cpu_vendor() in ("AuthenticAMD", "GenuineIntel"):
+        assert k["tuning"] == ("amd" if _cpu_vendor() == "AuthenticAMD" else "intel")
+
+
+@pytest.mark.parametrize("tune", ["intel", "amd"])
+def test_cpu_tunings(device, tune):
+    """Each vendor tuning of the CPU kernels (TORCHPOOL_CPU_TUNE=intel or amd: the float
+    reductions' prefetch, the short planes' argmax in one pass or two) passes this file's tests of
+    short and long planes and of parity with torch, whichever CPU runs them."""
+    if device != "cpu":
+        pytest.skip("the tunings are the CPU kernels'")
+    env = dict(os.environ, TORCHPOOL_CPU_TUNE=tune)
+    named = subprocess.run([sys.executable, "-c", "import torchpool; print(torchpool.cpu_kernels()['tuning'])"],
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert named.stdout.strip() == tune, named.stderr[-2000:]
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", Path(__file__).name,
+         "-k", "short_planes or long_planes or global_matches_torch"],
+        env=env, cwd=Path(__file__).parent, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and " failed" not in r.stdout

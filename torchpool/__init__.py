@@ -20,6 +20,14 @@ def cuda_built() -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("torchpool::max_pool", "CUDA")
 
 
+def cpu_kernels() -> dict:
+    """The CPU kernels picked for this machine: the instruction set (``"avx2"``, or ``"base"`` where
+    the CPU lacks AVX2 and FMA or TORCHPOOL_CPU_ISA=base) and the tuning of the AVX2 kernels for the
+    CPU's vendor (``"intel"`` or ``"amd"``; TORCHPOOL_CPU_TUNE forces one)."""
+    isa, tuning = torch.ops.torchpool.cpu_kernels()
+    return dict(isa=isa, tuning=tuning)
+
+
 def cpu_cache_stats() -> dict:
     """The cache of freed large CPU outputs (1 MiB and more), which later outputs of the same
     size reuse instead of mapping fresh pages: free bytes and blocks held, allocations served
@@ -35,4 +43,4 @@ def empty_cpu_cache() -> int:
     return torch.ops.torchpool.empty_cpu_cache()
 
 
-__all__ = ["autograd", "functional", "nn", "cuda_built", "cpu_cache_stats", "empty_cpu_cache", "__version__"]
+__all__ = ["autograd", "functional", "nn", "cuda_built", "cpu_kernels", "cpu_cache_stats", "empty_cpu_cache", "__version__"]

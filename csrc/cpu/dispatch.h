@@ -34,4 +34,17 @@ const Kernels& kernels_avx2();
 // The fastest table this CPU supports (TORCHPOOL_CPU_ISA=base forces the portable one).
 const Kernels& kernels();
 
+// Choices of the AVX2 kernels where what is fastest differs between CPUs (NOTES §70, §84), made
+// once from the CPU's vendor; TORCHPOOL_CPU_TUNE=intel or amd forces one set.
+struct Tuning {
+  const char* name;
+  // The float32 global reductions of NCHW planes prefetch 2 KiB ahead (Intel: faster from memory;
+  // AMD: level or slower, the hardware prefetchers keep up).
+  bool float_reductions_prefetch;
+  // The global max with positions over short float32 planes finds eight planes' maxima first and
+  // then each maximum's cell (Intel), or both in one pass per plane (AMD).
+  bool argmax_after_max;
+};
+const Tuning& tuning();
+
 }  // namespace torchpool::cpu

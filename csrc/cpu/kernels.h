@@ -527,6 +527,13 @@ inline void prefetch_ahead(const void* p) {
   if constexpr (kLines > 1) _mm_prefetch(static_cast<const char*>(p) + kAhead + 64, _MM_HINT_T0);
 }
 
+// Whether the global reductions over T prefetch: the half types always, float where the tuning
+// says (on AMD the hardware prefetchers keep up, and the prefetches cost: NOTES §84).
+template <typename T>
+inline bool reductions_prefetch() {
+  return !std::is_same_v<T, float> || tuning().float_reductions_prefetch;
+}
+
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -538,8 +545,9 @@ template <typename T>
 inline float reduce_sum(const T* __restrict src, int64_t n) {
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
   int64_t i = 0;
+  const bool pf = reductions_prefetch<T>();
   for (; i + 32 <= n; i += 32) {
-    prefetch_ahead<2048, 2>(src + i);
+    if (pf) prefetch_ahead<2048, 2>(src + i);
     a0 = _mm256_add_ps(a0, loadf(src + i));
     a1 = _mm256_add_ps(a1, loadf(src + i + 8));
     a2 = _mm256_add_ps(a2, loadf(src + i + 16));
@@ -557,8 +565,9 @@ inline float reduce_max(const T* __restrict src, int64_t n) {
   const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   __m256 m0 = ninf, m1 = ninf, nan = _mm256_setzero_ps();
   int64_t i = 0;
+  const bool pf = reductions_prefetch<T>();
   for (; i + 16 <= n; i += 16) {
-    prefetch_ahead<2048, 1>(src + i);
+    if (pf) prefetch_ahead<2048, 1>(src + i);
     const __m256 v0 = loadf(src + i), v1 = loadf(src + i + 8);
     m0 = _mm256_max_ps(m0, v0);
     m1 = _mm256_max_ps(m1, v1);
@@ -3344,11 +3353,12 @@ inline __m256 sum_planes8(const T* __restrict src, int64_t n) {
   const int64_t full = n / 8 * 8, rem = n - full;
   const __m256i tail = std::is_same_v<T, float> ? lanes_inside(0, rem) : lanes_inside(rem - 8, rem);
   __m256 a[8];
+  const bool pf = reductions_prefetch<T>();
   for (int p = 0; p < 8; ++p) {
     const T* s = src + p * n;
     __m256 acc = full > 0 ? loadf(s) : _mm256_setzero_ps();
     for (int64_t i = 8; i < full; i += 8) {
-      prefetch_ahead<2048, 1>(s + i);
+      if (pf) prefetch_ahead<2048, 1>(s + i);
       acc = _mm256_add_ps(acc, loadf(s + i));
     }
     if (rem > 0) {
@@ -3373,6 +3383,7 @@ template <typename T>
 inline __m256 max_planes8(const T* __restrict src, int64_t n) {
   const int64_t full = n / 8 * 8;
   __m256 m[8], nan[8];
+  const bool pf = reductions_prefetch<T>();
   for (int p = 0; p < 8; ++p) {
     const T* s = src + p * n;
     __m256 a = loadf(s), u = _mm256_cmp_ps(a, a, _CMP_UNORD_Q);
@@ -3381,7 +3392,7 @@ inline __m256 max_planes8(const T* __restrict src, int64_t n) {
       u = _mm256_or_ps(u, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
     };
     for (int64_t i = 8; i < full; i += 8) {
-      prefetch_ahead<2048, 1>(s + i);
+      if (pf) prefetch_ahead<2048, 1>(s + i);
       add(loadf(s + i));
     }
     if (full < n) add(loadf(s + n - 8));
@@ -3501,10 +3512,11 @@ void global_max_planar(const scalar_t* in, scalar_t* out, int64_t* pos, int64_t 
                        int64_t P) {
   using acc_t = acc_type<scalar_t>;
 #if defined(TORCHPOOL_AVX2)
-  // Float short planes with positions: the maxima eight at a time, then their cells (the half
-  // types were slower so, their second pass converting every cell again: NOTES §70).
+  // Float short planes with positions: the maxima eight at a time, then their cells, where the
+  // tuning says (the half types were slower so, their second pass converting every cell again:
+  // NOTES §70; on AMD float too, §84).
   if constexpr (kPos && std::is_same_v<scalar_t, float>) {
-    if (P >= 8 && P < 256) {
+    if (P >= 8 && P < 256 && tuning().argmax_after_max) {
       for_plane_groups8(
           planes, P,
           [=](int64_t pl) {

@@ -37,4 +37,19 @@ const Kernels& kernels() {
   return chosen;
 }
 
+const Tuning& tuning() {
+  static const Tuning intel{"intel", true, true}, amd{"amd", false, false};
+  static const Tuning& chosen = [&]() -> const Tuning& {
+    const char* force = std::getenv("TORCHPOOL_CPU_TUNE");
+    if (force && std::strcmp(force, "intel") == 0) return intel;
+    if (force && std::strcmp(force, "amd") == 0) return amd;
+#if defined(__x86_64__) || defined(_M_X64)
+    __builtin_cpu_init();
+    if (__builtin_cpu_is("amd")) return amd;
+#endif
+    return intel;
+  }();
+  return chosen;
+}
+
 }  // namespace torchpool::cpu

@@ -1,6 +1,9 @@
 // CPU op registration: the op bodies are in ops.h, the kernels in the table of dispatch.h.
 #include <torch/library.h>
 
+#include <string>
+#include <vector>
+
 #include "cpu/dispatch.h"
 #include "cpu/output_cache.h"
 #include "ops.h"
@@ -24,9 +27,13 @@ struct Backend : ops::DefaultHooks {
   template <typename... A> static void global_bwd(const A&... a) { kernels().global_bwd(a...); }
 };
 
+// The instruction set and the tuning of the kernels picked for this CPU.
+std::vector<std::string> cpu_kernels() { return {kernels().isa, tuning().name}; }
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(torchpool, m) {
+  m.def("cpu_kernels() -> str[]", &cpu_kernels);
   m.def("cpu_cache_stats() -> int[]", &output_cache_stats);
   m.def("empty_cpu_cache() -> int", &output_cache_empty);
 }
