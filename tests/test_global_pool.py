@@ -368,3 +368,26 @@ def test_cpu_tunings(device, tune):
         env=env, cwd=Path(__file__).parent, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert " passed" in r.stdout and " failed" not in r.stdout
+
+
+def test_cpu_tuning_bad_value(device):
+    """An unknown TORCHPOOL_CPU_TUNE fails every op call with one error that names the variable,
+    the value and the rule, rather than running some tuning silently."""
+    if device != "cpu":
+        pytest.skip("the tunings are the CPU kernels'")
+    code = (
+        "import torch, torchpool, torchpool.functional as tpf\n"
+        "for call in (lambda: tpf.max_pool2d(torch.randn(1, 1, 4, 4), 2), torchpool.cpu_kernels,\n"
+        "             lambda: tpf.global_avg_pool2d(torch.randn(1, 1, 4, 4))):\n"
+        "    try:\n"
+        "        call()\n"
+        "        print('no error')\n"
+        "    except RuntimeError as e:\n"
+        "        print(str(e).splitlines()[0])\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, TORCHPOOL_CPU_TUNE="zen4"),
+                       capture_output=True, text=True, timeout=120)
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0 and len(lines) == 3, r.stdout + r.stderr[-2000:]
+    for line in lines:
+        assert line.startswith("TORCHPOOL_CPU_TUNE=zen4: must be intel or amd"), line

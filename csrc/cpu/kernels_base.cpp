@@ -23,6 +23,9 @@ const Kernels& kernels_base() { return base_isa::table("base"); }
 
 const Kernels& kernels() {
   static const Kernels& chosen = [&]() -> const Kernels& {
+    // The tuning first, on the calling thread: a bad TORCHPOOL_CPU_TUNE fails the op call here,
+    // never inside a kernel's parallel region.
+    tuning();
     const char* force = std::getenv("TORCHPOOL_CPU_ISA");
     const bool base_only = force && std::strcmp(force, "base") == 0;
 #if defined(__x86_64__) || defined(_M_X64)
@@ -43,6 +46,8 @@ const Tuning& tuning() {
     const char* force = std::getenv("TORCHPOOL_CPU_TUNE");
     if (force && std::strcmp(force, "intel") == 0) return intel;
     if (force && std::strcmp(force, "amd") == 0) return amd;
+    TORCH_CHECK(!force || !*force, "TORCHPOOL_CPU_TUNE=", force,
+                ": must be intel or amd (or unset, to follow the CPU's vendor)");
 #if defined(__x86_64__) || defined(_M_X64)
     __builtin_cpu_init();
     if (__builtin_cpu_is("amd")) return amd;
