@@ -340,7 +340,13 @@ def _cpu_vendor():
     return None
 
 
-def test_cpu_kernels_named(device):
+def _python_with_tuning(tune, code):
+    """Runs `code` in a fresh interpreter with TORCHPOOL_CPU_TUNE=tune."""
+    return subprocess.run([sys.executable, "-c", code], env=dict(os.environ, TORCHPOOL_CPU_TUNE=tune),
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cpu_kernels_named():
     """torchpool.cpu_kernels() names the instruction set and the tuning in use; without
     TORCHPOOL_CPU_TUNE the tuning follows the CPU's vendor."""
     import torchpool
@@ -358,14 +364,13 @@ def test_cpu_tunings(device, tune):
     short and long planes and of parity with torch, whichever CPU runs them."""
     if device != "cpu":
         pytest.skip("the tunings are the CPU kernels'")
-    env = dict(os.environ, TORCHPOOL_CPU_TUNE=tune)
-    named = subprocess.run([sys.executable, "-c", "import torchpool; print(torchpool.cpu_kernels()['tuning'])"],
-                           env=env, capture_output=True, text=True, timeout=120)
+    named = _python_with_tuning(tune, "import torchpool; print(torchpool.cpu_kernels()['tuning'])")
     assert named.stdout.strip() == tune, named.stderr[-2000:]
     r = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", Path(__file__).name,
          "-k", "short_planes or long_planes or global_matches_torch"],
-        env=env, cwd=Path(__file__).parent, capture_output=True, text=True, timeout=600)
+        env=dict(os.environ, TORCHPOOL_CPU_TUNE=tune), cwd=Path(__file__).parent, capture_output=True,
+        text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert " passed" in r.stdout and " failed" not in r.stdout
 
@@ -385,8 +390,7 @@ def test_cpu_tuning_bad_value(device):
         "    except RuntimeError as e:\n"
         "        print(str(e).splitlines()[0])\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, TORCHPOOL_CPU_TUNE="zen4"),
-                       capture_output=True, text=True, timeout=120)
+    r = _python_with_tuning("zen4", code)
     lines = r.stdout.splitlines()
     assert r.returncode == 0 and len(lines) == 3, r.stdout + r.stderr[-2000:]
     for line in lines:
