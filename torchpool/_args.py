@@ -86,11 +86,51 @@ def same_padding(size: int, k: int, s: int) -> Tuple[int, int]:
     return total // 2, total - total // 2
 
 
+# Geometries already validated, by (fn, spatial shape, arguments): a model calls its pools with
+# the same arguments on inputs of the same shape step after step, and working the geometry out
+# again costs about as much as the op call on a small input. Only plain ints, tuples or lists of
+# ints, strings and None are keys (True == 1 and 2.0 == 2 as dict keys, but not as arguments);
+# failures are never stored, so every bad call raises again. Under torch.compile the geometry is
+# worked out while tracing, once per graph, without the cache.
+_GEOMETRIES: dict = {}
+_GEOMETRIES_CAP = 4096
+_UNCACHED = object()
+
+
+def _key(value):
+    """`value` as a cache key no differently-handled argument shares, or _UNCACHED."""
+    t = type(value)
+    if t is int or t is str or value is None:
+        return value
+    if (t is tuple or t is list or t is torch.Size) and all(type(v) is int for v in value):
+        return tuple(value),  # a 1-tuple: never equal to an int or a string key
+    return _UNCACHED
+
+
 def geometry(fn: str, input_shape: Sequence[int], nd: int, kernel_size: IntOrTuple,
              stride: Optional[IntOrTuple], padding: Padding, dilation: IntOrTuple,
              ceil_mode: bool) -> Geometry:
     """Validates pooling arguments against the input's shape and makes them explicit."""
     spatial = tuple(input_shape[-nd:])
+    if torch.compiler.is_compiling():  # traced once per graph; the cache is for eager calls
+        return _geometry(fn, input_shape, spatial, nd, kernel_size, stride, padding, dilation,
+                         ceil_mode)
+    key = (fn, spatial, _key(kernel_size), _key(stride), _key(padding), _key(dilation),
+           ceil_mode if type(ceil_mode) is bool else _UNCACHED)
+    if _UNCACHED in key or not all(type(n) is int for n in spatial):
+        return _geometry(fn, input_shape, spatial, nd, kernel_size, stride, padding, dilation,
+                         ceil_mode)
+    g = _GEOMETRIES.get(key)
+    if g is None:
+        g = _geometry(fn, input_shape, spatial, nd, kernel_size, stride, padding, dilation,
+                      ceil_mode)
+        if len(_GEOMETRIES) >= _GEOMETRIES_CAP:
+            _GEOMETRIES.clear()
+        _GEOMETRIES[key] = g
+    return g
+
+
+def _geometry(fn, input_shape, spatial, nd, kernel_size, stride, padding, dilation, ceil_mode):
     kernel = expand(fn, "kernel_size", kernel_size, nd)
     no_stride = stride is None or (isinstance(stride, (tuple, list)) and len(stride) == 0)
     strides = kernel if no_stride else expand(fn, "stride", stride, nd)
