@@ -2,6 +2,7 @@
 unbatched, empty batches, layouts, NaN, ties (gradient to the first maximum), gradcheck; the
 CPU kernels' vendor tunings."""
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -330,20 +331,42 @@ def test_max_of_long_planes(device, rng, n, dtype, train):
         assert torch.equal(leaf.grad.cpu(), want)
 
 
-def _cpu_vendor():
+def _cpuinfo(field):
+    """The value of the first /proc/cpuinfo line for `field`, or None."""
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("vendor_id"):
+            if line.split(":", 1)[0].strip() == field:
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return None
 
 
-def _python_with_tuning(tune, code):
-    """Runs `code` in a fresh interpreter with TORCHPOOL_CPU_TUNE=tune."""
-    return subprocess.run([sys.executable, "-c", code], env=dict(os.environ, TORCHPOOL_CPU_TUNE=tune),
+def _cpu_vendor():
+    return _cpuinfo("vendor_id")
+
+
+def _python_with(code, **env):
+    """Runs `code` in a fresh interpreter with the environment variables `env` set."""
+    return subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env),
                           capture_output=True, text=True, timeout=120)
+
+
+def _python_with_tuning(tune, code):
+    return _python_with(code, TORCHPOOL_CPU_TUNE=tune)
+
+
+# Three calls that each pick the CPU kernels, printing the first line of each one's error.
+_THREE_CALLS = (
+    "import torch, torchpool, torchpool.functional as tpf\n"
+    "for call in (lambda: tpf.max_pool2d(torch.randn(1, 1, 4, 4), 2), torchpool.cpu_kernels,\n"
+    "             lambda: tpf.global_avg_pool2d(torch.randn(1, 1, 4, 4))):\n"
+    "    try:\n"
+    "        call()\n"
+    "        print('no error')\n"
+    "    except RuntimeError as e:\n"
+    "        print(str(e).splitlines()[0])\n"
+)
 
 
 def test_cpu_kernels_named():
@@ -380,18 +403,42 @@ def test_cpu_tuning_bad_value(device):
     the value and the rule, rather than running some tuning silently."""
     if device != "cpu":
         pytest.skip("the tunings are the CPU kernels'")
-    code = (
-        "import torch, torchpool, torchpool.functional as tpf\n"
-        "for call in (lambda: tpf.max_pool2d(torch.randn(1, 1, 4, 4), 2), torchpool.cpu_kernels,\n"
-        "             lambda: tpf.global_avg_pool2d(torch.randn(1, 1, 4, 4))):\n"
-        "    try:\n"
-        "        call()\n"
-        "        print('no error')\n"
-        "    except RuntimeError as e:\n"
-        "        print(str(e).splitlines()[0])\n"
-    )
-    r = _python_with_tuning("zen4", code)
+    r = _python_with_tuning("zen4", _THREE_CALLS)
     lines = r.stdout.splitlines()
     assert r.returncode == 0 and len(lines) == 3, r.stdout + r.stderr[-2000:]
     for line in lines:
         assert line.startswith("TORCHPOOL_CPU_TUNE=zen4: must be intel or amd"), line
+
+
+def test_cpu_isa_choices(device):
+    """TORCHPOOL_CPU_ISA=base picks the portable kernels; =avx2 the AVX2 ones where the CPU has
+    AVX2 and FMA, else every op call fails with one error saying so."""
+    if device != "cpu":
+        pytest.skip("the instruction sets are the CPU kernels'")
+    code = "import torchpool; print(torchpool.cpu_kernels()['isa'])"
+    base = _python_with(code, TORCHPOOL_CPU_ISA="base")
+    assert base.stdout.strip() == "base", base.stderr[-2000:]
+    flags = _cpuinfo("flags")
+    if flags is None:
+        pytest.skip("no /proc/cpuinfo flags to tell whether the CPU has AVX2")
+    if platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma"} <= set(flags.split()):
+        forced = _python_with(code, TORCHPOOL_CPU_ISA="avx2")
+        assert forced.stdout.strip() == "avx2", forced.stderr[-2000:]
+    else:
+        r = _python_with(_THREE_CALLS, TORCHPOOL_CPU_ISA="avx2")
+        lines = r.stdout.splitlines()
+        assert r.returncode == 0 and len(lines) == 3, r.stdout + r.stderr[-2000:]
+        for line in lines:
+            assert line.startswith("TORCHPOOL_CPU_ISA=avx2: this CPU (or this build) has no AVX2"), line
+
+
+def test_cpu_isa_bad_value(device):
+    """An unknown TORCHPOOL_CPU_ISA fails every op call with one error that names the variable,
+    the value and the rule, rather than being ignored."""
+    if device != "cpu":
+        pytest.skip("the instruction sets are the CPU kernels'")
+    r = _python_with(_THREE_CALLS, TORCHPOOL_CPU_ISA="avx512")
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0 and len(lines) == 3, r.stdout + r.stderr[-2000:]
+    for line in lines:
+        assert line.startswith("TORCHPOOL_CPU_ISA=avx512: must be base or avx2"), line

@@ -22,8 +22,9 @@ def cuda_built() -> bool:
 
 def cpu_kernels() -> dict:
     """The CPU kernels picked for this machine: the instruction set (``"avx2"``, or ``"base"`` where
-    the CPU lacks AVX2 and FMA or TORCHPOOL_CPU_ISA=base) and the tuning of the AVX2 kernels for the
-    CPU's vendor (``"intel"`` or ``"amd"``; TORCHPOOL_CPU_TUNE forces one)."""
+    the CPU lacks AVX2 and FMA or TORCHPOOL_CPU_ISA=base; TORCHPOOL_CPU_ISA=avx2 insists on AVX2)
+    and the tuning of the AVX2 kernels for the CPU's vendor (``"intel"`` or ``"amd"``;
+    TORCHPOOL_CPU_TUNE forces one)."""
     isa, tuning = torch.ops.torchpool.cpu_kernels()
     return dict(isa=isa, tuning=tuning)
 

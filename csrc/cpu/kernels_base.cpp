@@ -26,15 +26,24 @@ const Kernels& kernels() {
     // The tuning first, on the calling thread: a bad TORCHPOOL_CPU_TUNE fails the op call here,
     // never inside a kernel's parallel region.
     tuning();
+    // TORCHPOOL_CPU_ISA: unset or empty for the fastest table this CPU runs, "base" for the
+    // portable one, "avx2" to insist on AVX2 (an error where the CPU or the build lacks it).
     const char* force = std::getenv("TORCHPOOL_CPU_ISA");
-    const bool base_only = force && std::strcmp(force, "base") == 0;
+    const bool any = !force || !*force;
+    const bool base_only = !any && std::strcmp(force, "base") == 0;
+    const bool avx2_only = !any && std::strcmp(force, "avx2") == 0;
+    TORCH_CHECK(any || base_only || avx2_only, "TORCHPOOL_CPU_ISA=", force,
+                ": must be base or avx2 (or unset, for the fastest this CPU runs)");
 #if defined(__x86_64__) || defined(_M_X64)
     __builtin_cpu_init();
-    if (!base_only && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-      return kernels_avx2();
-    }
+    const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (!base_only && has_avx2) return kernels_avx2();
+#else
+    const bool has_avx2 = false;
 #endif
-    (void)base_only;
+    TORCH_CHECK(!avx2_only || has_avx2,
+                "TORCHPOOL_CPU_ISA=avx2: this CPU (or this build) has no AVX2 and FMA; unset it, "
+                "or set it to base");
     return kernels_base();
   }();
   return chosen;
