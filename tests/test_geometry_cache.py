@@ -1,6 +1,6 @@
-"""The validated-geometry cache of torchpool._args: a cached geometry is the one worked out afresh,
-arguments that only compare equal to a cached key (True == 1, 2.0 == 2) still raise their errors,
-failures are never cached, and the cache stays bounded."""
+"""The validated-geometry cache of torchpool._args: a cached geometry is the one worked out afresh
+(and pools as torch does), arguments that only compare equal to a cached key (True == 1,
+2.0 == 2) still raise their errors, failures are never cached, and the cache stays bounded."""
 import random
 
 import pytest
@@ -25,8 +25,12 @@ def test_cached_geometry_is_the_fresh_one():
                     padding=rng.choice([0, 1, "same", "valid"]) if min(k) >= 2 else 0,
                     dilation=1, ceil_mode=rng.random() < 0.5)
         fresh = _args._geometry(f"max_pool{nd}d", shape, shape[2:], nd, *args.values())
+        x = torch.randn(shape)
         for _ in range(2):  # a miss, then a hit
             assert _args.geometry(f"max_pool{nd}d", shape, nd, *args.values()) == fresh
+            if not isinstance(args["padding"], str):  # torch has no 'same' / 'valid' here
+                got = getattr(tpf, f"max_pool{nd}d")(x, **args)
+                torch.testing.assert_close(got, getattr(F, f"max_pool{nd}d")(x, **args), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name,nd", POOLS)

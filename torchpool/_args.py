@@ -112,22 +112,20 @@ def geometry(fn: str, input_shape: Sequence[int], nd: int, kernel_size: IntOrTup
              ceil_mode: bool) -> Geometry:
     """Validates pooling arguments against the input's shape and makes them explicit."""
     spatial = tuple(input_shape[-nd:])
-    if torch.compiler.is_compiling():  # traced once per graph; the cache is for eager calls
-        return _geometry(fn, input_shape, spatial, nd, kernel_size, stride, padding, dilation,
-                         ceil_mode)
-    key = (fn, spatial, _key(kernel_size), _key(stride), _key(padding), _key(dilation),
-           ceil_mode if type(ceil_mode) is bool else _UNCACHED)
-    if _UNCACHED in key or not all(type(n) is int for n in spatial):
-        return _geometry(fn, input_shape, spatial, nd, kernel_size, stride, padding, dilation,
-                         ceil_mode)
-    g = _GEOMETRIES.get(key)
-    if g is None:
-        g = _geometry(fn, input_shape, spatial, nd, kernel_size, stride, padding, dilation,
-                      ceil_mode)
-        if len(_GEOMETRIES) >= _GEOMETRIES_CAP:
-            _GEOMETRIES.clear()
-        _GEOMETRIES[key] = g
-    return g
+    if not torch.compiler.is_compiling():  # traced once per graph; the cache is for eager calls
+        key = (fn, spatial, _key(kernel_size), _key(stride), _key(padding), _key(dilation),
+               ceil_mode if type(ceil_mode) is bool else _UNCACHED)
+        if _UNCACHED not in key and all(type(n) is int for n in spatial):
+            g = _GEOMETRIES.get(key)
+            if g is None:
+                g = _geometry(fn, input_shape, spatial, nd, kernel_size, stride, padding,
+                              dilation, ceil_mode)
+                if len(_GEOMETRIES) >= _GEOMETRIES_CAP:
+                    _GEOMETRIES.clear()
+                _GEOMETRIES[key] = g
+            return g
+    return _geometry(fn, input_shape, spatial, nd, kernel_size, stride, padding, dilation,
+                     ceil_mode)
 
 
 def _geometry(fn, input_shape, spatial, nd, kernel_size, stride, padding, dilation, ceil_mode):
