@@ -369,6 +369,15 @@ _THREE_CALLS = (
 )
 
 
+def _assert_every_call_fails(message, **env):
+    """With `env` set, each of _THREE_CALLS fails with an error starting with `message`."""
+    r = _python_with(_THREE_CALLS, **env)
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0 and len(lines) == 3, r.stdout + r.stderr[-2000:]
+    for line in lines:
+        assert line.startswith(message), line
+
+
 def test_cpu_kernels_named():
     """torchpool.cpu_kernels() names the instruction set and the tuning in use; without
     TORCHPOOL_CPU_TUNE the tuning follows the CPU's vendor."""
@@ -403,11 +412,8 @@ def test_cpu_tuning_bad_value(device):
     the value and the rule, rather than running some tuning silently."""
     if device != "cpu":
         pytest.skip("the tunings are the CPU kernels'")
-    r = _python_with_tuning("zen4", _THREE_CALLS)
-    lines = r.stdout.splitlines()
-    assert r.returncode == 0 and len(lines) == 3, r.stdout + r.stderr[-2000:]
-    for line in lines:
-        assert line.startswith("TORCHPOOL_CPU_TUNE=zen4: must be intel or amd"), line
+    _assert_every_call_fails("TORCHPOOL_CPU_TUNE=zen4: must be intel or amd",
+                             TORCHPOOL_CPU_TUNE="zen4")
 
 
 def test_cpu_isa_choices(device):
@@ -425,11 +431,8 @@ def test_cpu_isa_choices(device):
         forced = _python_with(code, TORCHPOOL_CPU_ISA="avx2")
         assert forced.stdout.strip() == "avx2", forced.stderr[-2000:]
     else:
-        r = _python_with(_THREE_CALLS, TORCHPOOL_CPU_ISA="avx2")
-        lines = r.stdout.splitlines()
-        assert r.returncode == 0 and len(lines) == 3, r.stdout + r.stderr[-2000:]
-        for line in lines:
-            assert line.startswith("TORCHPOOL_CPU_ISA=avx2: this CPU (or this build) has no AVX2"), line
+        _assert_every_call_fails("TORCHPOOL_CPU_ISA=avx2: this CPU (or this build) has no AVX2",
+                                 TORCHPOOL_CPU_ISA="avx2")
 
 
 def test_cpu_isa_bad_value(device):
@@ -437,8 +440,5 @@ def test_cpu_isa_bad_value(device):
     the value and the rule, rather than being ignored."""
     if device != "cpu":
         pytest.skip("the instruction sets are the CPU kernels'")
-    r = _python_with(_THREE_CALLS, TORCHPOOL_CPU_ISA="avx512")
-    lines = r.stdout.splitlines()
-    assert r.returncode == 0 and len(lines) == 3, r.stdout + r.stderr[-2000:]
-    for line in lines:
-        assert line.startswith("TORCHPOOL_CPU_ISA=avx512: must be base or avx2"), line
+    _assert_every_call_fails("TORCHPOOL_CPU_ISA=avx512: must be base or avx2",
+                             TORCHPOOL_CPU_ISA="avx512")
