@@ -26,31 +26,29 @@ constexpr int64_t kNoIndex = std::numeric_limits<int64_t>::max();
 
 // Max with the position of the result. Combining selects the larger state under a total order
 // (any NaN above any number, a later NaN above an earlier one; equal numbers: the earlier
-// position wins), so any combination order gives the sequential scan's answer.
+// position wins), so any combination order gives the sequential scan's answer. The position is
+// tracked without kPos too: the lanes combine strided cells, and only the position tells which
+// of -0 and +0 came first (torch keeps the first of equal values). kPos: the position is written.
 template <typename acc_t, bool kPos>
 struct MaxOp {
+  static constexpr bool kTracksPos = true;
   struct State {
     acc_t v;
     int64_t i;
   };
   __device__ __forceinline__ static State identity() { return {neg_inf<acc_t>(), kNoIndex}; }
   __device__ __forceinline__ static void combine(State& a, const State& b) {
-    if constexpr (kPos) {
-      const bool an = at::_isnan(a.v), bn = at::_isnan(b.v);
-      const bool take = (an || bn) ? (bn && (!an || b.i > a.i))
-                                   : (b.v > a.v || (b.v == a.v && b.i < a.i));
-      if (take) a = b;
-    } else {
-      if (b.v > a.v || at::_isnan(b.v)) a.v = b.v;
-    }
+    const bool an = at::_isnan(a.v), bn = at::_isnan(b.v);
+    const bool take = (an || bn) ? (bn && (!an || b.i > a.i))
+                                 : (b.v > a.v || (b.v == a.v && b.i < a.i));
+    if (take) a = b;
   }
   __device__ __forceinline__ static void add(State& s, acc_t v, int64_t i) { combine(s, {v, i}); }
   __device__ __forceinline__ static State shfl_down(const State& s, unsigned int delta, int width) {
     State r;
     r.v = __shfl_down_sync(0xffffffffu, s.v, delta, width);
-    r.i = kPos ? static_cast<int64_t>(__shfl_down_sync(
-                     0xffffffffu, static_cast<long long>(s.i), delta, width))
-               : int64_t(0);
+    r.i = static_cast<int64_t>(
+        __shfl_down_sync(0xffffffffu, static_cast<long long>(s.i), delta, width));
     return r;
   }
   template <typename scalar_t>
@@ -62,16 +60,17 @@ struct MaxOp {
   __device__ __forceinline__ static void store_partial(const State& s, acc_t* wv, int64_t* wi,
                                                        int64_t o) {
     wv[o] = s.v;
-    if constexpr (kPos) wi[o] = s.i;
+    wi[o] = s.i;
   }
   __device__ __forceinline__ static State load_partial(const acc_t* wv, const int64_t* wi,
                                                        int64_t o) {
-    return {wv[o], kPos ? wi[o] : int64_t(0)};
+    return {wv[o], wi[o]};
   }
 };
 
 template <typename acc_t>
 struct SumOp {
+  static constexpr bool kTracksPos = false;
   struct State {
     acc_t v;
   };
@@ -208,7 +207,7 @@ void launch_rows(const scalar_t* in, scalar_t* out, int64_t* pos, int64_t rows, 
 
 template <typename scalar_t, typename index_t, typename Op>
 void launch_tiled(const Tensor& x, scalar_t* out, int64_t* pos, int64_t Nt, int64_t P, int64_t Ct,
-                  bool with_pos, cudaStream_t stream) {
+                  cudaStream_t stream) {
   using acc_t = at::opmath_type<scalar_t>;
   const int CT = static_cast<int>(std::min<int64_t>(Ct, kThreads));
   const int L = kThreads / CT;
@@ -231,7 +230,7 @@ void launch_tiled(const Tensor& x, scalar_t* out, int64_t* pos, int64_t Nt, int6
   if (S > 1) {
     wv = at::empty({Nt * S * Ct}, x.options().dtype(at::toOpMathType(x.scalar_type())));
     wv_ptr = wv.mutable_data_ptr<acc_t>();
-    if (with_pos) {
+    if constexpr (Op::kTracksPos) {
       wi = at::empty({Nt * S * Ct}, x.options().dtype(at::kLong));
       wi_ptr = wi.mutable_data_ptr<int64_t>();
     }
@@ -265,7 +264,7 @@ void global_fwd(const Tensor& x, const Tensor& out, int64_t* pos, bool cl) {
       launch_rows<scalar_t, index_t, Op>(in, o, pos, N * C, P, stream);
     } else {
       const int64_t Nt = cl ? N : N * C, Ct = cl ? C : 1;
-      launch_tiled<scalar_t, index_t, Op>(x, o, pos, Nt, P, Ct, pos != nullptr, stream);
+      launch_tiled<scalar_t, index_t, Op>(x, o, pos, Nt, P, Ct, stream);
     }
   });
 }
