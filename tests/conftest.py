@@ -77,6 +77,23 @@ def to_layout(x, layout):
     raise ValueError(layout)
 
 
+def torch_avg_pool2d(x, *args, **kwargs):
+    """F.avg_pool2d as a reference. On CUDA, an input torch would pool in its channels-last kernel
+    is pooled as NCHW instead: that kernel's backward returns wrong gradients when padding > 0
+    (pytorch/pytorch#188344, seen with torch 2.11 on an H200); its NCHW kernel is right."""
+    if x.is_cuda and x.dim() == 4 and not x.is_contiguous():
+        x = x.contiguous()
+    return torch.nn.functional.avg_pool2d(x, *args, **kwargs)
+
+
+class TorchAvgPool2d(torch.nn.AvgPool2d):
+    """nn.AvgPool2d through torch_avg_pool2d."""
+
+    def forward(self, x):
+        return torch_avg_pool2d(x, self.kernel_size, self.stride, self.padding, self.ceil_mode,
+                                self.count_include_pad, self.divisor_override)
+
+
 def make_input(shape, dtype=torch.float32, device="cpu", layout="contiguous", gen=None, kind="randn"):
     """A test input of `shape`.
 

@@ -21,6 +21,7 @@ from conftest import (
     pool_cases,
     ref_dtype,
     run_fwd_bwd,
+    torch_avg_pool2d,
 )
 
 OURS = {1: tpf.avg_pool1d, 2: tpf.avg_pool2d, 3: tpf.avg_pool3d}
@@ -36,7 +37,7 @@ def _lift(v):
 def torch_avg_pool1d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
                      divisor_override=None):
     """F.avg_pool1d has no divisor_override: run the same pool as a 2d pool with a unit height."""
-    out = F.avg_pool2d(
+    out = torch_avg_pool2d(
         x.unsqueeze(-2),
         _lift(kernel_size),
         None if stride is None else _lift(stride),
@@ -48,7 +49,7 @@ def torch_avg_pool1d(x, kernel_size, stride=None, padding=0, ceil_mode=False, co
     return out.squeeze(-2)
 
 
-TORCH = {1: torch_avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
+TORCH = {1: torch_avg_pool1d, 2: torch_avg_pool2d, 3: F.avg_pool3d}
 
 SHAPES = POOL_SHAPES
 CONFIGS = {

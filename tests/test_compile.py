@@ -10,7 +10,14 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import torchpool.functional as tpf
 import torchpool.nn as tpnn
-from conftest import HYPOTHESIS, assert_close, channels_last_format, make_input, pool_cases
+from conftest import (
+    HYPOTHESIS,
+    TorchAvgPool2d,
+    assert_close,
+    channels_last_format,
+    make_input,
+    pool_cases,
+)
 
 ops = torch.ops.torchpool
 
@@ -144,9 +151,9 @@ def _models(seed=0):
         nn.Conv2d(3, 8, 3, padding=1),
         nn.MaxPool2d(2),
         nn.ReLU(),
-        nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False),
+        TorchAvgPool2d(3, stride=1, padding=1, count_include_pad=False),
         nn.MaxPool2d(3, stride=2, padding=1),
-        nn.AvgPool2d(2, ceil_mode=True, count_include_pad=False),
+        TorchAvgPool2d(2, ceil_mode=True, count_include_pad=False),
         nn.AdaptiveMaxPool2d(1),
         nn.Flatten(),
         nn.Linear(8, 4),

@@ -13,6 +13,7 @@ from conftest import (
     make_input,
     ref_dtype,
     run_fwd_bwd,
+    torch_avg_pool2d,
 )
 
 pytestmark = [
@@ -26,7 +27,7 @@ AVG = {1: tpf.avg_pool1d, 2: tpf.avg_pool2d, 3: tpf.avg_pool3d}
 GMAX = {1: tpf.global_max_pool1d, 2: tpf.global_max_pool2d, 3: tpf.global_max_pool3d}
 GAVG = {1: tpf.global_avg_pool1d, 2: tpf.global_avg_pool2d, 3: tpf.global_avg_pool3d}
 F_MAX = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
-F_AVG = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
+F_AVG = {1: F.avg_pool1d, 2: torch_avg_pool2d, 3: F.avg_pool3d}
 
 
 def spatial(nd, x):
@@ -164,9 +165,9 @@ def test_channels_last_vector_widths(rng, dtype, channels, aligned):
     for ours, ref, exact in [
         (lambda t: tpf.max_pool2d(t, 3, 2, 1), lambda t: F.max_pool2d(t, 3, 2, 1), True),
         (lambda t: tpf.max_pool2d(t, 2, ceil_mode=True), lambda t: F.max_pool2d(t, 2, ceil_mode=True), True),
-        (lambda t: tpf.avg_pool2d(t, 3, 1, 1), lambda t: F.avg_pool2d(t, 3, 1, 1), False),
+        (lambda t: tpf.avg_pool2d(t, 3, 1, 1), lambda t: torch_avg_pool2d(t, 3, 1, 1), False),
         (lambda t: tpf.avg_pool2d(t, 2, 2, 1, count_include_pad=False),
-         lambda t: F.avg_pool2d(t, 2, 2, 1, count_include_pad=False), False),
+         lambda t: torch_avg_pool2d(t, 2, 2, 1, count_include_pad=False), False),
     ]:
         out, grad = compare_with_torch(ours, ref, x, rng, exact_values=exact)
         assert out.is_contiguous(memory_format=torch.channels_last)
@@ -275,7 +276,7 @@ BF16_CASES = [
     ("max_pool3d", 5, lambda t: tpf.max_pool3d(t, 3, 2, 1), lambda t: F.max_pool3d(t, 3, 2, 1)),
     ("max_pool1d", 3, lambda t: tpf.max_pool1d(t, 3, 2), lambda t: F.max_pool1d(t, 3, 2)),
     ("avg_pool2d", 4, lambda t: tpf.avg_pool2d(t, 3, 1, 1, count_include_pad=False),
-     lambda t: F.avg_pool2d(t, 3, 1, 1, count_include_pad=False)),
+     lambda t: torch_avg_pool2d(t, 3, 1, 1, count_include_pad=False)),
     ("avg_pool3d", 5, lambda t: tpf.avg_pool3d(t, 2, ceil_mode=True), lambda t: F.avg_pool3d(t, 2, ceil_mode=True)),
     ("avg_pool1d", 3, lambda t: tpf.avg_pool1d(t, 4, 2, 2), lambda t: F.avg_pool1d(t, 4, 2, 2)),
     ("global_max_pool2d", 4, GMAX[2], f_gmax(2)),

@@ -309,7 +309,10 @@ def test_nan_and_infinities_channels_last(device, rng, dtype, channels, nd, kw):
     x[(pick >= 0.04) & (pick < 0.08)] = float("inf")
     x[(pick >= 0.08) & (pick < 0.2)] = float("-inf")
     x = to_layout(x.to(dtype).to(device), "channels_last")
-    rout, ridx = TORCH[nd](x.float(), return_indices=True, **kw)
+    # The reference pools NCHW: torch's channels-last CUDA kernel starts each window's index at
+    # 0 (max_pool_forward_nhwc), so a window of -infs gets index 0, a cell outside most windows;
+    # its NCHW kernel and the CPU give the window's first cell, as torchpool does.
+    rout, ridx = TORCH[nd](x.float().contiguous(), return_indices=True, **kw)
     nan = torch.isnan(rout)
     assert bool(nan.any()) and bool((~nan).any()) and bool((rout == float("inf")).any())
     with torch.no_grad():
