@@ -43,7 +43,13 @@ struct MaxOp {
                                  : (b.v > a.v || (b.v == a.v && b.i < a.i));
     if (take) a = b;
   }
-  __device__ __forceinline__ static void add(State& s, acc_t v, int64_t i) { combine(s, {v, i}); }
+  // One lane's own scan, cells in increasing order: v is taken when it is the first, larger or
+  // NaN (combine's rule for a later cell), without branches.
+  __device__ __forceinline__ static void add(State& s, acc_t v, int64_t i) {
+    const bool take = s.i == kNoIndex || v > s.v || at::_isnan(v);
+    s.v = take ? v : s.v;
+    s.i = take ? i : s.i;
+  }
   __device__ __forceinline__ static State shfl_down(const State& s, unsigned int delta, int width) {
     State r;
     r.v = __shfl_down_sync(0xffffffffu, s.v, delta, width);
@@ -95,6 +101,25 @@ struct SumOp {
   }
 };
 
+// Adds src[i * stride] for i = first, first + step, ... < end to st in that order. Four values
+// are loaded before their adds: each add of the max depends on the one before, and loads
+// issued between them would wait for it.
+template <typename Op, typename scalar_t, typename index_t>
+__device__ __forceinline__ void add_cells(typename Op::State& st, const scalar_t* __restrict__ src,
+                                          index_t first, index_t end, index_t step,
+                                          index_t stride) {
+  using acc_t = at::opmath_type<scalar_t>;
+  index_t i = first;
+  for (; end - i > 3 * step; i += 4 * step) {
+    acc_t v[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) v[k] = static_cast<acc_t>(src[(i + k * step) * stride]);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) Op::add(st, v[k], i + k * step);
+  }
+  for (; i < end; i += step) Op::add(st, static_cast<acc_t>(src[i * stride]), i);
+}
+
 // Contiguous rows of P <= kRowsMaxP cells: G lanes per row (8 for P <= 8, else 32), kThreads / G
 // rows per block.
 constexpr int64_t kRowsMaxP = 512;
@@ -103,14 +128,12 @@ template <typename scalar_t, typename index_t, typename Op, int G>
 __global__ void __launch_bounds__(kThreads)
     global_rows_kernel(const scalar_t* __restrict__ in, scalar_t* __restrict__ out,
                        int64_t* __restrict__ pos, const index_t rows, const index_t P) {
-  using acc_t = at::opmath_type<scalar_t>;
   const int lane = static_cast<int>(threadIdx.x) % G;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (kThreads / G) + threadIdx.x / G;
   auto st = Op::identity();
   if (row < rows) {
-    const scalar_t* src = in + static_cast<index_t>(row) * P;
-#pragma unroll 4
-    for (index_t i = lane; i < P; i += G) Op::add(st, static_cast<acc_t>(src[i]), i);
+    add_cells<Op>(st, in + static_cast<index_t>(row) * P, static_cast<index_t>(lane), P,
+                  static_cast<index_t>(G), index_t(1));
   }
   // Every lane of the warp takes part in the shuffles (no early return above).
 #pragma unroll
@@ -130,7 +153,6 @@ __global__ void __launch_bounds__(kThreads)
                         int64_t* __restrict__ wi, const index_t C, const index_t P,
                         const index_t chunk, const int CT, const int L, const int half_lanes,
                         const int CB, const int S) {
-  using acc_t = at::opmath_type<scalar_t>;
   using State = typename Op::State;
   __shared__ State sh[kThreads];
   int64_t b = blockIdx.x;
@@ -147,11 +169,8 @@ __global__ void __launch_bounds__(kThreads)
   if (active) {
     const index_t begin = static_cast<index_t>(s) * chunk;
     const index_t end = P - begin < chunk ? P : begin + chunk;
-    const scalar_t* src = in + n * P * C + c;
-#pragma unroll 4
-    for (index_t cell = begin + cl; cell < end; cell += L) {
-      Op::add(st, static_cast<acc_t>(src[cell * C]), cell);
-    }
+    add_cells<Op>(st, in + n * P * C + c, begin + static_cast<index_t>(cl), end,
+                  static_cast<index_t>(L), C);
   }
   sh[tid] = st;
   __syncthreads();
