@@ -5,8 +5,10 @@
 # results then go to $OUT/benchmarks), else build/gpu-check.log. Ends with a summary: date, GPU,
 # torch / CUDA versions, the csrc tree hash and the pytest summary line.
 #
-# Environment: PYTHON (default python3), PYTEST_ARGS (extra pytest arguments), BENCH_ARGS (extra
-# benchmark arguments), SKIP_BENCH=1 (tests only), SKIP_BUILD=1 (use the build already installed).
+# Environment: PYTHON (default python3), PYTEST_ARGS (extra pytest arguments), PYTEST_WORKERS
+# (test processes when pytest-xdist is installed, default 8; 0 runs the tests in one process),
+# BENCH_ARGS (extra benchmark arguments), SKIP_BENCH=1 (tests only), SKIP_BUILD=1 (use the build
+# already installed).
 # Exit status: non-zero when the build, an import check or a test failed (the benchmark's own
 # failures are reported in the log but do not change it).
 set -uo pipefail
@@ -74,8 +76,13 @@ PY
     fi
 
     step "tests"
+    local workers=()
+    if [ "${PYTEST_WORKERS:-8}" != "0" ] && "$PYTHON" -c 'import xdist' 2>/dev/null; then
+      workers=(-n "${PYTEST_WORKERS:-8}")
+    fi
+    echo "gpu-check: pytest ${workers[*]:-(one process)}"
     # shellcheck disable=SC2086
-    "$PYTHON" -m pytest tests -q ${PYTEST_ARGS:-} 2>&1 | tee "$PYTEST_LOG"
+    "$PYTHON" -m pytest tests -q "${workers[@]}" ${PYTEST_ARGS:-} 2>&1 | tee "$PYTEST_LOG"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
     if [ "${SKIP_BENCH:-0}" != "1" ]; then
