@@ -99,6 +99,15 @@ inline void stream_fill(T* dst, int64_t n, T v) {
   for (int64_t i = 0; i < n; ++i) dst[i] = v;
 }
 
+// The forwards' outputs (and the stride-1 box walks' gradients) stream from a quarter of that: a
+// window forward reads its input once and writes its output once, so the output's read for
+// ownership is a large share of its traffic (a 2 x 2 pool's: a fifth; a stride-1 pool's: a
+// third), and from 8 MiB on the block it lands in was seldom still cached (NOTES §89).
+template <typename T>
+inline bool forward_streams(int64_t elems) {
+  return streams<T>(elems, kStreamBytes / 4);
+}
+
 // Orders the non-temporal stores before what follows (they are weakly ordered).
 inline void stream_fence() { _mm_sfence(); }
 
@@ -186,6 +195,15 @@ inline int64_t staged_rows(int64_t n) {
   const int64_t bytes = n * static_cast<int64_t>(sizeof(T));
   return bytes >= (4 << 10) ? StagedRuns<T>::kCap
                             : n * std::max<int64_t>(1, 1024 / std::max<int64_t>(1, bytes));
+}
+// Staging capacity for output rows (or bands of rows) of n cells written one after the other by
+// the forwards: 4 KiB of whole rows at a time, or one row where longer; rows over 32 KiB are not
+// staged. Copies out of 32 KiB at a time were slower for rows of 8 KiB (pool1d), and those of
+// staged_rows (1 KiB) no faster for short ones (NOTES §89).
+template <typename T>
+inline int64_t staged_out_rows(int64_t n) {
+  const int64_t bytes = n * static_cast<int64_t>(sizeof(T));
+  return bytes > (32 << 10) ? 0 : n * std::max<int64_t>(1, (4 << 10) / std::max<int64_t>(1, bytes));
 }
 #endif  // TORCHPOOL_AVX2
 
@@ -1282,11 +1300,13 @@ inline bool tiles_w2_ok(const PoolGeometry& g) {
          (nr == 1 || nr == 2 || nr == 4) && g.in[2] < (1 << 30);
 }
 
-// The walk: chunk(o, cells) for every chunk of 8 outputs (o: the flat index of its first output;
-// rows end with a chunk moved back to finish exactly at OW), cells(j, c) setting c[0], c[1] to the
-// chunk's even and odd cells of window row j (j < NR, in scan order).
+// The walk: chunk(o, dst, cells) for every chunk of 8 outputs (o: the flat index of its first
+// output; rows end with a chunk moved back to finish exactly at OW), dst: where the chunk's 8
+// outputs go (out + o, or their place in the staging buffer of a large float output, written out
+// by non-temporal stores), cells(j, c) setting c[0], c[1] to the chunk's even and odd cells of
+// window row j (j < NR, in scan order).
 template <int NR, typename T, typename Chunk>
-void for_tiles_w2(const T* in, const PoolGeometry& g, int64_t planes, const Chunk& chunk) {
+void for_tiles_w2(const T* in, T* out, const PoolGeometry& g, int64_t planes, const Chunk& chunk) {
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2];
   int64_t off[NR];
@@ -1296,7 +1316,9 @@ void for_tiles_w2(const T* in, const PoolGeometry& g, int64_t planes, const Chun
     }
   }
   const int64_t sd = g.stride[0], sh = g.stride[1];
+  const bool staged = forward_streams<T>(planes * OD * OH * OW);
   at::parallel_for(0, planes * OD * OH, grain_for(OW * 2 * NR), [&](int64_t begin, int64_t end) {
+    StagedRuns<T> st(staged, staged_out_rows<T>(OW));
     // Locals, as in for_fused_chunks: the stores may alias what the closures reference.
     const int64_t ow_n = OW, iw_n = IW, ih_n = IH, id_n = ID, sd_n = sd, sh_n = sh;
     int64_t o[NR];
@@ -1306,6 +1328,7 @@ void for_tiles_w2(const T* in, const PoolGeometry& g, int64_t planes, const Chun
     RowCounter it(begin, OD, OH);
     for (int64_t r = begin; r < end; ++r, it.next()) {
       const T* row0 = in + ((it.a * id_n + it.b * sd_n) * ih_n + it.c * sh_n) * iw_n;
+      T* const dst = st.at(out + r * ow_n, ow_n);
       for (int64_t i = 0; i < ow_n; i += 8) {
         const int64_t ow0 = std::min(i, ow_n - 8), x0 = 2 * ow0;
         auto cells = [&](int j, __m256* c) {
@@ -1320,7 +1343,7 @@ void for_tiles_w2(const T* in, const PoolGeometry& g, int64_t planes, const Chun
           for_window_row<2, 2, false>(row0 + o[j], x0, iw_n, 2, ninf,
                                       [&](int64_t kw, __m256 v) { c[kw] = v; });
         };
-        ch(r * ow_n + ow0, cells);
+        ch(r * ow_n + ow0, dst + ow0, cells);
       }
     }
   });
@@ -1328,7 +1351,7 @@ void for_tiles_w2(const T* in, const PoolGeometry& g, int64_t planes, const Chun
 
 template <int NR, bool kPos, typename pos_t, typename T>
 void max_tiles_w2(const T* in, T* out, pos_t* pos, const PoolGeometry& g, int64_t planes) {
-  for_tiles_w2<NR>(in, g, planes, [=](int64_t o, auto&& cells) {
+  for_tiles_w2<NR>(in, out, g, planes, [=](int64_t o, T* dst, auto&& cells) {
     const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
     __m256 nan = _mm256_setzero_ps();
     __m256 rm[NR], rb[NR];
@@ -1368,7 +1391,7 @@ void max_tiles_w2(const T* in, T* out, pos_t* pos, const PoolGeometry& g, int64_
         }
       }
     }
-    store8<true>(out + o, natural<2, T>(m), 8);
+    store8<true>(dst, natural<2, T>(m), 8);
     if (kPos) store_pos8(pos + o, _mm256_castps_si256(natural<2, T>(b)), 8);
   });
 }
@@ -1385,7 +1408,8 @@ void max_tiles_w2(const T* in, T* out, pos_t* pos, const PoolGeometry& g, int64_
 // position. The third column comes from loads at x0 + 2 and x0 + 9 (float; not x0 + 10) or x0 + 1
 // (bfloat16's odd cells), so the last chunk reads no cell past its last window. Rows reduced and
 // folded in scan order, positions by take_greater, and NaNs found two cells per compare as in
-// max_of_cells; a chunk with a NaN is redone by torch's compare-and-blend chain (rare).
+// max_of_cells; a chunk with a NaN is redone by torch's compare-and-blend chain (rare). Large
+// float outputs are staged a few rows at a time and written out by non-temporal stores.
 inline bool w3s2_ok(const PoolGeometry& g) {
   const int64_t OW = g.out[2], IW = g.in[2], nr = g.kernel[0] * g.kernel[1];
   return g.kernel[2] == 3 && g.stride[2] == 2 && g.dilation[2] == 1 && g.pad[2] <= 1 && OW >= 8 &&
@@ -1396,7 +1420,9 @@ template <int NR, bool kPos, typename pos_t, typename T>
 void max_w3s2(const T* in, T* out, pos_t* pos, const PoolGeometry& g, int64_t planes) {
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const DimTable td(g, 0, false), th(g, 1, false);
+  const bool staged = forward_streams<T>(planes * OD * OH * OW);
   at::parallel_for(0, planes * OD * OH, grain_for(OW * 3 * NR), [&](int64_t begin, int64_t end) {
+    StagedRuns<T> st(staged, staged_out_rows<T>(OW));
     // Locals, as in for_fused_chunks: the stores may alias what the closures reference.
     const int64_t ow_n = OW, pad_w = g.pad[2];
     const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
@@ -1416,6 +1442,7 @@ void max_w3s2(const T* in, T* out, pos_t* pos, const PoolGeometry& g, int64_t pl
         base[j] = wr.bases[std::min<int64_t>(j, nr - 1)];
       }
       const int64_t o = r * ow_n;
+      T* const dst = st.at(out + o, ow_n);
       auto chunk = [&](int64_t ow0, auto left) {
         constexpr bool kLeft = decltype(left)::value;
         const int64_t x0 = 2 * ow0 - pad_w;
@@ -1486,7 +1513,7 @@ void max_w3s2(const T* in, T* out, pos_t* pos, const PoolGeometry& g, int64_t pl
             }
           }
         }
-        store8<true>(out + o + ow0, natural<2, T>(m), 8);
+        store8<true>(dst + ow0, natural<2, T>(m), 8);
         if (kPos) store_pos8(pos + o + ow0, _mm256_castps_si256(natural<2, T>(b)), 8);
       };
       int64_t i = 0;
@@ -2566,7 +2593,7 @@ void avg_tiles_w2(const T* in, T* out, const PoolGeometry& g, int64_t planes,
   auto walk = [&](auto kPow2) {
     const __m256 divisor = _mm256_set1_ps(static_cast<float>(d));
     const __m256 recip = _mm256_set1_ps(1.f / static_cast<float>(d));
-    for_tiles_w2<NR>(in, g, planes, [=](int64_t o, auto&& cells) {
+    for_tiles_w2<NR>(in, out, g, planes, [=](int64_t, T* dst, auto&& cells) {
       __m256 sum = _mm256_setzero_ps();
       for (int j = 0; j < NR; ++j) {
         __m256 c[2];
@@ -2574,7 +2601,7 @@ void avg_tiles_w2(const T* in, T* out, const PoolGeometry& g, int64_t planes,
         sum = _mm256_add_ps(_mm256_add_ps(sum, c[0]), c[1]);
       }
       sum = natural<2, T>(sum);
-      store8(out + o, kPow2 ? _mm256_mul_ps(sum, recip) : _mm256_div_ps(sum, divisor), 8);
+      store8(dst, kPow2 ? _mm256_mul_ps(sum, recip) : _mm256_div_ps(sum, divisor), 8);
     });
   };
   if (d > 0 && (d & (d - 1)) == 0 && d <= (int64_t{1} << 24)) {
@@ -2765,14 +2792,20 @@ inline bool rolling_avg_ok(const PoolGeometry& g) {
 // columns: a source row's K shifted loads are summed once, and the last K such sums stay in
 // registers, so a destination vector costs K loads (backward: 2K), 2K - 2 adds and a multiply,
 // with no row buffer to store and reload (the separable paths'). Bands of about 24 KB of source
-// rows per task keep a column's rows in L1 for the next one. The additions' order is not
-// torch's (results differ in the last bits).
+// rows per task keep a column's rows in L1 for the next one; large float destinations are staged
+// a unit at a time and written out by non-temporal stores. The additions' order is not torch's
+// (results differ in the last bits).
 template <int K, bool kGrad, typename T>
 void box_rows_rolling(const T* src, T* dst, int64_t planes, int64_t SH, int64_t SW, int64_t DH,
                       int64_t DW, int64_t roff, int64_t coff, const float* const* rc) {
   const int64_t band = std::max<int64_t>(4 * K, (24 << 10) / static_cast<int64_t>(SW * sizeof(T)));
   const int64_t bands = (DH + band - 1) / band;
+  // Large destinations: each unit's rows (contiguous) staged and streamed out, 4 KiB of them at a
+  // time or one unit where larger (up to 32 KiB, not staged above that).
+  const bool staged = forward_streams<T>(planes * DH * DW);
+  const int64_t cap = staged_out_rows<T>(std::min(band, DH) * DW);
   at::parallel_for(0, planes * bands, grain_for(std::min(band, DH) * DW * K * K), [&](int64_t begin, int64_t end) {
+    StagedRuns<T> out(staged, cap);
     // Sizes in locals: the vector stores may alias anything, so values read through the
     // closure's references would be reloaded after every store (NOTES §33).
     const int64_t sh_n = SH, sw_n = SW, dh_n = DH, dw_n = DW, roff_n = roff, coff_n = coff;
@@ -2787,7 +2820,10 @@ void box_rows_rolling(const T* src, T* dst, int64_t planes, int64_t SH, int64_t 
       const int64_t plane = u / bands_n, r0 = u % bands_n * band_n;
       const int64_t r1 = std::min(dh_n, r0 + band_n);
       const T* sp = src + plane * sh_n * sw_n;
-      T* dp = dst + plane * dh_n * dw_n;
+      // The unit's destination rows r0 .. r1 - 1 in place, or where they are staged.
+      T* const unit_dst = dst + (plane * dh_n + r0) * dw_n;
+      T* const ud = out.at(unit_dst, (r1 - r0) * dw_n);
+      const bool pf_dst = ud == unit_dst;
       // Chunk c0's column (first source cell x0 = c0 + coff) down the band; h_row(s) sums
       // source row s's K shifted loads, and h holds those sums for the current destination
       // row's K source rows, the oldest first (rows outside the plane: 0).
@@ -2800,13 +2836,13 @@ void box_rows_rolling(const T* src, T* dst, int64_t planes, int64_t SH, int64_t 
         };
         __m256 h[K];
         for (int j = 0; j + 1 < K; ++j) h[j] = h_of(r0 + roff_n + j);
-        T* d = dp + r0 * dw_n + c0;
+        T* d = ud + c0;
         for (int64_t r = r0; r < r1; ++r, d += dw_n) {
           h[K - 1] = h_of(r + roff_n + K - 1);
           __m256 sum = h[0];
           for (int j = 1; j < K; ++j) sum = _mm256_add_ps(sum, h[j]);
           if constexpr (!kGrad) sum = _mm256_mul_ps(sum, _mm256_loadu_ps(rcs[r] + c0));
-          _mm_prefetch(reinterpret_cast<const char*>(d + dst_ahead), _MM_HINT_T0);
+          if (pf_dst) _mm_prefetch(reinterpret_cast<const char*>(d + dst_ahead), _MM_HINT_T0);
           storef(d, sum);
           for (int j = 0; j + 1 < K; ++j) h[j] = h[j + 1];
         }
