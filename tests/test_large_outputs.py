@@ -1,5 +1,5 @@
 """Float window-pool outputs of 8 MiB or more: the CPU forwards that walk whole output rows (2-wide
-windows at stride 2, 3-wide ones at stride 2, stride-1 square averages) stage them in cache and
+windows at stride 2, 3-wide ones at stride 2, stride-1 square averages, channels-last windows) stage them in cache and
 write them out with non-temporal stores, and so does the stride-1 average's backward for its input
 gradient. Each such kernel is compared with torch here, in inference and in training (values,
 indices, gradients), at sizes whose rows and planes neither start nor end on cache-line boundaries,
@@ -13,7 +13,7 @@ from conftest import assert_close, make_input, run_fwd_bwd
 
 MIB = 2**20
 
-# (id, ours, torch's, shape, kwargs, exact)
+# (id, ours, torch's, shape, kwargs, exact); the channels-last cases' ids start with it
 CASES = [
     # 2-wide windows at stride 2: rows of 47 outputs (188 bytes), 4 KiB of them to a copy
     ("tiles-max", tpf.max_pool2d, F.max_pool2d, (8, 128, 97, 95), dict(kernel_size=2), True),
@@ -27,6 +27,11 @@ CASES = [
     # rows over 32 KiB: not staged, written in place
     ("w3s2-long-rows", tpf.max_pool1d, F.max_pool1d, (2, 4, 2**19 + 5),
      dict(kernel_size=3, stride=2), True),
+    # channels-last: output rows of 48 x 128 cells (24 KiB), one to a copy
+    ("channels-last-max", tpf.max_pool2d, F.max_pool2d, (8, 128, 97, 95),
+     dict(kernel_size=3, stride=2, padding=1), True),
+    ("channels-last-avg", tpf.avg_pool2d, F.avg_pool2d, (8, 128, 98, 95),
+     dict(kernel_size=3, stride=2, padding=1), False),
     # stride-1 square averages: whole planes of 35 x 35 (4900 bytes) to a copy
     ("box3", tpf.avg_pool2d, F.avg_pool2d, (16, 192, 35, 35),
      dict(kernel_size=3, stride=1, padding=1, count_include_pad=False), False),
@@ -49,6 +54,8 @@ def test_large_output(case):
     _, ours, theirs, shape, kwargs, exact = case
     gen = torch.Generator().manual_seed(shape[-1])
     x = make_input(shape, torch.float32, gen=gen)
+    if case[0].startswith("channels-last"):
+        x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         y_ref = theirs(x.double(), **kwargs).float()
     assert y_ref.numel() * 4 >= 8 * MIB  # the size from which the output is streamed
@@ -68,3 +75,4 @@ def test_large_output(case):
         assert_close(out, out_ref.float(), torch.float32, exact=exact)
     # overlapping windows sum several shares per cell, in another order than float64's
     assert_close(gx, gx_ref.float(), torch.float32)
+    assert y.stride() == y_ref.stride() and gx.stride() == x.stride()

@@ -1531,7 +1531,10 @@ void max_w3s2(const T* in, T* out, pos_t* pos, const PoolGeometry& g, int64_t pl
 // window in registers, 32 channels (4 vectors) at a time, then 8 at a time, the last block masked.
 
 // The in-input cells of one output cell's window: element offsets of their channel vectors and
-// their window positions, in scan order.
+// their window positions, in scan order. for_cl_windows(g, N, C, out, cell) calls cell(w, dst)
+// for each output cell in order, dst: where its C outputs go (out + w.o * C, or their place in
+// the staging buffer of a large float output, written out a row at a time by non-temporal
+// stores).
 struct ClWindow {
   int64_t o, od, oh, ow;  // flat output cell and its coordinates
   int64_t base;           // cell j's channel vector starts at base + offs[j]
@@ -1541,8 +1544,8 @@ struct ClWindow {
   int32_t first;  // position of the first in-input cell (reported when nothing beats -inf)
 };
 
-template <typename Cell>
-void for_cl_windows(const PoolGeometry& g, int64_t N, int64_t C, Cell&& cell) {
+template <typename T, typename Cell>
+void for_cl_windows(const PoolGeometry& g, int64_t N, int64_t C, T* out, Cell&& cell) {
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2], KH = g.kernel[1], KW = g.kernel[2];
   const DimTable td(g, 0, false), th(g, 1, false), tw(g, 2, false);
@@ -1558,7 +1561,9 @@ void for_cl_windows(const PoolGeometry& g, int64_t N, int64_t C, Cell&& cell) {
     }
   }
   const int64_t ncells = static_cast<int64_t>(rel.size());
+  const bool staged = forward_streams<T>(N * OD * OH * OW * C);
   at::parallel_for(0, N * OD * OH, grain_for(OW * C * g.window_cells()), [&](int64_t begin, int64_t end) {
+    StagedRuns<T> st(staged, staged_out_rows<T>(OW * C));
     // The task's own copy of the callback: what it captures by value stays in registers across
     // its stores (NOTES §33).
     const std::decay_t<Cell> cell_fn = cell;
@@ -1571,10 +1576,12 @@ void for_cl_windows(const PoolGeometry& g, int64_t N, int64_t C, Cell&& cell) {
                                th.hi[oh] == KH;
       const int64_t row_base =
           ((n * ID + g.input_coord(0, od, 0)) * IH + g.input_coord(1, oh, 0)) * IW;
+      T* const row_dst = st.at(out + r * OW * C, OW * C);
       for (int64_t ow = 0; ow < OW; ++ow) {
+        T* const dst = row_dst + ow * C;
         if (rows_inside && tw.lo[ow] == 0 && tw.hi[ow] == KW) {
           cell_fn(ClWindow{r * OW + ow, od, oh, ow, (row_base + g.input_coord(2, ow, 0)) * C,
-                           rel.data(), all_ks.data(), ncells, 0});
+                           rel.data(), all_ks.data(), ncells, 0}, dst);
           continue;
         }
         int64_t nc = 0;
@@ -1589,7 +1596,7 @@ void for_cl_windows(const PoolGeometry& g, int64_t N, int64_t C, Cell&& cell) {
           }
         }
         const int32_t first = static_cast<int32_t>((td.lo[od] * KH + th.lo[oh]) * KW + tw.lo[ow]);
-        cell_fn(ClWindow{r * OW + ow, od, oh, ow, 0, offs.data(), ks.data(), nc, first});
+        cell_fn(ClWindow{r * OW + ow, od, oh, ow, 0, offs.data(), ks.data(), nc, first}, dst);
       }
     }
   });
@@ -1666,7 +1673,7 @@ template <bool kPos, typename pos_t, typename T>
 void max_cl_fused(const T* in, T* out, pos_t* pos, const PoolGeometry& g, int64_t N,
                   int64_t C) {
   const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  for_cl_windows(g, N, C, [=](const ClWindow& w) {
+  for_cl_windows(g, N, C, out, [=](const ClWindow& w, T* dst) {
     for_channel_blocks(C, [&](auto NVc, int64_t c, int64_t n) {
       constexpr int NV = decltype(NVc)::value;
       __m256 m[NV], b[NV], nan = _mm256_setzero_ps();
@@ -1710,9 +1717,8 @@ void max_cl_fused(const T* in, T* out, pos_t* pos, const PoolGeometry& g, int64_
           }
         }
       }
-      const int64_t o = w.o * C + c;
-      block_store<true, NV>(out + o, m, n);
-      if (kPos) block_store_pos<NV, T>(pos + o, b, n);
+      block_store<true, NV>(dst + c, m, n);
+      if (kPos) block_store_pos<NV, T>(pos + w.o * C + c, b, n);
     });
   });
 }
@@ -2907,7 +2913,7 @@ template <typename T>
 void avg_cl_fused(const T* in, T* out, const PoolGeometry& g, int64_t N, int64_t C,
                   bool count_include_pad, int64_t divisor_override) {
   const AvgTables t(g, false, count_include_pad, divisor_override);
-  for_cl_windows(g, N, C, [&](const ClWindow& w) {
+  for_cl_windows(g, N, C, out, [&](const ClWindow& w, T* cell_dst) {
     const __m256 div = _mm256_set1_ps(static_cast<float>(t.divisor(w.od, w.oh, w.ow)));
     for_channel_blocks(C, [&](auto NVc, int64_t c, int64_t n) {
       constexpr int NV = decltype(NVc)::value;
@@ -2924,7 +2930,7 @@ void avg_cl_fused(const T* in, T* out, const PoolGeometry& g, int64_t N, int64_t
           for (int v = 0; v < NV; ++v) sum[v] = _mm256_add_ps(sum[v], load_lanes(src + 8 * v, n));
         }
       }
-      T* dst = out + w.o * C + c;
+      T* dst = cell_dst + c;
       if constexpr (kPairBlock<T, NV>) {
         for (int v = 0; v < NV; ++v) sum[v] = _mm256_div_ps(sum[v], div);
         block_store<false, NV>(dst, sum, n);
