@@ -101,23 +101,27 @@ inline void stream_fill(T* dst, int64_t n, T v) {
 
 // The forwards' outputs (and the stride-1 box walks' gradients) stream from a quarter of that: a
 // window forward reads its input once and writes its output once, so the output's read for
-// ownership is a large share of its traffic (a 2 x 2 pool's: a fifth; a stride-1 pool's: a
-// third), and from 8 MiB on the block it lands in was seldom still cached (NOTES §89).
+// ownership is a large share of its traffic (a 2 x 2 pool's: a sixth; a stride-1 pool's: a
+// third); below 8 MiB streaming them did not pay on the EPYC VM, whose last-level cache is
+// 32 MiB (NOTES §89). Their rows (or bands of rows) are staged up to kOutRunBytes each.
 template <typename T>
 inline bool forward_streams(int64_t elems) {
   return streams<T>(elems, kStreamBytes / 4);
 }
+constexpr int64_t kOutRunBytes = 32 << 10;
 
 // Orders the non-temporal stores before what follows (they are weakly ordered).
 inline void stream_fence() { _mm_sfence(); }
 
-// Staging capacity for whole planes of n cells: 0 (not staged) above 512 KiB, else as many whole
-// planes as fill 4 KiB, at least one. Short copies out interleave with the kernel's loads; 32 KiB
-// at a time left the reads waiting behind the streaming stores (NOTES §76).
+// Staging capacity for runs (planes, rows) of n cells written one after the other: as many whole
+// runs as fill 4 KiB, at least one; 0 (not staged) where a run is over max_bytes (the tile
+// backward's planes: 512 KiB; the forwards' rows: kOutRunBytes). Short copies out interleave with
+// the kernel's loads: 32 KiB at a time left the reads waiting behind the streaming stores in the
+// tile backward (NOTES §76), and was slower for pool1d's output rows of 8 KiB (§89).
 template <typename T>
-inline int64_t staged_planes(int64_t n) {
-  const int64_t bytes = n * static_cast<int64_t>(sizeof(T));
-  return bytes > (512 << 10) ? 0 : n * std::max<int64_t>(1, (4 << 10) / bytes);
+inline int64_t staged_whole(int64_t n, int64_t max_bytes) {
+  const int64_t bytes = std::max<int64_t>(1, n * static_cast<int64_t>(sizeof(T)));
+  return bytes > max_bytes ? 0 : n * std::max<int64_t>(1, (4 << 10) / bytes);
 }
 
 // Consecutive runs of a result, staged and streamed out: at(dst, n) gives where to write the n
@@ -195,15 +199,6 @@ inline int64_t staged_rows(int64_t n) {
   const int64_t bytes = n * static_cast<int64_t>(sizeof(T));
   return bytes >= (4 << 10) ? StagedRuns<T>::kCap
                             : n * std::max<int64_t>(1, 1024 / std::max<int64_t>(1, bytes));
-}
-// Staging capacity for output rows (or bands of rows) of n cells written one after the other by
-// the forwards: 4 KiB of whole rows at a time, or one row where longer; rows over 32 KiB are not
-// staged. Copies out of 32 KiB at a time were slower for rows of 8 KiB (pool1d), and those of
-// staged_rows (1 KiB) no faster for short ones (NOTES §89).
-template <typename T>
-inline int64_t staged_out_rows(int64_t n) {
-  const int64_t bytes = n * static_cast<int64_t>(sizeof(T));
-  return bytes > (32 << 10) ? 0 : n * std::max<int64_t>(1, (4 << 10) / std::max<int64_t>(1, bytes));
 }
 #endif  // TORCHPOOL_AVX2
 
@@ -1318,7 +1313,7 @@ void for_tiles_w2(const T* in, T* out, const PoolGeometry& g, int64_t planes, co
   const int64_t sd = g.stride[0], sh = g.stride[1];
   const bool staged = forward_streams<T>(planes * OD * OH * OW);
   at::parallel_for(0, planes * OD * OH, grain_for(OW * 2 * NR), [&](int64_t begin, int64_t end) {
-    StagedRuns<T> st(staged, staged_out_rows<T>(OW));
+    StagedRuns<T> st(staged, staged_whole<T>(OW, kOutRunBytes));
     // Locals, as in for_fused_chunks: the stores may alias what the closures reference.
     const int64_t ow_n = OW, iw_n = IW, ih_n = IH, id_n = ID, sd_n = sd, sh_n = sh;
     int64_t o[NR];
@@ -1422,7 +1417,7 @@ void max_w3s2(const T* in, T* out, pos_t* pos, const PoolGeometry& g, int64_t pl
   const DimTable td(g, 0, false), th(g, 1, false);
   const bool staged = forward_streams<T>(planes * OD * OH * OW);
   at::parallel_for(0, planes * OD * OH, grain_for(OW * 3 * NR), [&](int64_t begin, int64_t end) {
-    StagedRuns<T> st(staged, staged_out_rows<T>(OW));
+    StagedRuns<T> st(staged, staged_whole<T>(OW, kOutRunBytes));
     // Locals, as in for_fused_chunks: the stores may alias what the closures reference.
     const int64_t ow_n = OW, pad_w = g.pad[2];
     const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
@@ -1563,7 +1558,7 @@ void for_cl_windows(const PoolGeometry& g, int64_t N, int64_t C, T* out, Cell&& 
   const int64_t ncells = static_cast<int64_t>(rel.size());
   const bool staged = forward_streams<T>(N * OD * OH * OW * C);
   at::parallel_for(0, N * OD * OH, grain_for(OW * C * g.window_cells()), [&](int64_t begin, int64_t end) {
-    StagedRuns<T> st(staged, staged_out_rows<T>(OW * C));
+    StagedRuns<T> st(staged, staged_whole<T>(OW * C, kOutRunBytes));
     // The task's own copy of the callback: what it captures by value stays in registers across
     // its stores (NOTES §33).
     const std::decay_t<Cell> cell_fn = cell;
@@ -2297,9 +2292,9 @@ void write_tiles(T* gin, const PoolGeometry& g, int64_t planes, OutputRow&& outp
       T* row_fixed[kNR > 0 ? kNR : 1];
       T** rows = kNR > 0 ? row_fixed : row_list.data();
       // Large gradients: planes up to 512 KiB staged whole (4 KiB of them at a time, at least
-      // one: staged_planes) and streamed out.
+      // one: staged_whole) and streamed out.
       const int64_t plane_n = ID * IH * IW;
-      StagedRuns<T> out(streams<T>(planes * plane_n), staged_planes<T>(plane_n));
+      StagedRuns<T> out(streams<T>(planes * plane_n), staged_whole<T>(plane_n, 512 << 10));
       for (int64_t pl = begin; pl < end; ++pl) {
         T* plane = out.at(gin + pl * plane_n, plane_n);
         // Rows no window covers: past the last window row, and every row of the depth slices
@@ -2807,9 +2802,9 @@ void box_rows_rolling(const T* src, T* dst, int64_t planes, int64_t SH, int64_t 
   const int64_t band = std::max<int64_t>(4 * K, (24 << 10) / static_cast<int64_t>(SW * sizeof(T)));
   const int64_t bands = (DH + band - 1) / band;
   // Large destinations: each unit's rows (contiguous) staged and streamed out, 4 KiB of them at a
-  // time or one unit where larger (up to 32 KiB, not staged above that).
+  // time or one unit where larger (units over kOutRunBytes not staged).
   const bool staged = forward_streams<T>(planes * DH * DW);
-  const int64_t cap = staged_out_rows<T>(std::min(band, DH) * DW);
+  const int64_t cap = staged_whole<T>(std::min(band, DH) * DW, kOutRunBytes);
   at::parallel_for(0, planes * bands, grain_for(std::min(band, DH) * DW * K * K), [&](int64_t begin, int64_t end) {
     StagedRuns<T> out(staged, cap);
     // Sizes in locals: the vector stores may alias anything, so values read through the
