@@ -9,6 +9,7 @@ from hypothesis import given
 import torchpool.functional as tpf
 from conftest import (
     DTYPES,
+    ROW_END_WINDOWS,
     HYPOTHESIS,
     POOL_SHAPES,
     assert_close,
@@ -20,6 +21,7 @@ from conftest import (
     make_input,
     pool_cases,
     ref_dtype,
+    row_end_widths,
     run_fwd_bwd,
     torch_avg_pool2d,
 )
@@ -267,6 +269,24 @@ def test_backward_tiling_windows(device, rng, shape, kw, dtype):
     rout, rgrad, _ = run_fwd_bwd(lambda t: TORCH[nd](t.float(), 2, **kw), x, g=g.float())
     assert_close(out, rout.to(dtype), dtype)
     assert torch.equal(grad, rgrad.to(dtype))
+
+
+@pytest.mark.parametrize("kw", ROW_END_WINDOWS)
+def test_backward_row_ends(device, rng, kw):
+    """Single planes (fewer than the threads) of rows 1 to 40 cells wide: the CPU gathers each input
+    row's gradient in chunks of 8 * stride cells, the row's first and last chunks written as whole
+    vectors where the row holds one (see the max pool's test of the same name)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for width in row_end_widths(kw):
+            x = make_input((1, 1, width), torch.float32, device, "contiguous", rng)
+            check_parity(x, 1, kw, rng)
+            x = make_input((1, 1, 3, width), torch.float32, device, "contiguous", rng)
+            check_parity(x, 2, dict(kw, kernel_size=(2, kw["kernel_size"]), stride=(1, kw["stride"]),
+                                    padding=(1, kw.get("padding", 0))), rng)
+    finally:
+        torch.set_num_threads(before)
 
 
 STRIDE1_CASES = [

@@ -20,7 +20,9 @@ from conftest import (
     check_strided_grad_outputs,
     config_grid,
     make_input,
+    ROW_END_WINDOWS,
     pool_cases,
+    row_end_widths,
     ref_dtype,
     run_fwd_bwd,
     to_layout,
@@ -449,6 +451,18 @@ def test_backward_windows_one_row_high(device, rng, kw, kind, dtype):
               padding=(0, kw.get("padding", 0)))
     x = make_input((2, 2, 5, 301), dtype, device, "contiguous", rng, kind=kind)
     check_parity(x, 2, k2, rng, reference_device="cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kw", ROW_END_WINDOWS)
+def test_backward_row_ends(device, rng, kw, dtype):
+    """Rows of every width from 1 to 40 cells, at stride 1 and 2 and with padding: the CPU writes
+    a row's gradient in chunks of 8 * stride cells, whole vectors where the row holds one (the
+    first chunk also writing into the second's cells, the last rewriting cells of the one before
+    to end at the row's end) and masked stores in narrower rows."""
+    for width in row_end_widths(kw):
+        x = make_input((2, 3, width), dtype, device, "contiguous", rng, kind="distinct")
+        check_parity(x, 1, kw, rng, reference_device="cpu")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

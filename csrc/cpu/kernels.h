@@ -2007,6 +2007,16 @@ inline __m256 shift_in(__m256 prev, __m256 cur, int64_t s) {
   }
 }
 
+// Lanes j of concat(lo, hi)[s + j], s in 0 .. 8 at run time (for shifts known at compile time,
+// shift_in's byte alignment is cheaper).
+inline __m256 funnel8(__m256 lo, __m256 hi, int64_t s) {
+  const __m256i idx = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                       _mm256_set1_epi32(static_cast<int32_t>(s)));
+  const __m256i from_hi = _mm256_cmpgt_epi32(idx, _mm256_set1_epi32(7));
+  return _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, idx), _mm256_permutevar8x32_ps(hi, idx),
+                          _mm256_castsi256_ps(from_hi));
+}
+
 template <int S, int KWc, typename T, typename Contrib>
 __attribute__((always_inline)) inline void bwd_row_fused(T* row, int64_t IW, int64_t OW, int64_t KW,
                                                          int64_t pad, const Contrib& contrib) {
@@ -2014,6 +2024,13 @@ __attribute__((always_inline)) inline void bwd_row_fused(T* row, int64_t IW, int
   __m256 prev[8];  // each column's contributions of the previous chunk
   for (int64_t kw = S; kw < KW; ++kw) prev[kw] = _mm256_setzero_ps();
   __m256 C[8];
+  // The previous chunk's cells in order (float): the row's last chunk rewrites some of them.
+  __m256 last_lo = _mm256_setzero_ps(), last_hi = _mm256_setzero_ps();
+  // Rows of 8 * S cells or more take no masked stores (slow on AMD: NOTES §90). The first chunk
+  // writes whole vectors from the row's start, the cells past its own into the next chunk's,
+  // which rewrites them; the last chunk writes the row's last 8 * S cells, those before its own
+  // from the previous chunk's.
+  const bool wide = IW >= 8 * S;
   // One chunk; kFull: its 8 outputs exist, so contrib's loads need no edge checks; kInside: its
   // 8 * S cells lie inside the row, so its stores need none either.
   auto chunk = [&](int64_t ow0, auto full, auto inside) __attribute__((always_inline)) {
@@ -2033,27 +2050,60 @@ __attribute__((always_inline)) inline void bwd_row_fused(T* row, int64_t IW, int
       prev[kw] = C[kw];
     }
     const int64_t x0 = S * ow0 - pad;
-    if (kInside || (x0 >= 0 && x0 + 8 * S <= IW)) {
-      if constexpr (S == 2) {
-        store_pairs(row + x0, even, odd);
-      } else {
-        storef(row + x0, even);
-      }
-      return;
-    }
-    if constexpr (std::is_same_v<T, float>) {  // row edges: only the cells inside
+    if constexpr (std::is_same_v<T, float>) {
+      // The chunk's cells x0 .. x0 + 8 * S in order: a, then b (S == 2).
       __m256 a = even, b = even;
       if constexpr (S == 2) {
         const __m256 lo = _mm256_unpacklo_ps(even, odd), hi = _mm256_unpackhi_ps(even, odd);
         a = _mm256_permute2f128_ps(lo, hi, 0x20);
         b = _mm256_permute2f128_ps(lo, hi, 0x31);
       }
-      // Masked-off lanes are not written, so the addresses may lie outside the row.
+      const __m256 prev_lo = last_lo, prev_hi = last_hi;
+      last_lo = a;
+      last_hi = b;
+      if (kInside || (x0 >= 0 && x0 + 8 * S <= IW)) {
+        _mm256_storeu_ps(row + x0, a);
+        if (S == 2) _mm256_storeu_ps(row + x0 + 8, b);
+        return;
+      }
+      if (wide && x0 < 0) {  // the first chunk: cells 0 .. 8 * S from lane -x0 on
+        if constexpr (S == 2) {
+          _mm256_storeu_ps(row, funnel8(a, b, -x0));
+          _mm256_storeu_ps(row + 8, funnel8(b, b, -x0));
+        } else {
+          _mm256_storeu_ps(row, funnel8(a, a, -x0));
+        }
+        return;
+      }
+      if (wide) {  // the last chunk: cells IW - 8 * S .. IW, m = IW - x0 of them its own
+        const int64_t m = IW - x0;
+        if constexpr (S == 2) {
+          const bool early = m < 8;
+          const __m256 v0 = early ? prev_lo : prev_hi, v1 = early ? prev_hi : a;
+          const __m256 v2 = early ? a : b;
+          const int64_t s = early ? m : m - 8;
+          _mm256_storeu_ps(row + IW - 16, funnel8(v0, v1, s));
+          _mm256_storeu_ps(row + IW - 8, funnel8(v1, v2, s));
+        } else {
+          _mm256_storeu_ps(row + IW - 8, funnel8(prev_lo, a, m));
+        }
+        return;
+      }
+      // Rows shorter than 8 * S: masked stores. Masked-off lanes are not written, so the
+      // addresses may lie outside the row.
       _mm256_maskstore_ps(row + x0, lanes_inside(x0, IW), a);
       if (S == 2) _mm256_maskstore_ps(row + x0 + 8, lanes_inside(x0 + 8, IW), b);
     } else {
-      // The half types: the chunk converted in registers into a stack row, its cells inside
-      // the row copied out.
+      if (kInside || (x0 >= 0 && x0 + 8 * S <= IW)) {
+        if constexpr (S == 2) {
+          store_pairs(row + x0, even, odd);
+        } else {
+          storef(row + x0, even);
+        }
+        return;
+      }
+      // The half types at the row's edges: the chunk converted in registers into a stack row,
+      // its cells inside the row copied out.
       T cells[8 * S];
       if constexpr (S == 2) {
         store_pairs(cells, even, odd);
@@ -2127,8 +2177,9 @@ void max_bwd_fused(const T* gout, const uint8_t* pos, T* gin, const PoolGeometry
     int64_t* orow = orow_v.data();
     int32_t* base = base_v.data();
     StagedRuns<T> out(stream_rows, staged_rows<T>(iw_n));
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t plane = r / rows_n, i = r - plane * rows_n, nc = cover_n[i];
+    RowCounter it(begin, 1, rows_n);  // a division per row showed in profiles (NOTES §90)
+    for (int64_t r = begin; r < end; ++r, it.next()) {
+      const int64_t plane = it.a, i = it.c, nc = cover_n[i];
       for (int64_t j = 0; j < nc; ++j) {
         orow[j] = plane * out_plane + cover_o[i * most + j];
         base[j] = cover_k[i * most + j];
