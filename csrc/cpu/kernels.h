@@ -635,8 +635,9 @@ inline int64_t reduce_argmax(const T* __restrict src, int64_t n, T* value) {
     a[k] = _mm256_blendv_ps(a[k], _mm256_castsi256_ps(t), gt);
   };
   int64_t i = 0;
+  const bool pf = reductions_prefetch<T>();
   for (; i + 32 <= n; i += 32) {
-    prefetch_ahead(src + i);
+    if (pf) prefetch_ahead(src + i);
     const __m256 v0 = loadf(src + i), v1 = loadf(src + i + 8);
     const __m256 v2 = loadf(src + i + 16), v3 = loadf(src + i + 24);
     take(0, v0);
