@@ -231,6 +231,13 @@ def pool_output_size(size, k, s, p, d, ceil_mode):
     return out
 
 
+def every_window_touches_input(size, k, s, p, d, ceil_mode):
+    """False when a dilated window falls entirely into the padding (torch then returns an index
+    outside the input and its backward writes out of bounds, so there is nothing to compare)."""
+    out = pool_output_size(size, k, s, p, d, ceil_mode)
+    return all(any(0 <= o * s - p + j * d < size for j in range(k)) for o in range(out))
+
+
 ROW_END_WINDOWS = [
     dict(kernel_size=2, stride=1),
     dict(kernel_size=3, stride=1, padding=1),
@@ -245,15 +252,8 @@ def row_end_widths(kw):
     """Row widths 1 to 40 for which the window geometry is valid (the row-end tests)."""
     k, s, p = kw["kernel_size"], kw["stride"], kw.get("padding", 0)
     ceil = kw.get("ceil_mode", False)
-    return [w for w in range(1, 41)
-            if pool_output_size(w, k, s, p, 1, ceil) >= 1 and every_window_touches_input(w, k, s, p, 1, ceil)]
-
-
-def every_window_touches_input(size, k, s, p, d, ceil_mode):
-    """False when a dilated window falls entirely into the padding (torch then returns an index
-    outside the input and its backward writes out of bounds, so there is nothing to compare)."""
-    out = pool_output_size(size, k, s, p, d, ceil_mode)
-    return all(any(0 <= o * s - p + j * d < size for j in range(k)) for o in range(out))
+    return [w for w in range(1, 41) if pool_output_size(w, k, s, p, 1, ceil) >= 1
+            and every_window_touches_input(w, k, s, p, 1, ceil)]
 
 
 def draw_dtype_layout(draw, shape, batched):

@@ -9,9 +9,9 @@ from hypothesis import given
 import torchpool.functional as tpf
 from conftest import (
     DTYPES,
-    ROW_END_WINDOWS,
     HYPOTHESIS,
     POOL_SHAPES,
+    ROW_END_WINDOWS,
     assert_close,
     assert_layout_follows,
     check_backward_deterministic,
