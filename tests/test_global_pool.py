@@ -253,6 +253,27 @@ def test_avg_of_many_short_planes(device, rng, cells, planes, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "shape", [(2, 37, 5, 3), (3, 2048, 7, 7), (1, 100, 2, 2), (2, 24, 1, 3), (2, 19, 3, 3, 3)]
+)
+def test_avg_channels_last_rows(device, rng, shape, dtype):
+    """Channels-last global averages: the CPU adds four rows of channels at a time, then the last
+    1 to 3 one by one; channel counts off multiples of 8 and 16, and channel blocks narrower than a
+    row (3 x 2048 channels are split into tasks of 512). Against the float64 mean, values far from
+    zero so that a dropped or doubled row shows."""
+    nd = len(shape) - 2
+    x = (torch.rand(shape, generator=rng) + 1.0).to(device, dtype).contiguous(
+        memory_format=channels_last_format(len(shape)))
+    ref = x.double().mean(dim=tuple(range(2, len(shape))))
+    for out in (GAVG[nd](x), GAVG[nd](x.detach().requires_grad_()).detach()):
+        if dtype == torch.float32:
+            assert_close(out, ref.float(), torch.float32)
+        else:  # the float sum divided and rounded once: within one unit in the last place
+            ulp = 2.0 ** (-7 if dtype == torch.bfloat16 else -10)
+            assert bool(((out.double() - ref).abs() <= ulp * ref.abs()).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("cells", [(1, 7), (1, 8), (3, 3), (7, 7), (14, 14), (15, 17), (16, 16), (20, 15)])
 @pytest.mark.parametrize("planes", [8, 15, 43])
 @pytest.mark.parametrize("train", [False, True], ids=["infer", "train"])
