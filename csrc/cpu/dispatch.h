@@ -45,6 +45,10 @@ struct Tuning {
   // The global max with positions over short float32 planes finds eight planes' maxima first and
   // then each maximum's cell (Intel), or both in one pass per plane (AMD).
   bool argmax_after_max;
+  // The channels-last window forwards prefetch the input rows that the next output row adds, and
+  // the max backward the output rows that the next input row adds, into L2 (AMD: faster from
+  // memory, §92; Intel: not measured, off).
+  bool cl_next_rows_prefetch;
 };
 const Tuning& tuning();
 

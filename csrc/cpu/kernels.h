@@ -1556,8 +1556,54 @@ void max_w3s2(const T* in, T* out, pos_t* pos, const PoolGeometry& g, int64_t pl
 // Fused AVX2 channels-last forwards (float): the channels of one output cell are reduced over its
 // window in registers, 32 channels (4 vectors) at a time, then 8 at a time, the last block masked.
 
+// Software prefetch of a few ranges (whole rows) spread over the steps of a loop: add() the
+// ranges, then step(k, n) at each step k of n issues the next equal share of their cache lines,
+// in order, into L2. The channels-last window kernels read several rows side by side, each
+// IW * C values long: streams far apart, which AMD's hardware prefetchers do not keep ahead of
+// (NOTES §92). So while one row of results is computed, the rows that the next one adds are
+// prefetched. Only for data of kAheadMinBytes or more, which comes from memory: from the last-level
+// cache the prefetches cost more than they saved; and never more than kMaxBytes at a time, which
+// would not stay in L2 until read.
+constexpr int64_t kAheadMinBytes = int64_t{16} << 20;
+
+class SpreadPrefetch {
+ public:
+  void clear() {
+    ptr_.clear();
+    lines_.clear();
+    total_ = issued_ = range_ = line_ = 0;
+    over_ = false;
+  }
+  void add(const void* p, int64_t bytes) {
+    if (bytes <= 0 || over_) return;
+    ptr_.push_back(static_cast<const char*>(p));
+    lines_.push_back((bytes + 63) / 64);
+    total_ += lines_.back();
+    if (total_ * 64 > kMaxBytes) {  // none of them, then
+      over_ = true;
+      total_ = 0;
+    }
+  }
+  void step(int64_t k, int64_t n) {
+    for (const int64_t want = (k + 1) * total_ / n; issued_ < want; ++issued_) {
+      _mm_prefetch(ptr_[range_] + 64 * line_, _MM_HINT_T1);
+      if (++line_ == lines_[range_]) {
+        line_ = 0;
+        ++range_;
+      }
+    }
+  }
+
+ private:
+  static constexpr int64_t kMaxBytes = 512 * 1024;
+  std::vector<const char*> ptr_;
+  std::vector<int64_t> lines_;
+  int64_t total_ = 0, issued_ = 0, range_ = 0, line_ = 0;
+  bool over_ = false;
+};
+
 // The in-input cells of one output cell's window: element offsets of their channel vectors and
-// their window positions, in scan order. for_cl_windows(g, N, C, out, cell) calls cell(w, dst)
+// their window positions, in scan order. for_cl_windows(g, N, C, in, out, cell) calls cell(w, dst)
 // for each output cell in order, dst: where its C outputs go (out + w.o * C, or their place in
 // the staging buffer of a large float output, written out a row at a time by non-temporal
 // stores).
@@ -1571,7 +1617,7 @@ struct ClWindow {
 };
 
 template <typename T, typename Cell>
-void for_cl_windows(const PoolGeometry& g, int64_t N, int64_t C, T* out, Cell&& cell) {
+void for_cl_windows(const PoolGeometry& g, int64_t N, int64_t C, const T* in, T* out, Cell&& cell) {
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2], KH = g.kernel[1], KW = g.kernel[2];
   const DimTable td(g, 0, false), th(g, 1, false), tw(g, 2, false);
@@ -1588,8 +1634,11 @@ void for_cl_windows(const PoolGeometry& g, int64_t N, int64_t C, T* out, Cell&& 
   }
   const int64_t ncells = static_cast<int64_t>(rel.size());
   const bool staged = forward_streams<T>(N * OD * OH * OW * C);
+  const bool ahead = tuning().cl_next_rows_prefetch &&
+                     N * ID * IH * IW * C * static_cast<int64_t>(sizeof(T)) >= kAheadMinBytes;
   at::parallel_for(0, N * OD * OH, grain_for(OW * C * g.window_cells()), [&](int64_t begin, int64_t end) {
     StagedRuns<T> st(staged, staged_whole<T>(OW * C, kOutRunBytes));
+    SpreadPrefetch next_rows;
     // The task's own copy of the callback: what it captures by value stays in registers across
     // its stores (NOTES §33).
     const std::decay_t<Cell> cell_fn = cell;
@@ -1603,8 +1652,26 @@ void for_cl_windows(const PoolGeometry& g, int64_t N, int64_t C, T* out, Cell&& 
       const int64_t row_base =
           ((n * ID + g.input_coord(0, od, 0)) * IH + g.input_coord(1, oh, 0)) * IW;
       T* const row_dst = st.at(out + r * OW * C, OW * C);
+      next_rows.clear();
+      if (ahead && r + 1 < end) {  // the input rows that the next output row reads and this one does not
+        RowCounter nx = it;
+        nx.next();
+        for (int64_t kd = td.lo[nx.b]; kd < td.hi[nx.b]; ++kd) {
+          for (int64_t kh = th.lo[nx.c]; kh < th.hi[nx.c]; ++kh) {
+            const int64_t ih = g.input_coord(1, nx.c, kh);
+            int64_t k;
+            if (nx.a == n && nx.b == od && DimTable::window_cell(g, 1, ih, oh, k) && k >= th.lo[oh] &&
+                k < th.hi[oh]) {
+              continue;
+            }
+            next_rows.add(in + ((nx.a * ID + g.input_coord(0, nx.b, kd)) * IH + ih) * IW * C,
+                          IW * C * static_cast<int64_t>(sizeof(T)));
+          }
+        }
+      }
       for (int64_t ow = 0; ow < OW; ++ow) {
         T* const dst = row_dst + ow * C;
+        if (ahead) next_rows.step(ow, OW);
         if (rows_inside && tw.lo[ow] == 0 && tw.hi[ow] == KW) {
           cell_fn(ClWindow{r * OW + ow, od, oh, ow, (row_base + g.input_coord(2, ow, 0)) * C,
                            rel.data(), all_ks.data(), ncells, 0}, dst);
@@ -1699,7 +1766,7 @@ template <bool kPos, typename pos_t, typename T>
 void max_cl_fused(const T* in, T* out, pos_t* pos, const PoolGeometry& g, int64_t N,
                   int64_t C) {
   const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  for_cl_windows(g, N, C, out, [=](const ClWindow& w, T* dst) {
+  for_cl_windows(g, N, C, in, out, [=](const ClWindow& w, T* dst) {
     for_channel_blocks(C, [&](auto NVc, int64_t c, int64_t n) {
       constexpr int NV = decltype(NVc)::value;
       __m256 m[NV], b[NV], nan = _mm256_setzero_ps();
@@ -1771,7 +1838,8 @@ inline __m256i load_pos8_end(const uint8_t* p, int64_t n) {
 // Channels-last max backward, gathered per input cell in registers: the outputs whose windows
 // cover the cell are listed once (the depth/height part per input row, the width part per
 // cell), then each block of channels adds the gradients whose saved position is this cell and
-// is stored once. No accumulator row, no zero fill, no copy.
+// is stored once. No accumulator row, no zero fill, no copy. The output rows (gradients and
+// positions) that the next input row adds are prefetched (SpreadPrefetch).
 template <typename T>
 void max_bwd_cl_fused(const T* gout, const uint8_t* pos, T* gin, const PoolGeometry& g,
                       int64_t N, int64_t C) {
@@ -1779,10 +1847,14 @@ void max_bwd_cl_fused(const T* gout, const uint8_t* pos, T* gin, const PoolGeome
   const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2], KH = g.kernel[1], KW = g.kernel[2];
   const DimTable td(g, 0, true), th(g, 1, true), tw(g, 2, true);
   const bool stream_rows = streams<T>(N * ID * IH * IW * C);
+  const bool ahead = tuning().cl_next_rows_prefetch &&
+                     (N * OD * OH * OW * C * static_cast<int64_t>(sizeof(T) + 1) +
+                      N * ID * IH * IW * C * static_cast<int64_t>(sizeof(T))) >= kAheadMinBytes;
   at::parallel_for(0, N * ID * IH, grain_for(IW * C), [&](int64_t begin, int64_t end) {
     std::vector<int64_t> row_o, offs;
     std::vector<int32_t> row_k, ks;
     StagedRuns<T> out(stream_rows, staged_rows<T>(IW * C));
+    SpreadPrefetch next_rows;
     RowCounter it(begin, ID, IH);
     for (int64_t r = begin; r < end; ++r, it.next()) {
       const int64_t n = it.a, id = it.b, ih = it.c;
@@ -1796,8 +1868,22 @@ void max_bwd_cl_fused(const T* gout, const uint8_t* pos, T* gin, const PoolGeome
       }
       const int64_t nr = static_cast<int64_t>(row_o.size());
       T* row = out.at(gin + r * IW * C, IW * C);
+      next_rows.clear();
+      if (ahead && r + 1 < end) {  // the output rows that the next input row adds
+        RowCounter nx = it;
+        nx.next();
+        for (int64_t cd = td.first[nx.b]; cd < td.first[nx.b + 1]; ++cd) {
+          for (int64_t ch = th.first[nx.c]; ch < th.first[nx.c + 1]; ++ch) {
+            const int64_t o2 = ((nx.a * OD + td.cover_o[cd]) * OH + th.cover_o[ch]) * OW;
+            if (std::find(row_o.begin(), row_o.end(), o2) != row_o.end()) continue;
+            next_rows.add(gout + o2 * C, OW * C * static_cast<int64_t>(sizeof(T)));
+            next_rows.add(pos + o2 * C, OW * C);
+          }
+        }
+      }
       for (int64_t iw = 0; iw < IW; ++iw) {
         T* dst = row + iw * C;
+        next_rows.step(iw, IW);
         const int64_t w0 = tw.first[iw], nw = tw.first[iw + 1] - w0;
         // The cell's covering outputs: NR rows times NW columns at compile time (1 or 2 each:
         // every cell of 3 x 3 stride-2 windows), their offsets and window positions in locals,
@@ -2990,7 +3076,7 @@ template <typename T>
 void avg_cl_fused(const T* in, T* out, const PoolGeometry& g, int64_t N, int64_t C,
                   bool count_include_pad, int64_t divisor_override) {
   const AvgTables t(g, false, count_include_pad, divisor_override);
-  for_cl_windows(g, N, C, out, [&](const ClWindow& w, T* cell_dst) {
+  for_cl_windows(g, N, C, in, out, [&](const ClWindow& w, T* cell_dst) {
     const __m256 div = _mm256_set1_ps(static_cast<float>(t.divisor(w.od, w.oh, w.ow)));
     for_channel_blocks(C, [&](auto NVc, int64_t c, int64_t n) {
       constexpr int NV = decltype(NVc)::value;

@@ -50,7 +50,7 @@ const Kernels& kernels() {
 }
 
 const Tuning& tuning() {
-  static const Tuning intel{"intel", true, true}, amd{"amd", false, false};
+  static const Tuning intel{"intel", true, true, false}, amd{"amd", false, false, true};
   static const Tuning& chosen = [&]() -> const Tuning& {
     const char* force = std::getenv("TORCHPOOL_CPU_TUNE");
     if (force && std::strcmp(force, "intel") == 0) return intel;
