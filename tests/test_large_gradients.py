@@ -108,3 +108,40 @@ def test_large_half_global_average_gradient(dtype):
                                        x.double(), g.double())
         assert_close(y, y_ref.to(dtype), dtype)
         assert_close(gx, gx_ref.to(dtype), dtype)
+
+
+# plane sizes (H, W): 8 cells and more are written vector by vector, two planes blended where
+# one ends (at every lane, as the planes shift against the 8-cell vectors); 6 cells are not
+PLANES = [(2, 3), (2, 4), (3, 3), (3, 5), (4, 4), (1, 17), (7, 7), (7, 9)]
+
+
+@pytest.mark.parametrize("plane", PLANES, ids=[f"{h}x{w}" for h, w in PLANES])
+def test_large_global_average_gradient_exact(plane):
+    """The float global average's gradient from 16 MiB, NCHW: every cell is its plane's upstream
+    gradient divided by the cell count in float32, torch's own `g / count`, to the bit. Into
+    memory that held another gradient's nonzeros just before; an odd channel count, so that the
+    threads' ranges of planes start and end inside cache lines."""
+    h, w = plane
+    channels = (16 * MIB) // (4 * 64 * h * w) + 3
+    gen = torch.Generator().manual_seed(h * w)
+    x = make_input((64, channels, h, w), torch.float32, gen=gen)
+    g = torch.randn(64, channels, generator=gen)
+    for _ in range(2):
+        run_fwd_bwd(tpf.global_max_pool2d, x, gen=gen)  # a gradient of the same size, then freed
+        _, gx, _ = run_fwd_bwd(tpf.global_avg_pool2d, x, g)
+        assert torch.equal(gx, (g / (h * w))[:, :, None, None].expand_as(x))
+
+
+@pytest.mark.parametrize("channels", [2048, 2040], ids=["whole-lines", "partial-lines"])
+def test_large_global_average_gradient_exact_channels_last(channels):
+    """As above, channels-last: rows of whole cache lines (each sample's means copied straight
+    out to every cell) and rows that end inside a line (staged), to the bit."""
+    gen = torch.Generator().manual_seed(channels)
+    x = make_input((64, channels, 7, 7), torch.float32, gen=gen).contiguous(memory_format=torch.channels_last)
+    assert x.numel() * x.element_size() >= 16 * MIB
+    g = torch.randn(64, channels, generator=gen)
+    for _ in range(2):
+        run_fwd_bwd(tpf.global_max_pool2d, x, gen=gen)  # a gradient of the same size, then freed
+        _, gx, _ = run_fwd_bwd(tpf.global_avg_pool2d, x, g)
+        assert gx.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(gx, (g / 49)[:, :, None, None].expand_as(x))

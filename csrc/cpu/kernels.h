@@ -3999,6 +3999,54 @@ inline void fill_out(T* dst, int64_t n, T v, bool stream) {
   fill_value(dst, n, v);
 }
 
+#if defined(TORCHPOOL_AVX2)
+// The float average's large NCHW gradient, planes begin .. end of P >= 8 cells: plane r is
+// gout[r] / P throughout. Written straight out, whole lines by non-temporal stores (the partial
+// lines at the range's ends by ordinary ones), each vector of 8 cells built in registers: at
+// most two planes meet in it, blended where one ends. Staged instead, short planes cost a fill
+// and a copy each, and the copy's loads wait on the fill's stores (NOTES §93).
+inline void stream_plane_means(float* gin, const float* gout, int64_t begin, int64_t end,
+                               int64_t P) {
+  float* const d = gin + begin * P;
+  const int64_t n = (end - begin) * P;
+  const float count = static_cast<float>(P);
+  auto mean = [&](int64_t r) { return r < end ? gout[r] / count : 0.0f; };
+  int64_t r = begin, next = P;  // the plane of the cells being written; where the next starts
+  float v = mean(r);
+  auto scalar_to = [&](int64_t i, int64_t stop) {
+    for (; i < stop; ++i) {
+      if (i == next) {
+        v = mean(++r);
+        next += P;
+      }
+      d[i] = v;
+    }
+  };
+  const int64_t head =
+      std::min<int64_t>(n, (64 - reinterpret_cast<uintptr_t>(d) % 64) % 64 / sizeof(float));
+  scalar_to(0, head);
+  const int64_t body_end = head + (n - head) / 16 * 16;
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  __m256 cur = _mm256_set1_ps(v), after = _mm256_set1_ps(mean(r + 1));
+  for (int64_t i = head; i < body_end; i += 8) {
+    // next >= i: a plane of 8 cells or more ends in a vector at most once.
+    __m256 x = cur;
+    if (next < i + 8) {
+      const __m256i from = _mm256_set1_epi32(static_cast<int32_t>(next - i - 1));
+      x = _mm256_blendv_ps(cur, after, _mm256_castsi256_ps(_mm256_cmpgt_epi32(lane, from)));
+      ++r;
+      next += P;
+      cur = after;
+      after = _mm256_set1_ps(mean(r + 1));
+    }
+    _mm256_stream_ps(d + i, x);
+  }
+  v = mean(r);
+  scalar_to(body_end, n);
+  stream_fence();
+}
+#endif
+
 // grad_in = 0 except grad at the saved position (max), or grad / P everywhere (avg).
 template <typename scalar_t, bool kMax>
 void global_bwd(const scalar_t* gout, const int64_t* pos, scalar_t* gin, int64_t N, int64_t C,
@@ -4009,9 +4057,10 @@ void global_bwd(const scalar_t* gout, const int64_t* pos, scalar_t* gin, int64_t
   at::parallel_for(0, rows, grain_for(run), [&](int64_t begin, int64_t end) {
     // Channels-last average of half types: every cell of sample n gets the same C values, worked
     // out once per sample and copied, not converted again per cell. (Float writes g / P
-    // directly: the compiler vectorizes that loop, and it beat the copy.)
+    // directly into staged rows: the compiler vectorizes that loop, and it beat the copy; but
+    // large results with rows of whole lines are copied straight out, below.)
     constexpr bool kHalf = !std::is_same_v<scalar_t, acc_t>;
-    std::vector<scalar_t> scaled(!kMax && cl && kHalf ? C : 0);
+    std::vector<scalar_t> scaled(!kMax && cl ? C : 0);
     int64_t scaled_n = -1;
     // Max (but for the staged planes below): the task's whole range zeroed at once, then the one
     // gradient per plane (per channel, channels-last) goes in. Large float results (streams_out)
@@ -4027,6 +4076,28 @@ void global_bwd(const scalar_t* gout, const int64_t* pos, scalar_t* gin, int64_t
     // gradient in the staging buffer, then streamed out like the averages' (§79); stored into
     // lines just streamed out, the gradients each read their line back from memory first.
     const bool stage_max = kMax && !cl && stream && run <= Staged<scalar_t>::kCap;
+#if defined(TORCHPOOL_AVX2)
+    if constexpr (!kMax && std::is_same_v<scalar_t, float>) {
+      if (stream && !cl && run >= 8) {
+        stream_plane_means(gin, gout, begin, end, run);
+        return;
+      }
+      if (stream && cl && C % StagedRuns<float>::kLineCells == 0) {
+        // Channels-last rows of whole lines: each sample's C means worked out once, then copied
+        // straight out to each of its cells (NOTES §93).
+        for (int64_t r = begin; r < end; ++r) {
+          if (r / P != scaled_n) {
+            scaled_n = r / P;
+            const float* g = gout + scaled_n * C;
+            for (int64_t c = 0; c < C; ++c) scaled[c] = g[c] / static_cast<float>(P);
+          }
+          stream_copy(gin + r * C, scaled.data(), C);
+        }
+        stream_fence();
+        return;
+      }
+    }
+#endif
     if (kMax && !stage_max) zero_out(gin + begin * run, (end - begin) * run, stream);
     Staged<scalar_t> out(stream && (!kMax || stage_max), global_staged<scalar_t>(run));
     for (int64_t r = begin; r < end; ++r) {
