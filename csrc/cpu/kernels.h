@@ -4099,6 +4099,17 @@ void global_bwd(const scalar_t* gout, const int64_t* pos, scalar_t* gin, int64_t
     }
 #endif
     if (kMax && !stage_max) zero_out(gin + begin * run, (end - begin) * run, stream);
+    if (kMax && cl) {
+      // Channels-last: each channel's one gradient scattered to its saved cell, where that cell's
+      // row is in this task's range (NOTES §94).
+      for (int64_t n = begin / P; n <= (end - 1) / P; ++n) {
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t r = n * P + pos[n * C + c];
+          if (r >= begin && r < end) gin[r * C + c] = gout[n * C + c];
+        }
+      }
+      return;
+    }
     Staged<scalar_t> out(stream && (!kMax || stage_max), global_staged<scalar_t>(run));
     for (int64_t r = begin; r < end; ++r) {
       scalar_t* dst = kMax && !stage_max ? gin + r * run : out.at(gin + r * run, run);
@@ -4106,14 +4117,7 @@ void global_bwd(const scalar_t* gout, const int64_t* pos, scalar_t* gin, int64_t
         fill_value(dst, run, scalar_t(0));
         dst[pos[r]] = gout[r];
       } else if (kMax) {
-        if (cl) {
-          const int64_t n = r / P, i = r % P;
-          for (int64_t c = 0; c < C; ++c) {
-            if (pos[n * C + c] == i) dst[c] = gout[n * C + c];
-          }
-        } else {
-          dst[pos[r]] = gout[r];
-        }
+        dst[pos[r]] = gout[r];
       } else if (cl && !kHalf) {
         const scalar_t* g = gout + (r / P) * C;
         for (int64_t c = 0; c < C; ++c) dst[c] = g[c] / static_cast<acc_t>(P);
