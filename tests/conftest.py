@@ -1,4 +1,7 @@
 """Shared fixtures and helpers: devices, seeded RNG, input layouts, torch references, tolerances."""
+import os
+import subprocess
+import sys
 import zlib
 
 import pytest
@@ -307,3 +310,9 @@ def pool_cases(draw, kind):
         kw["count_include_pad"] = draw(st.booleans())
         kw["divisor_override"] = draw(st.sampled_from([None, None, None, 1, 3, 7]))
     return dict(nd=nd, **draw_dtype_layout(draw, shape, batched), seed=draw(st.integers(0, 2**31 - 1)), kw=kw)
+
+
+def python_with(code, **env):
+    """Runs `code` in a fresh interpreter with the environment variables `env` set."""
+    return subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env),
+                          capture_output=True, text=True, timeout=120)

@@ -20,6 +20,7 @@ from conftest import (
     config_grid,
     make_input,
     pool_cases,
+    python_with,
     ref_dtype,
     row_end_widths,
     run_fwd_bwd,
@@ -388,3 +389,53 @@ def test_inference_mode(device, rng, nd):
     with torch.inference_mode():
         out = OURS[nd](x, 3, 2, 1)
     assert_close(out, TORCH[nd](x, 3, 2, 1))
+
+
+# Channels-last geometries whose input rows are covered by 1 to 4 output rows, with gaps
+# (stride over the kernel), padding, ceil mode, a divisor override, 3d windows
+_CL_BACKWARD = (
+    "import torch, torchpool.functional as tpf\n"
+    "cases = [((2, 24, 13, 11), dict(kernel_size=3, stride=1, padding=1, count_include_pad=False)),\n"
+    "         ((2, 40, 13, 11), dict(kernel_size=3, stride=2, padding=1)),\n"
+    "         ((2, 33, 12, 12), dict(kernel_size=2, stride=3)),\n"
+    "         ((1, 16, 9, 9), dict(kernel_size=(2, 4), stride=(3, 1), padding=(1, 2), ceil_mode=True)),\n"
+    "         ((2, 8, 17, 10), dict(kernel_size=5, stride=2, padding=2, divisor_override=3)),\n"
+    "         ((1, 70, 9, 9), dict(kernel_size=4, stride=1, padding=1)),\n"
+    "         ((2, 20, 7, 9, 8), dict(kernel_size=3, stride=2, padding=1))]\n"
+    "gen = torch.Generator().manual_seed(5)\n"
+    "out = []\n"
+    "for dtype in (torch.float32, torch.bfloat16, torch.float16):\n"
+    "    for shape, kw in cases:\n"
+    "        fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d\n"
+    "        pool = tpf.avg_pool2d if len(shape) == 4 else tpf.avg_pool3d\n"
+    "        x = torch.randn(shape, generator=gen).to(dtype).contiguous(memory_format=fmt)\n"
+    "        y = pool(x.requires_grad_(), **kw)\n"
+    "        g = torch.randn(y.shape, generator=gen).to(dtype).contiguous(memory_format=fmt)\n"
+    "        y.backward(g)\n"
+    "        out.append((x.detach(), g, kw, x.grad))\n"
+    "import torchpool\n"
+    "torch.save((torchpool.cpu_kernels()['isa'], out), PATH)\n"
+)
+
+
+def test_channels_last_backward_same_as_portable_path(device, tmp_path):
+    """The AVX2 channels-last average backward divides each output once and sums the shares in
+    registers; the portable kernels divide per input cell and sum in a row. Same order of
+    additions, so the same gradients to the bit, in every dtype; and both match torch."""
+    if device != "cpu":
+        pytest.skip("the instruction sets are the CPU kernels'")
+    results = {}
+    for isa in ("base", ""):
+        path = tmp_path / f"grads-{isa or 'default'}.pt"
+        r = python_with(_CL_BACKWARD.replace("PATH", repr(str(path))), TORCHPOOL_CPU_ISA=isa)
+        assert r.returncode == 0, r.stderr[-2000:]
+        results[isa] = torch.load(path)
+    (base_isa, base_grads), (isa, grads) = results["base"], results[""]
+    assert base_isa == "base" and len(base_grads) == 21
+    for (x, g, kw, base), (_, _, _, fast) in zip(base_grads, grads):
+        assert torch.equal(base, fast), kw
+        pool = torch_avg_pool2d if x.dim() == 4 else F.avg_pool3d
+        _, want, _ = run_fwd_bwd(lambda t: pool(t, **kw), x.double(), g.double())
+        assert_close(fast, want.to(x.dtype), x.dtype)
+    if isa == "base":
+        pytest.skip("no AVX2 kernels on this machine: both runs took the portable path")

@@ -24,6 +24,7 @@ from conftest import (
     draw_dtype_layout,
     layouts_for,
     make_input,
+    python_with,
     ref_dtype,
     run_fwd_bwd,
 )
@@ -367,14 +368,8 @@ def _cpu_vendor():
     return _cpuinfo("vendor_id")
 
 
-def _python_with(code, **env):
-    """Runs `code` in a fresh interpreter with the environment variables `env` set."""
-    return subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env),
-                          capture_output=True, text=True, timeout=120)
-
-
 def _python_with_tuning(tune, code):
-    return _python_with(code, TORCHPOOL_CPU_TUNE=tune)
+    return python_with(code, TORCHPOOL_CPU_TUNE=tune)
 
 
 # Three calls that each pick the CPU kernels, printing the first line of each one's error.
@@ -392,7 +387,7 @@ _THREE_CALLS = (
 
 def _assert_every_call_fails(message, **env):
     """With `env` set, each of _THREE_CALLS fails with an error starting with `message`."""
-    r = _python_with(_THREE_CALLS, **env)
+    r = python_with(_THREE_CALLS, **env)
     lines = r.stdout.splitlines()
     assert r.returncode == 0 and len(lines) == 3, r.stdout + r.stderr[-2000:]
     for line in lines:
@@ -443,13 +438,13 @@ def test_cpu_isa_choices(device):
     if device != "cpu":
         pytest.skip("the instruction sets are the CPU kernels'")
     code = "import torchpool; print(torchpool.cpu_kernels()['isa'])"
-    base = _python_with(code, TORCHPOOL_CPU_ISA="base")
+    base = python_with(code, TORCHPOOL_CPU_ISA="base")
     assert base.stdout.strip() == "base", base.stderr[-2000:]
     flags = _cpuinfo("flags")
     if flags is None:
         pytest.skip("no /proc/cpuinfo flags to tell whether the CPU has AVX2")
     if platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma"} <= set(flags.split()):
-        forced = _python_with(code, TORCHPOOL_CPU_ISA="avx2")
+        forced = python_with(code, TORCHPOOL_CPU_ISA="avx2")
         assert forced.stdout.strip() == "avx2", forced.stderr[-2000:]
     else:
         _assert_every_call_fails("TORCHPOOL_CPU_ISA=avx2: this CPU (or this build) has no AVX2",

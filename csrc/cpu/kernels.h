@@ -3509,9 +3509,92 @@ void avg_bwd_planar(const scalar_t* gout, scalar_t* gin, const PoolGeometry& g, 
   });
 }
 
+#if defined(TORCHPOOL_AVX2)
+// Channels-last average backward, gathered per input cell in registers as max_bwd_cl_fused's. The
+// output rows that cover an input row are divided by their windows' divisors first, once per
+// output row and task (a few rows kept as floats, one not needed replaced), then each
+// input cell adds its covering outputs' shares, 8 channels at a time, in the order the scalar
+// path adds them (the same sums to the bit), and is stored once (NOTES §95).
+template <typename T>
+void avg_bwd_cl_fused(const T* gout, T* gin, const PoolGeometry& g, int64_t N, int64_t C,
+                      bool count_include_pad, int64_t divisor_override) {
+  const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
+  const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2];
+  const AvgTables t(g, true, count_include_pad, divisor_override);
+  const bool stream_rows = streams<T>(N * ID * IH * IW * C);
+  // The most output rows that cover one input row: the rows kept.
+  int64_t most_d = 1, most_h = 1;
+  for (int64_t i = 0; i < ID; ++i) most_d = std::max(most_d, t.d.first[i + 1] - t.d.first[i]);
+  for (int64_t i = 0; i < IH; ++i) most_h = std::max(most_h, t.h.first[i + 1] - t.h.first[i]);
+  const int64_t slots = most_d * most_h, row_len = OW * C;
+  at::parallel_for(0, N * ID * IH, grain_for(IW * C), [&](int64_t begin, int64_t end) {
+    StagedRuns<T> out(stream_rows, staged_rows<T>(IW * C));
+    std::vector<float> kept(slots * row_len);
+    std::vector<int64_t> kept_row(slots, -1), need;
+    std::vector<const float*> cover;
+    RowCounter it(begin, ID, IH);
+    for (int64_t r = begin; r < end; ++r, it.next()) {
+      const int64_t n = it.a, id = it.b, ih = it.c;
+      need.clear();
+      for (int64_t cd = t.d.first[id]; cd < t.d.first[id + 1]; ++cd) {
+        for (int64_t ch = t.h.first[ih]; ch < t.h.first[ih + 1]; ++ch) {
+          need.push_back((n * OD + t.d.cover_o[cd]) * OH + t.h.cover_o[ch]);
+        }
+      }
+      cover.clear();
+      for (const int64_t o : need) {
+        int64_t s = std::find(kept_row.begin(), kept_row.end(), o) - kept_row.begin();
+        if (s == slots) {  // divide it into a slot whose row this input row does not need
+          s = 0;
+          while (std::find(need.begin(), need.end(), kept_row[s]) != need.end()) ++s;
+          kept_row[s] = o;
+          const int64_t od = (o / OH) % OD, oh = o % OH;
+          const T* src = gout + o * row_len;
+          float* dst = kept.data() + s * row_len;
+          for (int64_t ow = 0; ow < OW; ++ow) {
+            const __m256 dv = _mm256_set1_ps(static_cast<float>(t.divisor(od, oh, ow)));
+            for (int64_t c = 0; c < C; c += 8) {
+              const int64_t nl = std::min<int64_t>(8, C - c);
+              store8(dst + ow * C + c, _mm256_div_ps(load_lanes(src + ow * C + c, nl), dv), nl);
+            }
+          }
+        }
+        cover.push_back(kept.data() + s * row_len);
+      }
+      const int64_t nr = static_cast<int64_t>(cover.size());
+      const float* const* rows = cover.data();
+      T* row = out.at(gin + r * IW * C, IW * C);
+      for (int64_t iw = 0; iw < IW; ++iw) {
+        T* dst = row + iw * C;
+        const int64_t* cols = t.w.cover_o.data() + t.w.first[iw];
+        const int64_t nw = t.w.first[iw + 1] - t.w.first[iw];
+        for_channel_blocks(C, [=](auto NVc, int64_t c, int64_t nl) {
+          constexpr int NV = decltype(NVc)::value;
+          __m256 acc[NV];
+          for (int v = 0; v < NV; ++v) acc[v] = _mm256_setzero_ps();
+          for (int64_t a = 0; a < nr; ++a) {
+            for (int64_t b = 0; b < nw; ++b) {
+              const float* src = rows[a] + cols[b] * C + c;
+              for (int v = 0; v < NV; ++v) acc[v] = _mm256_add_ps(acc[v], load_lanes(src + 8 * v, nl));
+            }
+          }
+          for (int v = 0; v < NV; ++v) store8(dst + c + 8 * v, acc[v], nl);
+        });
+      }
+    }
+  });
+}
+#endif
+
 template <typename scalar_t>
 void avg_bwd_cl(const scalar_t* gout, scalar_t* gin, const PoolGeometry& g, int64_t N, int64_t C,
                 bool count_include_pad, int64_t divisor_override) {
+#if defined(TORCHPOOL_AVX2)
+  if constexpr (kFusedType<scalar_t>) {
+    avg_bwd_cl_fused(gout, gin, g, N, C, count_include_pad, divisor_override);
+    return;
+  }
+#endif
   using acc_t = acc_type<scalar_t>;
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2];
