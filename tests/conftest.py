@@ -155,6 +155,11 @@ def grad_output_like(out, gen):
     return g.to(dtype=out.dtype, device=out.device)
 
 
+def pool_outputs(fn, x, **kwargs):
+    """fn(x, **kwargs), with the indices too where fn is a max pool."""
+    return fn(x, return_indices=True, **kwargs) if "max" in fn.__name__ else fn(x, **kwargs)
+
+
 def run_fwd_bwd(fn, x, g=None, gen=None):
     """Calls fn on a fresh leaf copy of x (same strides) and backprops g; returns (out(s), grad, g)."""
     leaf = x.detach().requires_grad_()

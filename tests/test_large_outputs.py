@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import torchpool.functional as tpf
-from conftest import assert_close, make_input, run_fwd_bwd
+from conftest import assert_close, make_input, pool_outputs, run_fwd_bwd
 
 MIB = 2**20
 
@@ -45,10 +45,6 @@ CASES = [
 ]
 
 
-def _outputs(fn, x, **kwargs):
-    return fn(x, return_indices=True, **kwargs) if "max" in fn.__name__ else fn(x, **kwargs)
-
-
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_large_output(case):
     _, ours, theirs, shape, kwargs, exact = case
@@ -66,8 +62,8 @@ def test_large_output(case):
         assert_close(y, y_ref, torch.float32, exact=exact)
 
     # training: values, indices (max) and the input gradient
-    out, gx, g = run_fwd_bwd(lambda t: _outputs(ours, t, **kwargs), x, gen=gen)
-    out_ref, gx_ref, _ = run_fwd_bwd(lambda t: _outputs(theirs, t, **kwargs), x.double(), g.double())
+    out, gx, g = run_fwd_bwd(lambda t: pool_outputs(ours, t, **kwargs), x, gen=gen)
+    out_ref, gx_ref, _ = run_fwd_bwd(lambda t: pool_outputs(theirs, t, **kwargs), x.double(), g.double())
     if isinstance(out, tuple):
         assert_close(out[0], out_ref[0].float(), torch.float32, exact=exact)
         assert torch.equal(out[1], out_ref[1])
