@@ -439,3 +439,17 @@ def test_channels_last_backward_same_as_portable_path(device, tmp_path):
         assert_close(fast, want.to(x.dtype), x.dtype)
     if isa == "base":
         pytest.skip("no AVX2 kernels on this machine: both runs took the portable path")
+
+
+@pytest.mark.parametrize("channels", [16, 48], ids=["forty-rows-kept", "portable-path"])
+def test_channels_last_backward_tall_windows(device, channels):
+    """Windows 40 rows tall over rows of 1600 outputs: each input row needs up to 40 output rows.
+    The AVX2 backward keeps them all (16 channels: 4 MiB a task) or, over 8 MiB (48 channels),
+    leaves the input to the portable path; both against torch."""
+    gen = torch.Generator().manual_seed(channels)
+    x = make_input((1, channels, 80, 1602), torch.float32, device, "channels_last", gen)
+    out, gx, g = run_fwd_bwd(lambda t: tpf.avg_pool2d(t, (40, 3), 1), x, gen=gen)
+    out_ref, gx_ref, _ = run_fwd_bwd(lambda t: F.avg_pool2d(t, (40, 3), 1), x.double(), g.double())
+    assert_close(out, out_ref.float(), torch.float32)
+    assert_close(gx, gx_ref.float(), torch.float32)
+    assert gx.is_contiguous(memory_format=torch.channels_last)

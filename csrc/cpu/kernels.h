@@ -3514,9 +3514,11 @@ void avg_bwd_planar(const scalar_t* gout, scalar_t* gin, const PoolGeometry& g, 
 // output rows that cover an input row are divided by their windows' divisors first, once per
 // output row and task (a few rows kept as floats, one not needed replaced), then each
 // input cell adds its covering outputs' shares, 8 channels at a time, in the order the scalar
-// path adds them (the same sums to the bit), and is stored once (NOTES §95).
+// path adds them (the same sums to the bit), and is stored once (NOTES §95). Returns false,
+// doing nothing, where the kept rows would take over 8 MiB a task (tall windows over wide rows):
+// the portable path then.
 template <typename T>
-void avg_bwd_cl_fused(const T* gout, T* gin, const PoolGeometry& g, int64_t N, int64_t C,
+bool avg_bwd_cl_fused(const T* gout, T* gin, const PoolGeometry& g, int64_t N, int64_t C,
                       bool count_include_pad, int64_t divisor_override) {
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2];
@@ -3527,6 +3529,7 @@ void avg_bwd_cl_fused(const T* gout, T* gin, const PoolGeometry& g, int64_t N, i
   for (int64_t i = 0; i < ID; ++i) most_d = std::max(most_d, t.d.first[i + 1] - t.d.first[i]);
   for (int64_t i = 0; i < IH; ++i) most_h = std::max(most_h, t.h.first[i + 1] - t.h.first[i]);
   const int64_t slots = most_d * most_h, row_len = OW * C;
+  if (slots * row_len > (int64_t{2} << 20)) return false;
   at::parallel_for(0, N * ID * IH, grain_for(IW * C), [&](int64_t begin, int64_t end) {
     StagedRuns<T> out(stream_rows, staged_rows<T>(IW * C));
     std::vector<float> kept(slots * row_len);
@@ -3583,6 +3586,7 @@ void avg_bwd_cl_fused(const T* gout, T* gin, const PoolGeometry& g, int64_t N, i
       }
     }
   });
+  return true;
 }
 #endif
 
@@ -3591,8 +3595,7 @@ void avg_bwd_cl(const scalar_t* gout, scalar_t* gin, const PoolGeometry& g, int6
                 bool count_include_pad, int64_t divisor_override) {
 #if defined(TORCHPOOL_AVX2)
   if constexpr (kFusedType<scalar_t>) {
-    avg_bwd_cl_fused(gout, gin, g, N, C, count_include_pad, divisor_override);
-    return;
+    if (avg_bwd_cl_fused(gout, gin, g, N, C, count_include_pad, divisor_override)) return;
   }
 #endif
   using acc_t = acc_type<scalar_t>;
