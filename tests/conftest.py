@@ -321,3 +321,13 @@ def python_with(code, **env):
     """Runs `code` in a fresh interpreter with the environment variables `env` set."""
     return subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env),
                           capture_output=True, text=True, timeout=120)
+
+
+def assert_tests_pass_with(test_file, select, **env):
+    """The tests of `test_file` (a name in this folder) that `select` picks (pytest -k) pass in a
+    fresh process with the environment variables `env` set."""
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file, "-k", select],
+                       env=dict(os.environ, **env), cwd=os.path.dirname(os.path.abspath(__file__)),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and " failed" not in r.stdout

@@ -3,8 +3,6 @@ unbatched, empty batches, layouts, NaN, ties (gradient to the first maximum), gr
 CPU kernels' vendor tunings."""
 import os
 import platform
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +17,7 @@ from conftest import (
     HYPOTHESIS,
     ND_LAYOUTS,
     assert_close,
+    assert_tests_pass_with,
     channels_last_format,
     check_strided_grad_outputs,
     draw_dtype_layout,
@@ -414,13 +413,8 @@ def test_cpu_tunings(device, tune):
         pytest.skip("the tunings are the CPU kernels'")
     named = _python_with_tuning(tune, "import torchpool; print(torchpool.cpu_kernels()['tuning'])")
     assert named.stdout.strip() == tune, named.stderr[-2000:]
-    r = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", Path(__file__).name,
-         "-k", "short_planes or long_planes or global_matches_torch"],
-        env=dict(os.environ, TORCHPOOL_CPU_TUNE=tune), cwd=Path(__file__).parent, capture_output=True,
-        text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    assert " passed" in r.stdout and " failed" not in r.stdout
+    assert_tests_pass_with(Path(__file__).name, "short_planes or long_planes or global_matches_torch",
+                           TORCHPOOL_CPU_TUNE=tune)
 
 
 def test_cpu_tuning_bad_value(device):

@@ -15,6 +15,7 @@ from conftest import (
     POOL_SHAPES,
     ROW_END_WINDOWS,
     assert_close,
+    assert_tests_pass_with,
     assert_layout_follows,
     check_backward_deterministic,
     check_layout_preserved,
@@ -292,6 +293,40 @@ def test_nan_inside_wide_rows(device, rng, kw):
             assert torch.equal(idx, ridx)
     with torch.no_grad():
         assert_close(tpf.max_pool2d(x, **kw), rout, exact=True, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels", [5, 45, 64])
+@pytest.mark.parametrize("nd,kw", [(2, dict(kernel_size=3, stride=2, padding=1)), (2, dict(kernel_size=2)),
+                                   (2, dict(kernel_size=(2, 3), stride=(3, 1), dilation=(2, 1))),
+                                   (3, dict(kernel_size=3, stride=2, padding=1))])
+def test_few_nans_channels_last_training(device, rng, dtype, channels, nd, kw):
+    """A few NaNs in an otherwise finite channels-last input, so that most output rows read no NaN
+    and some do (rows shared by two output rows, rows no window reads, a last partial vector of
+    channels): outputs, indices and gradients as torch's, in training and in inference."""
+    shape = (3, channels, 13, 11) if nd == 2 else (2, channels, 7, 6, 9)
+    x = torch.randn(shape, generator=rng)
+    flat = x.view(-1)
+    flat[torch.randperm(flat.numel(), generator=rng)[:4]] = float("nan")
+    flat[-1] = float("nan")  # the last channel of the last cell: the scalar tail of a row
+    x[(1, channels // 2, 3, 5) if nd == 2 else (1, channels // 2, 2, 3, 4)] = float("nan")  # a cell read
+    x = to_layout(x.to(dtype).to(device), "channels_last")
+    rx = x.float().contiguous().requires_grad_()
+    rout, ridx = TORCH[nd](rx, return_indices=True, **kw)
+    nan = torch.isnan(rout.detach())
+    assert bool(nan.any()) and bool((~nan).any())
+    xg = x.clone().requires_grad_()
+    out, idx = OURS[nd](xg, return_indices=True, **kw)
+    with torch.no_grad():
+        out_inf = OURS[nd](x, **kw)
+    for o in (out_inf, out.detach()):
+        assert torch.equal(torch.isnan(o), nan)
+        assert torch.equal(o[~nan].float(), rout.detach()[~nan])
+    assert torch.equal(idx, ridx)
+    g = torch.randn(rout.shape, generator=rng)
+    (rgx,) = torch.autograd.grad(rout, rx, g)
+    (gx,) = torch.autograd.grad(out, xg, g.to(dtype).to(device))
+    assert_close(gx.float(), rgx, dtype=dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -613,3 +648,13 @@ def test_inference_mode(device, rng, nd):
     assert_close(out, rout, exact=True)
     assert_close(out2, rout, exact=True)
     assert torch.equal(idx, ridx)
+
+
+@pytest.mark.parametrize("tune", ["intel", "amd"])
+def test_cpu_tunings_channels_last(device, tune):
+    """Each vendor tuning of the CPU kernels (TORCHPOOL_CPU_TUNE=intel or amd: the channels-last
+    training forward's positions by and + integer max or by a blend) passes this file's
+    channels-last and tie tests, whichever CPU runs them."""
+    if device != "cpu":
+        pytest.skip("the tunings are the CPU kernels'")
+    assert_tests_pass_with("test_max_pool.py", "(channels_last or ties) and not tunings", TORCHPOOL_CPU_TUNE=tune)

@@ -49,6 +49,9 @@ struct Tuning {
   // the max backward the output rows that the next input row adds, into L2 (AMD: faster from
   // memory, §92; Intel: not measured, off).
   bool cl_next_rows_prefetch;
+  // The channels-last max training forward keeps each maximum's position by a variable blend
+  // (AMD: one instruction, §96) or by and + integer max (Intel, where the blend is two or three).
+  bool positions_by_blend;
 };
 const Tuning& tuning();
 

@@ -375,6 +375,13 @@ __attribute__((always_inline)) inline void take_greater(__m256& m, __m256& b, __
   m = _mm256_max_ps(v, m);
 }
 
+// take_greater by one variable blend of the position: one instruction on AMD's cores where and +
+// integer max take two; two or three on Intel's (Tuning::positions_by_blend, NOTES §96).
+__attribute__((always_inline)) inline void take_greater_blend(__m256& m, __m256& b, __m256 v, __m256i k) {
+  b = _mm256_blendv_ps(b, _mm256_castsi256_ps(k), _mm256_cmp_ps(v, m, _CMP_GT_OQ));
+  m = _mm256_max_ps(v, m);
+}
+
 // body(i) for i = 0, 8, ... while i + 8 <= n; returns where it stopped. Where `ahead` is not 0,
 // the cache line of src `ahead` elements on is prefetched once per line read (the channels-last
 // global pools: NOTES §75).
@@ -1602,11 +1609,50 @@ class SpreadPrefetch {
   bool over_ = false;
 };
 
+// Whether any of the n values at p is a NaN: floats by unordered compares, two vectors each; the
+// half types by their bits, 16 values an integer compare.
+inline bool any_nan(const float* p, int64_t n) {
+  __m256 u = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    u = _mm256_or_ps(u, _mm256_cmp_ps(_mm256_loadu_ps(p + i), _mm256_loadu_ps(p + i + 8), _CMP_UNORD_Q));
+  }
+  if (i + 8 <= n) {
+    const __m256 v = _mm256_loadu_ps(p + i);
+    u = _mm256_or_ps(u, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    i += 8;
+  }
+  if (_mm256_movemask_ps(u) != 0) return true;
+  for (; i < n; ++i) {
+    if (std::isnan(p[i])) return true;
+  }
+  return false;
+}
+template <typename T, if_half<T> = 0>
+inline bool any_nan(const T* p, int64_t n) {
+  // |x| above the infinity's bits: the exponent all ones and a mantissa not 0
+  const __m256i mag = _mm256_set1_epi16(0x7FFF);
+  const __m256i inf = _mm256_set1_epi16(std::is_same_v<T, c10::BFloat16> ? 0x7F80 : 0x7C00);
+  __m256i u = _mm256_setzero_si256();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i));
+    u = _mm256_or_si256(u, _mm256_cmpgt_epi16(_mm256_and_si256(x, mag), inf));
+  }
+  if (!_mm256_testz_si256(u, u)) return true;
+  for (; i < n; ++i) {
+    if (std::isnan(static_cast<float>(p[i]))) return true;
+  }
+  return false;
+}
+
 // The in-input cells of one output cell's window: element offsets of their channel vectors and
 // their window positions, in scan order. for_cl_windows(g, N, C, in, out, cell) calls cell(w, dst)
 // for each output cell in order, dst: where its C outputs go (out + w.o * C, or their place in
 // the staging buffer of a large float output, written out a row at a time by non-temporal
-// stores).
+// stores). With kNanRows, each input row is searched for NaNs once, when an output row first
+// reads it, and w.nan_rows says whether one of the rows the cell's output row reads holds one:
+// the max kernels then need no NaN test in their window loops (NOTES §96).
 struct ClWindow {
   int64_t o, od, oh, ow;  // flat output cell and its coordinates
   int64_t base;           // cell j's channel vector starts at base + offs[j]
@@ -1614,9 +1660,32 @@ struct ClWindow {
   const int32_t* ks;
   int64_t cells;
   int32_t first;  // position of the first in-input cell (reported when nothing beats -inf)
+  bool nan_rows;  // kNanRows: a NaN in the input rows of this output row
 };
 
-template <typename T, typename Cell>
+// Whether input rows hold a NaN, each searched once: rows are asked for in rising order, a few
+// output rows at a time, so the last `keep` answers are kept.
+template <typename T>
+class NanRows {
+ public:
+  NanRows(const T* in, int64_t row_len, int64_t keep) : in_(in), len_(row_len), keep_(keep) {}
+  bool has_nan(int64_t row) {
+    for (const auto& [r, nan] : seen_) {
+      if (r == row) return nan;
+    }
+    const bool nan = any_nan(in_ + row * len_, len_);
+    if (static_cast<int64_t>(seen_.size()) == keep_) seen_.erase(seen_.begin());
+    seen_.emplace_back(row, nan);
+    return nan;
+  }
+
+ private:
+  const T* in_;
+  int64_t len_, keep_;
+  std::vector<std::pair<int64_t, bool>> seen_;
+};
+
+template <bool kNanRows = false, typename T, typename Cell>
 void for_cl_windows(const PoolGeometry& g, int64_t N, int64_t C, const T* in, T* out, Cell&& cell) {
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2], KH = g.kernel[1], KW = g.kernel[2];
@@ -1639,6 +1708,7 @@ void for_cl_windows(const PoolGeometry& g, int64_t N, int64_t C, const T* in, T*
   at::parallel_for(0, N * OD * OH, grain_for(OW * C * g.window_cells()), [&](int64_t begin, int64_t end) {
     StagedRuns<T> st(staged, staged_whole<T>(OW * C, kOutRunBytes));
     SpreadPrefetch next_rows;
+    NanRows<T> nan_rows(in, IW * C, kNanRows ? 2 * g.kernel[0] * KH : 0);
     // The task's own copy of the callback: what it captures by value stays in registers across
     // its stores (NOTES §33).
     const std::decay_t<Cell> cell_fn = cell;
@@ -1652,6 +1722,14 @@ void for_cl_windows(const PoolGeometry& g, int64_t N, int64_t C, const T* in, T*
       const int64_t row_base =
           ((n * ID + g.input_coord(0, od, 0)) * IH + g.input_coord(1, oh, 0)) * IW;
       T* const row_dst = st.at(out + r * OW * C, OW * C);
+      bool row_nan = false;
+      if constexpr (kNanRows) {
+        for (int64_t kd = td.lo[od]; kd < td.hi[od]; ++kd) {
+          for (int64_t kh = th.lo[oh]; kh < th.hi[oh]; ++kh) {
+            row_nan |= nan_rows.has_nan((n * ID + g.input_coord(0, od, kd)) * IH + g.input_coord(1, oh, kh));
+          }
+        }
+      }
       next_rows.clear();
       if (ahead && r + 1 < end) {  // the input rows that the next output row reads and this one does not
         RowCounter nx = it;
@@ -1674,7 +1752,7 @@ void for_cl_windows(const PoolGeometry& g, int64_t N, int64_t C, const T* in, T*
         if (ahead) next_rows.step(ow, OW);
         if (rows_inside && tw.lo[ow] == 0 && tw.hi[ow] == KW) {
           cell_fn(ClWindow{r * OW + ow, od, oh, ow, (row_base + g.input_coord(2, ow, 0)) * C,
-                           rel.data(), all_ks.data(), ncells, 0}, dst);
+                           rel.data(), all_ks.data(), ncells, 0, row_nan}, dst);
           continue;
         }
         int64_t nc = 0;
@@ -1689,7 +1767,7 @@ void for_cl_windows(const PoolGeometry& g, int64_t N, int64_t C, const T* in, T*
           }
         }
         const int32_t first = static_cast<int32_t>((td.lo[od] * KH + th.lo[oh]) * KW + tw.lo[ow]);
-        cell_fn(ClWindow{r * OW + ow, od, oh, ow, 0, offs.data(), ks.data(), nc, first}, dst);
+        cell_fn(ClWindow{r * OW + ow, od, oh, ow, 0, offs.data(), ks.data(), nc, first, row_nan}, dst);
       }
     }
   });
@@ -1756,19 +1834,52 @@ inline void block_store_pos(pos_t* dst, const __m256* b, int64_t n) {
   }
 }
 
+// One channel block of a channels-last max window by torch's compare-and-blend chain (a value
+// replaces the maximum if greater or NaN: the last NaN wins), stored with its positions at
+// pos_cell: the windows that hold a NaN. Inline in the inference loop; out of line in the
+// training loop (max_cl_block_torch_call), which calls it before its window loop.
+template <bool kPos, int NV, typename pos_t, typename T>
+__attribute__((always_inline)) inline void max_cl_block_torch(const T* in, const ClWindow& w, int64_t c,
+                                                             int64_t n, T* dst, pos_t* pos_cell) {
+  __m256 m[NV], b[NV];
+  for (int v = 0; v < NV; ++v) {
+    m[v] = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    b[v] = _mm256_castsi256_ps(_mm256_set1_epi32(w.first));
+  }
+  for (int64_t j = 0; j < w.cells; ++j) {
+    const __m256 k = _mm256_castsi256_ps(_mm256_set1_epi32(w.ks[j]));
+    __m256 x[NV];
+    block_load<NV>(in + w.base + w.offs[j] + c, n, x);
+    for (int v = 0; v < NV; ++v) take_torch(m[v], b[v], x[v], k);
+  }
+  block_store<true, NV>(dst + c, m, n);
+  if (kPos) block_store_pos<NV, T>(pos_cell + c, b, n);
+}
+template <bool kPos, int NV, typename pos_t, typename T>
+__attribute__((noinline)) void max_cl_block_torch_call(const T* in, const ClWindow& w, int64_t c,
+                                                       int64_t n, T* dst, pos_t* pos_cell) {
+  max_cl_block_torch<kPos, NV>(in, w, c, n, dst, pos_cell);
+}
+
 // Each channel vector's maximum by _mm256_max_ps(new, max), which keeps max unless new is greater
 // (of equal values, +0 and -0 too, the first in scan order stays), with its position by
-// take_greater in training. NaNs are found apart, two vectors per unordered compare; a block with
-// a NaN anywhere is redone by torch's compare-and-blend chain (the last NaN wins), which is rare.
-// Two instructions a value in inference where compare-and-blend takes six, five in training where
-// it takes nine (NOTES §73).
-template <bool kPos, typename pos_t, typename T>
-void max_cl_fused(const T* in, T* out, pos_t* pos, const PoolGeometry& g, int64_t N,
-                  int64_t C) {
+// take_greater in training. NaNs are found apart, and a block with one anywhere is redone by
+// torch's chain (max_cl_block_torch), which is rare. In inference, two instructions a value where
+// compare-and-blend takes six: max, and an unordered compare of two vectors (NOTES §73). In
+// training, four (three by take_greater_blend): the NaNs are searched for once per input row
+// instead (for_cl_windows<true>), and the windows of an output row whose input rows hold one take
+// torch's chain (NOTES §96).
+template <bool kPos, bool kBlend, typename pos_t, typename T>
+void max_cl_fused_as(const T* in, T* out, pos_t* pos, const PoolGeometry& g, int64_t N,
+                     int64_t C) {
   const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  for_cl_windows(g, N, C, in, out, [=](const ClWindow& w, T* dst) {
+  for_cl_windows<kPos>(g, N, C, in, out, [=](const ClWindow& w, T* dst) {
     for_channel_blocks(C, [&](auto NVc, int64_t c, int64_t n) {
       constexpr int NV = decltype(NVc)::value;
+      if (kPos && __builtin_expect(w.nan_rows, 0)) {
+        max_cl_block_torch_call<kPos, NV>(in, w, c, n, dst, pos + w.o * C);
+        return;
+      }
       __m256 m[NV], b[NV], nan = _mm256_setzero_ps();
       for (int v = 0; v < NV; ++v) {
         m[v] = ninf;
@@ -1782,38 +1893,37 @@ void max_cl_fused(const T* in, T* out, pos_t* pos, const PoolGeometry& g, int64_
         block_load<NV>(src, n, x);
         for (int v = 0; v < NV; ++v) {
           if (kPos) {
-            take_greater(m[v], b[v], x[v], k);
+            if (kBlend) {
+              take_greater_blend(m[v], b[v], x[v], k);
+            } else {
+              take_greater(m[v], b[v], x[v], k);
+            }
           } else {
             m[v] = _mm256_max_ps(x[v], m[v]);
+            if (v % 2 == 1) nan = _mm256_or_ps(nan, _mm256_cmp_ps(x[v - 1], x[v], _CMP_UNORD_Q));
           }
-          if (v % 2 == 1) nan = _mm256_or_ps(nan, _mm256_cmp_ps(x[v - 1], x[v], _CMP_UNORD_Q));
         }
-        if (NV % 2 == 1) {
+        if (!kPos && NV % 2 == 1) {
           nan = _mm256_or_ps(nan, _mm256_cmp_ps(x[NV - 1], x[NV - 1], _CMP_UNORD_Q));
         }
       }
-      if (__builtin_expect(_mm256_movemask_ps(nan) != 0, 0)) {
-        for (int v = 0; v < NV; ++v) {
-          m[v] = ninf;
-          b[v] = _mm256_castsi256_ps(_mm256_set1_epi32(w.first));
-        }
-        for (int64_t j = 0; j < w.cells; ++j) {
-          const __m256 k = _mm256_castsi256_ps(_mm256_set1_epi32(w.ks[j]));
-          __m256 x[NV];
-          block_load<NV>(in + w.base + w.offs[j] + c, n, x);
-          // take_torch spelled out: called with references into m and b, it kept those arrays
-          // in memory, and the inference loop above ran about 20 % slower.
-          for (int v = 0; v < NV; ++v) {
-            const __m256 t = take_mask(x[v], m[v]);
-            m[v] = _mm256_blendv_ps(m[v], x[v], t);
-            b[v] = _mm256_blendv_ps(b[v], k, t);
-          }
-        }
+      if (!kPos && __builtin_expect(_mm256_movemask_ps(nan) != 0, 0)) {
+        max_cl_block_torch<kPos, NV>(in, w, c, n, dst, pos);
+        return;
       }
       block_store<true, NV>(dst + c, m, n);
       if (kPos) block_store_pos<NV, T>(pos + w.o * C + c, b, n);
     });
   });
+}
+
+template <bool kPos, typename pos_t, typename T>
+void max_cl_fused(const T* in, T* out, pos_t* pos, const PoolGeometry& g, int64_t N,
+                  int64_t C) {
+  if constexpr (kPos) {
+    if (tuning().positions_by_blend) return max_cl_fused_as<true, true>(in, out, pos, g, N, C);
+  }
+  max_cl_fused_as<kPos, false>(in, out, pos, g, N, C);
 }
 
 // 8 saved window positions widened to int32: the first n (<= 8) read, the other lanes 0 (their
