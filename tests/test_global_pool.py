@@ -312,6 +312,44 @@ def test_max_of_many_short_planes(device, rng, cells, planes, dtype, train):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n", [8, 12, 16, 17, 23, 24, 40, 49, 196, 255])
+@pytest.mark.parametrize("train", [False, True], ids=["infer", "train"])
+def test_max_ties_in_short_planes(device, rng, n, dtype, train):
+    """Short planes whose maximum appears in two to four cells: the first must win, wherever the
+    cells sit (same or different lanes of a vector, even or odd vectors, the plane's last partial
+    vector, which is loaded as its last 8 cells and so sees some cells twice), in groups of eight
+    planes and a remainder; planes of -inf only and planes with a NaN among the ties. Values and
+    indices against torch's adaptive_max_pool1d; in training the gradient on torch's index."""
+    planes = 21
+    x = -(torch.rand((1, planes, n), generator=rng) + 1.0)
+    for p in range(planes):
+        k = 2 + p % 3
+        cells = torch.randperm(n, generator=rng)[:k]
+        x[0, p, cells] = 0.5 + p  # the same value k times
+    x[0, 0, :] = float("-inf")
+    x[0, 1, [n - 1, n - 9 if n >= 9 else 0]] = 100.0  # a tie in the last cells
+    x[0, 2, [n // 2, n - 1]] = 100.0
+    x[0, 9, [0, n - 1]] = 100.0
+    x[0, 10, [n - 1, 1]] = float("nan")
+    x = x.to(device, dtype)
+    with torch.set_grad_enabled(train):
+        leaf = x.detach().requires_grad_(train)
+        out = tpf.global_max_pool1d(leaf)
+    with torch.no_grad():
+        ref, idx = F.adaptive_max_pool1d(x.float(), 1, return_indices=True)
+        ref = ref.reshape(1, planes).to(dtype)
+    nan = torch.isnan(ref)
+    assert bool(nan[0, 10]) and int(nan.sum()) == 1
+    assert torch.equal(torch.isnan(out), nan) and torch.equal(out[~nan], ref[~nan])
+    if train:
+        g = torch.rand(out.shape, generator=rng).to(device, dtype) + 1.0
+        out.backward(g)
+        want = torch.zeros((1, planes, n), dtype=dtype, device=device)
+        want.scatter_(2, idx.reshape(1, planes, 1), g.reshape(1, planes, 1))
+        assert torch.equal(leaf.grad, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n", [4096, 4100, 6151, 8200])
 @pytest.mark.parametrize("train", [False, True], ids=["infer", "train"])
 def test_max_of_long_planes(device, rng, n, dtype, train):

@@ -3777,6 +3777,18 @@ inline __m256 sum_planes8(const T* __restrict src, int64_t n) {
                        _mm256_permute2f128_ps(s0123, s4567, 0x31));
 }
 
+// Eight vectors folded into one whose lane p is op over the lanes of v[p]: pairs of lanes
+// reduced as _mm256_hadd_ps adds them, then the two halves.
+template <typename Op>
+inline __m256 fold8(Op op, const __m256* v) {
+  auto pairs = [&](__m256 a, __m256 b) {
+    return op(_mm256_shuffle_ps(a, b, 0x88), _mm256_shuffle_ps(a, b, 0xDD));
+  };
+  const __m256 lo = pairs(pairs(v[0], v[1]), pairs(v[2], v[3]));
+  const __m256 hi = pairs(pairs(v[4], v[5]), pairs(v[6], v[7]));
+  return op(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
+}
+
 // The maxima of 8 consecutive planes of n >= 8 cells each, as sum_planes8 (a plane's last partial
 // vector is its last 8 cells: cells seen twice do not change a maximum), NaN where a plane holds
 // one. Which of +0 and -0 comes out of a tie is not torch's rule: callers redo zero results.
@@ -3800,15 +3812,6 @@ inline __m256 max_planes8(const T* __restrict src, int64_t n) {
     m[p] = a;
     nan[p] = u;
   }
-  // Pairs reduced as _mm256_hadd_ps does, with max (and or for the NaN masks).
-  auto pairs = [](auto op, __m256 a, __m256 b) {
-    return op(_mm256_shuffle_ps(a, b, 0x88), _mm256_shuffle_ps(a, b, 0xDD));
-  };
-  auto fold8 = [&](auto op, const __m256* v) {
-    const __m256 lo = pairs(op, pairs(op, v[0], v[1]), pairs(op, v[2], v[3]));
-    const __m256 hi = pairs(op, pairs(op, v[4], v[5]), pairs(op, v[6], v[7]));
-    return op(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
-  };
   const __m256 mx = fold8([](__m256 a, __m256 b) { return _mm256_max_ps(a, b); }, m);
   const __m256 un = fold8([](__m256 a, __m256 b) { return _mm256_or_ps(a, b); }, nan);
   return _mm256_blendv_ps(mx, _mm256_set1_ps(std::numeric_limits<float>::quiet_NaN()), un);
@@ -3861,6 +3864,87 @@ inline int64_t find_max_cell(const T* __restrict src, int64_t n, float m) {
     if (hit != 0) return at + __builtin_ctz(hit);
     if (at == n - 8) return 0;  // not reached: m is a value of the plane
   }
+}
+
+// The maxima of eight planes of n cells (8 <= n < 2^31) and their cells, in one pass over each
+// plane: each lane keeps its largest value and the first of its cells that held it (a compare and
+// a blend a vector; two chains, even and odd vectors), the plane's last partial vector loaded as
+// its last 8 cells. Then the eight planes are merged together: their maxima by max_planes8's
+// fold, and per plane the smallest cell among the lanes holding its maximum by the same fold with
+// an integer minimum. No branch depends on the data, and eight planes give the out-of-order core
+// independent work where one plane's merge is a chain of dependent shuffles (NOTES §97). Returns
+// the mask of planes holding a NaN, whose out and pos are left for the caller (the last NaN's cell
+// is reduce_argmax's to find). +0 and -0 compare equal, so a zero maximum is the first zero.
+template <typename T>
+inline int argmax_planes8(const T* __restrict src, int64_t n, T* __restrict out,
+                          int64_t* __restrict pos) {
+  const int64_t full = n / 8 * 8;
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  __m256 m[8];
+  __m256i at[8];
+  __m256 nan[8];
+  for (int p = 0; p < 8; ++p) {
+    const T* s = src + p * n;
+    __m256 a0 = loadf(s), a1 = a0;
+    __m256i c0 = lane, c1 = lane;
+    __m256 u = _mm256_cmp_ps(a0, a0, _CMP_UNORD_Q);
+    __m256i i0 = _mm256_add_epi32(lane, _mm256_set1_epi32(8));  // the cells of the vector at 8
+    const __m256i step = _mm256_set1_epi32(16), eight = _mm256_set1_epi32(8);
+    auto take = [](__m256& a, __m256i& c, __m256 v, __m256i cells) {
+      const __m256 gt = _mm256_cmp_ps(v, a, _CMP_GT_OQ);
+      a = _mm256_max_ps(v, a);  // v > a ? v : a
+      c = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(c), _mm256_castsi256_ps(cells), gt));
+    };
+    int64_t i = 8;
+    for (; i + 16 <= full; i += 16) {
+      const __m256 v0 = loadf(s + i), v1 = loadf(s + i + 8);
+      take(a0, c0, v0, i0);
+      take(a1, c1, v1, _mm256_add_epi32(i0, eight));
+      u = _mm256_or_ps(u, _mm256_cmp_ps(v0, v1, _CMP_UNORD_Q));
+      i0 = _mm256_add_epi32(i0, step);
+    }
+    auto one = [&](int64_t at_cell) {
+      const __m256 v = loadf(s + at_cell);
+      take(a0, c0, v, _mm256_add_epi32(lane, _mm256_set1_epi32(static_cast<int32_t>(at_cell))));
+      u = _mm256_or_ps(u, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    };
+    if (i < full) one(i);
+    if (full < n) one(n - 8);
+    // The two chains of each lane merged: the larger value, or the smaller cell of equal ones.
+    const __m256 gt = _mm256_cmp_ps(a1, a0, _CMP_GT_OQ);
+    const __m256 eq = _mm256_cmp_ps(a1, a0, _CMP_EQ_OQ);
+    const __m256i lower = _mm256_min_epi32(c0, c1);
+    m[p] = _mm256_max_ps(a1, a0);
+    at[p] = _mm256_castps_si256(_mm256_blendv_ps(
+        _mm256_blendv_ps(_mm256_castsi256_ps(c0), _mm256_castsi256_ps(c1), gt),
+        _mm256_castsi256_ps(lower), eq));
+    nan[p] = u;
+  }
+  const __m256 mx = fold8([](__m256 a, __m256 b) { return _mm256_max_ps(a, b); }, m);
+  const int has_nan =
+      _mm256_movemask_ps(fold8([](__m256 a, __m256 b) { return _mm256_or_ps(a, b); }, nan));
+  // Per plane, the cells of the lanes holding its maximum (others the largest int), then their
+  // minimum for all eight planes by the fold.
+  const __m256i none = _mm256_set1_epi32(std::numeric_limits<int32_t>::max());
+  __m256 cand[8];
+  for (int p = 0; p < 8; ++p) {
+    const __m256 mp = _mm256_permutevar8x32_ps(mx, _mm256_set1_epi32(p));
+    cand[p] = _mm256_blendv_ps(_mm256_castsi256_ps(none), _mm256_castsi256_ps(at[p]),
+                               _mm256_cmp_ps(m[p], mp, _CMP_EQ_OQ));
+  }
+  const __m256i cells = _mm256_castps_si256(fold8(
+      [](__m256 a, __m256 b) {
+        return _mm256_castsi256_ps(_mm256_min_epi32(_mm256_castps_si256(a), _mm256_castps_si256(b)));
+      },
+      cand));
+  alignas(32) int32_t c[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(c), cells);
+  for (int p = 0; p < 8; ++p) {
+    if (has_nan >> p & 1) continue;
+    pos[p] = c[p];
+    out[p] = src[p * n + c[p]];  // the cell itself (+0 and -0 compare equal)
+  }
+  return has_nan;
 }
 
 // A plane's maximum with torch's rule for +0 and -0 (the first of equal values): reduce_max's
@@ -3916,6 +4000,21 @@ void global_max_planar(const scalar_t* in, scalar_t* out, int64_t* pos, int64_t 
   // Float short planes with positions: the maxima eight at a time, then their cells, where the
   // tuning says (the half types were slower so, their second pass converting every cell again:
   // NOTES §70; on AMD float too, §84).
+  if constexpr (kPos && kFusedType<scalar_t>) {
+    if (P >= 8 && P < 256 && !tuning().argmax_after_max) {
+      for_plane_groups8(
+          planes, P,
+          [=](int64_t pl) {
+            int nan = argmax_planes8(in + pl * P, P, out + pl, pos + pl);
+            for (; nan != 0; nan &= nan - 1) {
+              const int64_t q = pl + __builtin_ctz(nan);
+              pos[q] = reduce_argmax(in + q * P, P, out + q);
+            }
+          },
+          [=](int64_t q) { pos[q] = reduce_argmax(in + q * P, P, out + q); });
+      return;
+    }
+  }
   if constexpr (kPos && std::is_same_v<scalar_t, float>) {
     if (P >= 8 && P < 256 && tuning().argmax_after_max) {
       for_plane_groups8(
