@@ -1359,8 +1359,13 @@ void for_tiles_w2(const T* in, T* out, const PoolGeometry& g, int64_t planes, co
     const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
     const Chunk ch = chunk;
     RowCounter it(begin, OD, OH);
-    for (int64_t r = begin; r < end; ++r, it.next()) {
-      const T* row0 = in + ((it.a * id_n + it.b * sd_n) * ih_n + it.c * sh_n) * iw_n;
+    // The first window row of output row r, stepped from row to row (one row of outputs further
+    // along H, else one along D, else the next plane) rather than computed from (plane, od, oh).
+    const T* row0 = in + ((it.a * id_n + it.b * sd_n) * ih_n + it.c * sh_n) * iw_n;
+    const int64_t step_h = sh_n * iw_n, step_d = (sd_n * ih_n - (OH - 1) * sh_n) * iw_n,
+                  step_p = (id_n - (OD - 1) * sd_n) * ih_n * iw_n - (OH - 1) * sh_n * iw_n;
+    for (int64_t r = begin; r < end; ++r, it.next(),
+                 row0 += it.c != 0 ? step_h : it.b != 0 ? step_d : step_p) {
       T* const dst = st.at(out + r * ow_n, ow_n);
       for (int64_t i = 0; i < ow_n; i += 8) {
         const int64_t ow0 = std::min(i, ow_n - 8), x0 = 2 * ow0;
@@ -1371,7 +1376,7 @@ void for_tiles_w2(const T* in, T* out, const PoolGeometry& g, int64_t planes, co
           if (NR >= 4) {
             prefetch_ahead<sizeof(T) == 2 ? 8192 : 4096, 1>(row0 + o[j] + x0);
           } else {
-            prefetch_ahead<4096, 2>(row0 + o[j] + x0);
+            prefetch_ahead<4096, 1>(row0 + o[j] + x0);
           }
           for_window_row<2, 2, false>(row0 + o[j], x0, iw_n, 2, ninf,
                                       [&](int64_t kw, __m256 v) { c[kw] = v; });
