@@ -592,6 +592,36 @@ def test_three_wide_windows_at_stride_two(device, rng, shape, kw, kind, dtype):
                                TORCH[nd](x.float(), return_indices=True, **kw)[1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "shape,kw",
+    [
+        ((2, 3, 21, 40), dict(kernel_size=3, stride=2, padding=1)),
+        ((2, 3, 20, 34), dict(kernel_size=3, stride=2)),
+        ((1, 2, 22, 17), dict(kernel_size=3, stride=2, padding=1)),
+    ],
+)
+def test_three_wide_windows_rows_shared(device, rng, shape, kw, dtype):
+    """3 x 3 windows at stride 2: an output row's last window row is the next output row's first,
+    and the CPU's inference keeps that row's three-cell maxima for the next output row when the
+    row holds no NaN. One NaN in a shared row of every other plane, so the output rows on both
+    sides of it must show it and the rest of the plane must not; planes end and begin with rows
+    kept (no padding) and not (padding), rows of 8 to 20 outputs (the last chunk overlapping the
+    one before it). Values, indices and gradients against torch, in inference and training."""
+    pad = kw.get("padding", 0)
+    x = make_input(shape, dtype, device, "contiguous", rng, kind="distinct")
+    H, W = shape[2], shape[3]
+    shared = list(range(2 - pad, H - 1, 2))  # input rows that two output rows read
+    flat = x.view(-1, H, W)
+    for p in range(0, flat.shape[0], 2):
+        h = shared[int(torch.randint(len(shared), (1,), generator=rng))]
+        flat[p, h, int(torch.randint(W, (1,), generator=rng))] = float("nan")
+    with torch.no_grad():
+        rout = F.max_pool2d(x.float(), **kw)
+        assert int(torch.isnan(rout).sum()) >= 2 * len(range(0, flat.shape[0], 2))
+    check_parity(x, 2, kw, rng)
+
+
 @pytest.mark.parametrize(
     "shape", [(3, 4, 33), (2, 3, 17, 19), (4, 8, 26, 26), (2, 2, 7, 9, 21), (2, 3, 5, 201), (2, 2, 5, 4, 131)]
 )

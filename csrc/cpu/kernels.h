@@ -1470,25 +1470,53 @@ void max_w3s2(const T* in, T* out, pos_t* pos, const PoolGeometry& g, int64_t pl
     const __m256i first_kw = _mm256_setr_epi32(1, 0, 0, 0, 0, 0, 0, 0);
     const __m256i high = _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
     WindowRows<T> wr(g);
+    // Inference over 3 window rows: at stride 2 an output row's bottom window row is the next
+    // output row's top one, so the bottom row's three-cell maxima are kept (when it holds no NaN)
+    // and the next output row reads them instead of that row's cells (NOTES §98). They are kept
+    // as the chunks hold them (lanes in shuffle order), 8 a chunk, at the chunk's slot i rather
+    // than at its first output: a row's last chunk overlaps the one before it.
+    constexpr bool kKeep = !kPos && NR == 3;
+    std::vector<float> kept_rows(kKeep ? ow_n + 8 : 0);
+    float* const kept = kept_rows.data();
+    const T* kept_row = nullptr;  // the input row whose maxima `kept` holds, if any
+    // Output rows whose window lies inside the input along D and H (all but the few at padded
+    // borders) find their window rows at fixed offsets from the first, without WindowRows' search.
+    const int64_t KD = g.kernel[0], KH = g.kernel[1], KW = g.kernel[2];
+    const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2];
+    int64_t off[NR];
+    for (int64_t kd = 0, j = 0; kd < KD; ++kd) {
+      for (int64_t kh = 0; kh < KH; ++kh, ++j) off[j] = (kd * g.dilation[0] * IH + kh * g.dilation[1]) * IW;
+    }
     RowCounter it(begin, OD, OH);
     for (int64_t r = begin; r < end; ++r, it.next()) {
-      const int64_t nr = wr.find(in, it.a, it.b, it.c, td, th);
       const T* rows[NR];
       int32_t base[NR];
-      for (int j = 0; j < NR; ++j) {
-        rows[j] = wr.rows[std::min<int64_t>(j, nr - 1)];
-        base[j] = wr.bases[std::min<int64_t>(j, nr - 1)];
+      int64_t nr = NR;
+      if (td.lo[it.b] == 0 && td.hi[it.b] == KD && th.lo[it.c] == 0 && th.hi[it.c] == KH) {
+        const T* row0 = in + ((it.a * ID + g.input_coord(0, it.b, 0)) * IH + g.input_coord(1, it.c, 0)) * IW;
+        for (int j = 0; j < NR; ++j) {
+          rows[j] = row0 + off[j];
+          base[j] = static_cast<int32_t>(j * KW);
+        }
+      } else {
+        nr = wr.find(in, it.a, it.b, it.c, td, th);
+        for (int j = 0; j < NR; ++j) {
+          rows[j] = wr.rows[std::min<int64_t>(j, nr - 1)];
+          base[j] = wr.bases[std::min<int64_t>(j, nr - 1)];
+        }
       }
+      const bool reuse = kKeep && nr == NR && rows[0] == kept_row;
+      __m256 bottom_nan = _mm256_setzero_ps();
       const int64_t o = r * ow_n;
       T* const dst = st.at(out + o, ow_n);
-      auto chunk = [&](int64_t ow0, auto left) {
+      auto chunk = [&](int64_t ow0, int64_t slot, auto left) {
         constexpr bool kLeft = decltype(left)::value;
         const int64_t x0 = 2 * ow0 - pad_w;
         // The window's cells in scan order: even (kw 0), odd (kw 1) and next even (kw 2) columns
         // of each row, lanes in _mm256_shuffle_ps order; k[]: their window positions.
         __m256 c[3 * NR];
         __m256i k[3 * NR];
-        for (int j = 0; j < NR; ++j) {
+        auto load_row = [&](int j) {
           const T* row = rows[j];
           prefetch_ahead<4096, 2>(row + x0 + 1);
           if constexpr (!std::is_same_v<T, c10::BFloat16>) {  // float, float16 (converted)
@@ -1519,12 +1547,14 @@ void max_w3s2(const T* in, T* out, pos_t* pos, const PoolGeometry& g, int64_t pl
             k[3 * j + 1] = _mm256_add_epi32(kb, _mm256_set1_epi32(1));
             k[3 * j + 2] = _mm256_add_epi32(kb, _mm256_set1_epi32(2));
           }
+        };
+        for (int j = 0; j < NR; ++j) {  // a fixed count, so that c[] stays in registers
+          if (j > 0 || !reuse) load_row(j);
         }
         __m256 m = ninf, b = _mm256_setzero_ps(), nan = _mm256_setzero_ps();
         for (int j = 0; j < NR; ++j) {
-          __m256 rm = c[3 * j];
           if (kPos) {
-            __m256 rb = _mm256_castsi256_ps(k[3 * j]);
+            __m256 rm = c[3 * j], rb = _mm256_castsi256_ps(k[3 * j]);
             take_greater(rm, rb, c[3 * j + 1], k[3 * j + 1]);
             take_greater(rm, rb, c[3 * j + 2], k[3 * j + 2]);
             if (j == 0) {
@@ -1534,14 +1564,30 @@ void max_w3s2(const T* in, T* out, pos_t* pos, const PoolGeometry& g, int64_t pl
               take_greater(m, b, rm, _mm256_castps_si256(rb));
             }
           } else {
-            rm = _mm256_max_ps(c[3 * j + 2], _mm256_max_ps(c[3 * j + 1], rm));
+            const __m256 rm = kKeep && j == 0 && reuse
+                                  ? _mm256_loadu_ps(kept + slot)
+                                  : _mm256_max_ps(c[3 * j + 2], _mm256_max_ps(c[3 * j + 1], c[3 * j]));
+            if (kKeep && j == NR - 1) _mm256_storeu_ps(kept + slot, rm);  // after the load
             m = j == 0 ? rm : _mm256_max_ps(rm, m);
           }
         }
-        for (int q = 0; q < 3 * NR; q += 2) {
-          nan = _mm256_or_ps(nan, _mm256_cmp_ps(c[q], c[std::min(q + 1, 3 * NR - 1)], _CMP_UNORD_Q));
+        if constexpr (kKeep) {  // the NaNs row by row: the bottom row's decide whether it is kept
+          const __m256 bottom = _mm256_or_ps(_mm256_cmp_ps(c[6], c[7], _CMP_UNORD_Q),
+                                             _mm256_cmp_ps(c[8], c[8], _CMP_UNORD_Q));
+          bottom_nan = _mm256_or_ps(bottom_nan, bottom);
+          nan = _mm256_or_ps(bottom, _mm256_or_ps(_mm256_cmp_ps(c[3], c[4], _CMP_UNORD_Q),
+                                                  _mm256_cmp_ps(c[5], c[5], _CMP_UNORD_Q)));
+          if (!reuse) {
+            nan = _mm256_or_ps(nan, _mm256_or_ps(_mm256_cmp_ps(c[0], c[1], _CMP_UNORD_Q),
+                                                 _mm256_cmp_ps(c[2], c[2], _CMP_UNORD_Q)));
+          }
+        } else {
+          for (int q = 0; q < 3 * NR; q += 2) {
+            nan = _mm256_or_ps(nan, _mm256_cmp_ps(c[q], c[std::min(q + 1, 3 * NR - 1)], _CMP_UNORD_Q));
+          }
         }
         if (__builtin_expect(_mm256_movemask_ps(nan) != 0, 0)) {
+          if (reuse) load_row(0);
           m = ninf;
           for (int q = 0; q < 3 * NR; ++q) {
             if (kPos) {
@@ -1556,10 +1602,13 @@ void max_w3s2(const T* in, T* out, pos_t* pos, const PoolGeometry& g, int64_t pl
       };
       int64_t i = 0;
       if (pad_w) {
-        chunk(0, std::true_type{});
+        chunk(0, 0, std::true_type{});
         i = 8;
       }
-      for (; i < ow_n; i += 8) chunk(std::min(i, ow_n - 8), std::false_type{});
+      for (; i < ow_n; i += 8) chunk(std::min(i, ow_n - 8), i, std::false_type{});
+      if constexpr (kKeep) {
+        kept_row = nr == NR && _mm256_movemask_ps(bottom_nan) == 0 ? rows[NR - 1] : nullptr;
+      }
     }
   });
 }
