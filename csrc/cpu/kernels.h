@@ -2623,6 +2623,14 @@ void write_tiles(T* gin, const PoolGeometry& g, int64_t planes, OutputRow&& outp
       std::vector<T*> row_list(kNR > 0 ? 0 : nr);
       T* row_fixed[kNR > 0 ? kNR : 1];
       T** rows = kNR > 0 ? row_fixed : row_list.data();
+      // The tile rows' offsets from the first (j = kd * KH + kh), so that an output row finds
+      // them by one add each.
+      std::vector<int64_t> off_list(kNR > 0 ? 0 : nr);
+      int64_t off_fixed[kNR > 0 ? kNR : 1];
+      int64_t* off = kNR > 0 ? off_fixed : off_list.data();
+      for (int64_t kd = 0, j = 0; kd < kd_n; ++kd) {
+        for (int64_t kh = 0; kh < kh_n; ++kh, ++j) off[j] = (kd * ih_n + kh) * iw_n;
+      }
       // Large gradients: planes up to 512 KiB staged whole (4 KiB of them at a time, at least
       // one: staged_whole) and streamed out.
       const int64_t plane_n = ID * IH * IW;
@@ -2639,11 +2647,8 @@ void write_tiles(T* gin, const PoolGeometry& g, int64_t planes, OutputRow&& outp
         for (int64_t od = 0; od < OD; ++od) {
           for (int64_t oh = 0; oh < OH; ++oh) {
             auto cols = output_row(((pl * OD + od) * OH + oh) * OW, od, oh);
-            for (int64_t kd = 0, j = 0; kd < kd_n; ++kd) {
-              for (int64_t kh = 0; kh < kh_n; ++kh, ++j) {
-                rows[j] = plane + ((od * kd_n + kd) * ih_n + oh * kh_n + kh) * iw_n;
-              }
-            }
+            T* const first = plane + (od * kd_n * ih_n + oh * kh_n) * iw_n;
+            for (int64_t j = 0; j < nr; ++j) rows[j] = first + off[j];
             if (row_by_row) {
               for (int64_t j = 0; j < nr; ++j) {
                 for (int64_t i = 0; i < ow_n; i += 8) {
