@@ -273,6 +273,26 @@ def test_avg_channels_last_rows(device, rng, shape, dtype):
             assert bool(((out.double() - ref).abs() <= ulp * ref.abs()).all())
 
 
+def global_max_against_torch(x, train, rng):
+    """Our global max of x (1, planes, *cells), in training or inference, and torch's
+    adaptive_max_pool of it (in x's dtype, shaped as ours); in training the gradient must reach
+    the cell torch picks (its index) in every plane."""
+    nd, planes = x.dim() - 2, x.shape[1]
+    with torch.set_grad_enabled(train):
+        leaf = x.detach().requires_grad_(train)
+        out = GMAX[nd](leaf)
+    with torch.no_grad():
+        ref, idx = getattr(F, f"adaptive_max_pool{nd}d")(x.float(), 1, return_indices=True)
+        ref = ref.reshape(1, planes).to(x.dtype)
+    if train:
+        g = torch.rand(out.shape, generator=rng).to(x.device, x.dtype) + 1.0
+        out.backward(g)
+        want = torch.zeros((1, planes, x[0, 0].numel()), dtype=x.dtype, device=x.device)
+        want.scatter_(2, idx.reshape(1, planes, 1), g.reshape(1, planes, 1))
+        assert torch.equal(leaf.grad.reshape(want.shape), want)
+    return out, ref
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("cells", [(1, 7), (1, 8), (3, 3), (7, 7), (14, 14), (15, 17), (16, 16), (20, 15)])
 @pytest.mark.parametrize("planes", [8, 15, 43])
@@ -290,19 +310,7 @@ def test_max_of_many_short_planes(device, rng, cells, planes, dtype, train):
         x[0, p, min(17, n - 1)] = 0.0
     for p in range(1, planes, 5):
         x[0, p, int(torch.randint(0, n, (1,), generator=rng))] = float("nan")
-    x = x.reshape(1, planes, *cells).to(device, dtype)
-    with torch.set_grad_enabled(train):
-        leaf = x.detach().requires_grad_(train)
-        out = tpf.global_max_pool2d(leaf)
-    with torch.no_grad():
-        ref, idx = F.adaptive_max_pool2d(x.float(), 1, return_indices=True)
-        ref = ref.reshape(1, planes).to(dtype)
-    if train:
-        g = torch.rand(out.shape, generator=rng).to(device, dtype) + 1.0
-        out.backward(g)
-        want = torch.zeros((1, planes, n), dtype=dtype, device=device)
-        want.scatter_(2, idx.reshape(1, planes, 1), g.reshape(1, planes, 1))
-        assert torch.equal(leaf.grad.reshape(1, planes, n), want)
+    out, ref = global_max_against_torch(x.reshape(1, planes, *cells).to(device, dtype), train, rng)
     nan = torch.isnan(ref)
     zero = ref == 0
     assert bool(nan.any()) and bool(zero.any()) and bool(torch.signbit(ref[zero]).all())
@@ -331,22 +339,10 @@ def test_max_ties_in_short_planes(device, rng, n, dtype, train):
     x[0, 2, [n // 2, n - 1]] = 100.0
     x[0, 9, [0, n - 1]] = 100.0
     x[0, 10, [n - 1, 1]] = float("nan")
-    x = x.to(device, dtype)
-    with torch.set_grad_enabled(train):
-        leaf = x.detach().requires_grad_(train)
-        out = tpf.global_max_pool1d(leaf)
-    with torch.no_grad():
-        ref, idx = F.adaptive_max_pool1d(x.float(), 1, return_indices=True)
-        ref = ref.reshape(1, planes).to(dtype)
+    out, ref = global_max_against_torch(x.to(device, dtype), train, rng)
     nan = torch.isnan(ref)
     assert bool(nan[0, 10]) and int(nan.sum()) == 1
     assert torch.equal(torch.isnan(out), nan) and torch.equal(out[~nan], ref[~nan])
-    if train:
-        g = torch.rand(out.shape, generator=rng).to(device, dtype) + 1.0
-        out.backward(g)
-        want = torch.zeros((1, planes, n), dtype=dtype, device=device)
-        want.scatter_(2, idx.reshape(1, planes, 1), g.reshape(1, planes, 1))
-        assert torch.equal(leaf.grad, want)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
