@@ -43,7 +43,8 @@ struct Tuning {
   // slower, the hardware prefetchers keep up; the argmax of short planes 10-20 % slower, §90).
   bool float_reductions_prefetch;
   // The global max with positions over short float32 planes finds eight planes' maxima first and
-  // then each maximum's cell (Intel), or both in one pass per plane (AMD).
+  // then each maximum's cell (Intel), or, for every type, eight planes' maxima and cells in one
+  // pass over each plane (AMD, NOTES §97).
   bool argmax_after_max;
   // The channels-last window forwards prefetch the input rows that the next output row adds, and
   // the max backward the output rows that the next input row adds, into L2 (AMD: faster from

@@ -4056,9 +4056,8 @@ void global_max_planar(const scalar_t* in, scalar_t* out, int64_t* pos, int64_t 
                        int64_t P) {
   using acc_t = acc_type<scalar_t>;
 #if defined(TORCHPOOL_AVX2)
-  // Float short planes with positions: the maxima eight at a time, then their cells, where the
-  // tuning says (the half types were slower so, their second pass converting every cell again:
-  // NOTES §70; on AMD float too, §84).
+  // Short planes with positions, where the tuning says (AMD): eight planes' maxima and their
+  // cells in one pass over each plane (NOTES §97); a plane holding a NaN redone alone.
   if constexpr (kPos && kFusedType<scalar_t>) {
     if (P >= 8 && P < 256 && !tuning().argmax_after_max) {
       for_plane_groups8(
@@ -4074,6 +4073,8 @@ void global_max_planar(const scalar_t* in, scalar_t* out, int64_t* pos, int64_t 
       return;
     }
   }
+  // Elsewhere (Intel), float short planes with positions: the maxima eight at a time, then their
+  // cells (the half types were slower so, their second pass converting every cell again: §70).
   if constexpr (kPos && std::is_same_v<scalar_t, float>) {
     if (P >= 8 && P < 256 && tuning().argmax_after_max) {
       for_plane_groups8(
