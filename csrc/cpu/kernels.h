@@ -1090,6 +1090,13 @@ inline void with_fused_shape(const PoolGeometry& g, F&& f) {
 
 // The input rows (pointers to their first cell) inside the window of output row (od, oh) of a
 // plane, in scan order, and each one's window position of its first cell (kd * KH + kh) * KW.
+// Offset of window row j (j = kd * KH + kh, scan order) from the window's first row, in cells of
+// an NCDHW plane.
+inline int64_t window_row_offset(const PoolGeometry& g, int64_t j) {
+  const int64_t kd = j / g.kernel[1], kh = j % g.kernel[1];
+  return (kd * g.dilation[0] * g.in[1] + kh * g.dilation[1]) * g.in[2];
+}
+
 template <typename T>
 struct WindowRows {
   const PoolGeometry& g;
@@ -1134,11 +1141,7 @@ void for_fused_chunks(const T* in, const PoolGeometry& g, int64_t planes, __m256
   std::vector<int64_t> full_off;
   if constexpr (NRc > 0) {
     TORCH_INTERNAL_ASSERT(KD * KH == NRc);
-    for (int64_t kd = 0; kd < KD; ++kd) {
-      for (int64_t kh = 0; kh < KH; ++kh) {
-        full_off.push_back((kd * g.dilation[0] * IH + kh * g.dilation[1]) * IW);
-      }
-    }
+    for (int64_t j = 0; j < NRc; ++j) full_off.push_back(window_row_offset(g, j));
   }
   at::parallel_for(0, planes * OD * OH, grain_for(OW * g.window_cells()), [&](int64_t begin, int64_t end) {
     // What the chunks use, copied into locals: the vector stores may alias anything, so values
@@ -1343,11 +1346,7 @@ void for_tiles_w2(const T* in, T* out, const PoolGeometry& g, int64_t planes, co
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2];
   int64_t off[NR];
-  for (int64_t kd = 0, j = 0; kd < g.kernel[0]; ++kd) {
-    for (int64_t kh = 0; kh < g.kernel[1]; ++kh, ++j) {
-      off[j] = (kd * g.dilation[0] * IH + kh * g.dilation[1]) * IW;
-    }
-  }
+  for (int j = 0; j < NR; ++j) off[j] = window_row_offset(g, j);
   const int64_t sd = g.stride[0], sh = g.stride[1];
   const bool staged = forward_streams<T>(planes * OD * OH * OW);
   at::parallel_for(0, planes * OD * OH, grain_for(OW * 2 * NR), [&](int64_t begin, int64_t end) {
@@ -1484,9 +1483,7 @@ void max_w3s2(const T* in, T* out, pos_t* pos, const PoolGeometry& g, int64_t pl
     const int64_t KD = g.kernel[0], KH = g.kernel[1], KW = g.kernel[2];
     const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2];
     int64_t off[NR];
-    for (int64_t kd = 0, j = 0; kd < KD; ++kd) {
-      for (int64_t kh = 0; kh < KH; ++kh, ++j) off[j] = (kd * g.dilation[0] * IH + kh * g.dilation[1]) * IW;
-    }
+    for (int j = 0; j < NR; ++j) off[j] = window_row_offset(g, j);
     RowCounter it(begin, OD, OH);
     for (int64_t r = begin; r < end; ++r, it.next()) {
       const T* rows[NR];
@@ -1514,7 +1511,9 @@ void max_w3s2(const T* in, T* out, pos_t* pos, const PoolGeometry& g, int64_t pl
         const int64_t x0 = 2 * ow0 - pad_w;
         // The window's cells in scan order: even (kw 0), odd (kw 1) and next even (kw 2) columns
         // of each row, lanes in _mm256_shuffle_ps order; k[]: their window positions.
-        __m256 c[3 * NR];
+        // Zeroed: a kept top row leaves c[0..2] unloaded, which the compiler cannot see is never
+        // read then.
+        __m256 c[3 * NR] = {};
         __m256i k[3 * NR];
         auto load_row = [&](int j) {
           const T* row = rows[j];
