@@ -1,8 +1,9 @@
-"""Float input gradients of 32 MiB or more: the CPU window backwards stage them in cache and write
-them out with non-temporal stores; the global backwards do so from 16 MiB (zeros and fills by
+"""Float input gradients of 32 MiB or more: the CPU window backwards write them out with
+non-temporal stores, straight from the registers where rows or cells are whole cache lines and
+otherwise staged in cache; the global backwards do so from 16 MiB (zeros and fills by
 non-temporal stores, short planes and channels-last rows staged). Each kernel that does so is
 compared with torch here, at sizes whose rows and planes neither start nor end on cache-line
-boundaries; bfloat16 at the same sizes (written as before) too."""
+boundaries and at sizes whose rows do; bfloat16 at the same sizes (written as before) too."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -40,9 +41,22 @@ CASES = [
      dict(kernel_size=3, stride=2), False),
     ("fused-bf16", tpf.max_pool2d, F.max_pool2d, (16, 128, 97, 95), torch.bfloat16, "contiguous",
      dict(kernel_size=3, stride=2, padding=1), False),
-    # channels-last, row by row
+    # rows of 4 KiB or more on cache-line boundaries, no padding: written straight from the
+    # registers, the row's chunks inside it streamed, its last cells by ordinary stores
+    ("fused-1d-rows-on-lines", tpf.max_pool1d, F.max_pool1d, (8, 256, 4096), torch.float32,
+     "contiguous", dict(kernel_size=3, stride=2), False),
+    ("fused-rows-on-lines", tpf.max_pool2d, F.max_pool2d, (2, 16, 257, 1024), torch.float32,
+     "contiguous", dict(kernel_size=3, stride=2), False),
+    # channels-last, row by row: 128 channels (whole lines, written straight from the registers)
+    # and 72 (staged)
     ("channels-last", tpf.max_pool2d, F.max_pool2d, (8, 128, 96, 97), torch.float32, "channels_last",
      dict(kernel_size=3, stride=2, padding=1), False),
+    ("channels-last-staged", tpf.max_pool2d, F.max_pool2d, (10, 72, 112, 113), torch.float32,
+     "channels_last", dict(kernel_size=3, stride=2, padding=1), False),
+    ("channels-last-avg", tpf.avg_pool2d, F.avg_pool2d, (8, 128, 96, 97), torch.float32,
+     "channels_last", dict(kernel_size=3, stride=2, padding=1), False),
+    ("channels-last-avg-staged", tpf.avg_pool2d, F.avg_pool2d, (10, 72, 112, 113), torch.float32,
+     "channels_last", dict(kernel_size=3, stride=2, padding=1), False),
 ]
 
 

@@ -1998,18 +1998,32 @@ inline __m256i load_pos8_end(const uint8_t* p, int64_t n) {
   return _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(v)));
 }
 
+// Whether a large float channels-last gradient is written cell by cell straight from the
+// registers by non-temporal stores rather than staged row by row: where its cells are whole
+// cache lines (C a multiple of 16, the block aligned). Staged rows go out in bursts of up to
+// 32 KiB, during which the kernel's loads wait; stores spread over the row do not hold them up,
+// and skip the staging copy (NOTES §99).
+template <typename T>
+inline bool cells_stream_direct(const T* gin, int64_t C) {
+  return std::is_same_v<T, float> && C % 16 == 0 && reinterpret_cast<uintptr_t>(gin) % 64 == 0;
+}
+
 // Channels-last max backward, gathered per input cell in registers: the outputs whose windows
 // cover the cell are listed once (the depth/height part per input row, the width part per
 // cell), then each block of channels adds the gradients whose saved position is this cell and
 // is stored once. No accumulator row, no zero fill, no copy. The output rows (gradients and
-// positions) that the next input row adds are prefetched (SpreadPrefetch).
+// positions) that the next input row adds are prefetched (SpreadPrefetch). A large float
+// gradient is written straight from the registers where cells_stream_direct allows, otherwise
+// its rows are staged.
 template <typename T>
 void max_bwd_cl_fused(const T* gout, const uint8_t* pos, T* gin, const PoolGeometry& g,
                       int64_t N, int64_t C) {
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2], KH = g.kernel[1], KW = g.kernel[2];
   const DimTable td(g, 0, true), th(g, 1, true), tw(g, 2, true);
-  const bool stream_rows = streams<T>(N * ID * IH * IW * C);
+  const bool streamed = streams<T>(N * ID * IH * IW * C);
+  const bool direct = streamed && cells_stream_direct(gin, C);
+  const bool stream_rows = streamed && !direct;
   const bool ahead = tuning().cl_next_rows_prefetch &&
                      (N * OD * OH * OW * C * static_cast<int64_t>(sizeof(T) + 1) +
                       N * ID * IH * IW * C * static_cast<int64_t>(sizeof(T))) >= kAheadMinBytes;
@@ -2112,6 +2126,12 @@ void max_bwd_cl_fused(const T* gout, const uint8_t* pos, T* gin, const PoolGeome
                 }
               }
             }
+            if constexpr (std::is_same_v<T, float>) {
+              if (direct) {  // whole lines, written in order: no read for ownership, no staging
+                for (int v = 0; v < NV; ++v) _mm256_stream_ps(dst + c + 8 * v, acc[v]);
+                return;
+              }
+            }
             block_store<false, NV>(dst + c, acc, nl);
           });
         };
@@ -2130,6 +2150,7 @@ void max_bwd_cl_fused(const T* gout, const uint8_t* pos, T* gin, const PoolGeome
         }
       }
     }
+    if (direct) stream_fence();
   });
 }
 
@@ -2297,9 +2318,12 @@ inline __m256 funnel8(__m256 lo, __m256 hi, int64_t s) {
                           _mm256_castsi256_ps(from_hi));
 }
 
+// direct: the chunks inside the row are whole aligned cache lines (float, S == 2: see
+// rows_stream_direct), written by non-temporal stores.
 template <int S, int KWc, typename T, typename Contrib>
 __attribute__((always_inline)) inline void bwd_row_fused(T* row, int64_t IW, int64_t OW, int64_t KW,
-                                                         int64_t pad, const Contrib& contrib) {
+                                                         int64_t pad, const Contrib& contrib,
+                                                         bool direct = false) {
   if constexpr (KWc > 0) KW = KWc;
   __m256 prev[8];  // each column's contributions of the previous chunk
   for (int64_t kw = S; kw < KW; ++kw) prev[kw] = _mm256_setzero_ps();
@@ -2342,6 +2366,11 @@ __attribute__((always_inline)) inline void bwd_row_fused(T* row, int64_t IW, int
       last_lo = a;
       last_hi = b;
       if (kInside || (x0 >= 0 && x0 + 8 * S <= IW)) {
+        if (S == 2 && direct) {
+          _mm256_stream_ps(row + x0, a);
+          _mm256_stream_ps(row + x0 + 8, b);
+          return;
+        }
         _mm256_storeu_ps(row + x0, a);
         if (S == 2) _mm256_storeu_ps(row + x0 + 8, b);
         return;
@@ -2406,6 +2435,17 @@ __attribute__((always_inline)) inline void bwd_row_fused(T* row, int64_t IW, int
   for (; S * ow0 - pad < IW; ow0 += 8) chunk(ow0, no, no);
 }
 
+// Whether a large float gradient of rows IW long is written by max_bwd_fused's row walk
+// straight from the registers (non-temporal stores) rather than staged: stride 2, whose chunks
+// inside a row are 16 cells, and rows that start on cache lines (IW a multiple of 16, the block
+// aligned) with padding that keeps the chunks on them; rows of 4 KiB or more, so the row ends
+// that ordinary stores write are a small share (NOTES §99).
+template <typename T, int S>
+inline bool rows_stream_direct(const T* gin, int64_t IW, int64_t pad) {
+  return std::is_same_v<T, float> && S == 2 && IW % 16 == 0 && pad % 16 == 0 &&
+         IW * static_cast<int64_t>(sizeof(T)) >= (4 << 10) && reinterpret_cast<uintptr_t>(gin) % 64 == 0;
+}
+
 // The most output rows (along D and H) whose windows cover one input row.
 inline int64_t max_cover_rows(const PoolGeometry& g) {
   int64_t most = 1;
@@ -2445,7 +2485,9 @@ void max_bwd_fused(const T* gout, const uint8_t* pos, T* gin, const PoolGeometry
       cover_n[i] = nc;
     }
   }
-  const bool stream_rows = streams<T>(planes * ID * IH * IW);
+  const bool streamed = streams<T>(planes * ID * IH * IW);
+  const bool direct = streamed && rows_stream_direct<T, S>(gin, IW, g.pad[2]);
+  const bool stream_rows = streamed && !direct;
   at::parallel_for(0, planes * ID * IH, grain_for(IW * 2), [&](int64_t begin, int64_t end) {
     // Sizes in locals, and this row's covering output rows copied into local arrays: the vector
     // stores may alias anything, so values read through the closure's references would be
@@ -2504,7 +2546,7 @@ void max_bwd_fused(const T* gout, const uint8_t* pos, T* gin, const PoolGeometry
             }
           }
         };
-        bwd_row_fused<S, KWc>(row, iw_n, ow_n, kw_n, pad_w, contrib);
+        bwd_row_fused<S, KWc>(row, iw_n, ow_n, kw_n, pad_w, contrib, direct);
       };
       if constexpr (KWc > 0) {
         switch (nc) {
@@ -2517,6 +2559,7 @@ void max_bwd_fused(const T* gout, const uint8_t* pos, T* gin, const PoolGeometry
       }
       walk(std::integral_constant<int, 0>{});
     }
+    if (direct) stream_fence();
   });
 }
 #endif  // TORCHPOOL_AVX2
@@ -3691,7 +3734,9 @@ bool avg_bwd_cl_fused(const T* gout, T* gin, const PoolGeometry& g, int64_t N, i
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2];
   const AvgTables t(g, true, count_include_pad, divisor_override);
-  const bool stream_rows = streams<T>(N * ID * IH * IW * C);
+  const bool streamed = streams<T>(N * ID * IH * IW * C);
+  const bool direct = streamed && cells_stream_direct(gin, C);
+  const bool stream_rows = streamed && !direct;
   // The most output rows that cover one input row: the rows kept.
   int64_t most_d = 1, most_h = 1;
   for (int64_t i = 0; i < ID; ++i) most_d = std::max(most_d, t.d.first[i + 1] - t.d.first[i]);
@@ -3749,10 +3794,17 @@ bool avg_bwd_cl_fused(const T* gout, T* gin, const PoolGeometry& g, int64_t N, i
               for (int v = 0; v < NV; ++v) acc[v] = _mm256_add_ps(acc[v], load_lanes(src + 8 * v, nl));
             }
           }
+          if constexpr (std::is_same_v<T, float>) {
+            if (direct) {  // whole lines, as max_bwd_cl_fused writes them
+              for (int v = 0; v < NV; ++v) _mm256_stream_ps(dst + c + 8 * v, acc[v]);
+              return;
+            }
+          }
           for (int v = 0; v < NV; ++v) store8(dst + c + 8 * v, acc[v], nl);
         });
       }
     }
+    if (direct) stream_fence();
   });
   return true;
 }
