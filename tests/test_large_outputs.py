@@ -1,9 +1,11 @@
 """Float window-pool outputs of 8 MiB or more: the CPU forwards that walk whole output rows (2-wide
-windows at stride 2, 3-wide ones at stride 2, stride-1 square averages, channels-last windows) stage them in cache and
-write them out with non-temporal stores, and so does the stride-1 average's backward for its input
-gradient. Each such kernel is compared with torch here, in inference and in training (values,
-indices, gradients), at sizes whose rows and planes neither start nor end on cache-line boundaries,
-into memory that held another result's nonzeros just before (the output blocks are recycled)."""
+windows at stride 2, 3-wide ones at stride 2, stride-1 square averages, channels-last windows)
+stage them in cache and write them out with non-temporal stores (channels-last cells of whole
+cache lines straight from the registers), and so does the stride-1 average's backward for its
+input gradient. Each such kernel is compared with torch here, in inference and in training
+(values, indices, gradients), at sizes whose rows and planes neither start nor end on cache-line
+boundaries, into memory that held another result's nonzeros just before (the output blocks are
+recycled)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,10 +29,15 @@ CASES = [
     # rows over 32 KiB: not staged, written in place
     ("w3s2-long-rows", tpf.max_pool1d, F.max_pool1d, (2, 4, 2**19 + 5),
      dict(kernel_size=3, stride=2), True),
-    # channels-last: output rows of 48 x 128 cells (24 KiB), one to a copy
+    # channels-last, 128 channels: each cell whole cache lines, written straight from the registers
     ("channels-last-max", tpf.max_pool2d, F.max_pool2d, (8, 128, 97, 95),
      dict(kernel_size=3, stride=2, padding=1), True),
     ("channels-last-avg", tpf.avg_pool2d, F.avg_pool2d, (8, 128, 98, 95),
+     dict(kernel_size=3, stride=2, padding=1), False),
+    # channels-last, 72 channels: output rows of 48 x 72 cells (13.5 KiB), two to a copy
+    ("channels-last-max-staged", tpf.max_pool2d, F.max_pool2d, (16, 72, 97, 95),
+     dict(kernel_size=3, stride=2, padding=1), True),
+    ("channels-last-avg-staged", tpf.avg_pool2d, F.avg_pool2d, (16, 72, 98, 95),
      dict(kernel_size=3, stride=2, padding=1), False),
     # stride-1 square averages: whole planes of 35 x 35 (4900 bytes) to a copy
     ("box3", tpf.avg_pool2d, F.avg_pool2d, (16, 192, 35, 35),
@@ -72,3 +79,27 @@ def test_large_output(case):
     # overlapping windows sum several shares per cell, in another order than float64's
     assert_close(gx, gx_ref.float(), torch.float32)
     assert y.stride() == y_ref.stride() and gx.stride() == x.stride()
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["inference", "training"])
+def test_channels_last_nan_cells_among_streamed(train):
+    """Windows holding a NaN take torch's compare chain and ordinary stores, between cells that
+    go out by non-temporal stores (128 channels, an 8 MiB output): values, indices, gradients."""
+    gen = torch.Generator().manual_seed(7)
+    x = make_input((8, 128, 97, 95), torch.float32, gen=gen)
+    flat = x.view(-1)
+    flat[torch.randint(0, flat.numel(), (300,), generator=gen)] = float("nan")
+    x = x.contiguous(memory_format=torch.channels_last)
+    kwargs = dict(kernel_size=3, stride=2, padding=1)
+    if not train:
+        with torch.no_grad():
+            y = tpf.max_pool2d(x, **kwargs)
+            y_ref = F.max_pool2d(x, **kwargs)
+        assert y.numel() * 4 >= 8 * MIB and bool(torch.isnan(y_ref).any())
+        assert_close(y, y_ref, torch.float32, exact=True, equal_nan=True)
+        return
+    out, gx, g = run_fwd_bwd(lambda t: tpf.max_pool2d(t, return_indices=True, **kwargs), x, gen=gen)
+    out_ref, gx_ref, _ = run_fwd_bwd(lambda t: F.max_pool2d(t, return_indices=True, **kwargs), x, g)
+    assert_close(out[0], out_ref[0], torch.float32, exact=True, equal_nan=True)
+    assert torch.equal(out[1], out_ref[1])
+    assert_close(gx, gx_ref, torch.float32, equal_nan=True)

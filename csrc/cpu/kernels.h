@@ -1714,6 +1714,7 @@ struct ClWindow {
   int64_t cells;
   int32_t first;  // position of the first in-input cell (reported when nothing beats -inf)
   bool nan_rows;  // kNanRows: a NaN in the input rows of this output row
+  bool stream;    // float cells of whole cache lines of a large output: see cell_store
 };
 
 // Whether input rows hold a NaN, each searched once: rows are asked for in rising order, a few
@@ -1738,6 +1739,16 @@ class NanRows {
   std::vector<std::pair<int64_t, bool>> seen_;
 };
 
+// Whether a large float channels-last result (a forward's output, a backward's gradient) is
+// written cell by cell straight from the registers by non-temporal stores rather than staged
+// row by row: where its cells are whole cache lines (C a multiple of 16, the block aligned).
+// Staged rows go out in bursts of up to 32 KiB, during which the kernel's loads wait; stores
+// spread over the row do not hold them up, and skip the staging copy (NOTES §99).
+template <typename T>
+inline bool cells_stream_direct(const T* dst, int64_t C) {
+  return std::is_same_v<T, float> && C % 16 == 0 && reinterpret_cast<uintptr_t>(dst) % 64 == 0;
+}
+
 template <bool kNanRows = false, typename T, typename Cell>
 void for_cl_windows(const PoolGeometry& g, int64_t N, int64_t C, const T* in, T* out, Cell&& cell) {
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
@@ -1755,7 +1766,9 @@ void for_cl_windows(const PoolGeometry& g, int64_t N, int64_t C, const T* in, T*
     }
   }
   const int64_t ncells = static_cast<int64_t>(rel.size());
-  const bool staged = forward_streams<T>(N * OD * OH * OW * C);
+  const bool streamed = forward_streams<T>(N * OD * OH * OW * C);
+  const bool direct = streamed && cells_stream_direct(out, C);
+  const bool staged = streamed && !direct;
   const bool ahead = tuning().cl_next_rows_prefetch &&
                      N * ID * IH * IW * C * static_cast<int64_t>(sizeof(T)) >= kAheadMinBytes;
   at::parallel_for(0, N * OD * OH, grain_for(OW * C * g.window_cells()), [&](int64_t begin, int64_t end) {
@@ -1805,7 +1818,7 @@ void for_cl_windows(const PoolGeometry& g, int64_t N, int64_t C, const T* in, T*
         if (ahead) next_rows.step(ow, OW);
         if (rows_inside && tw.lo[ow] == 0 && tw.hi[ow] == KW) {
           cell_fn(ClWindow{r * OW + ow, od, oh, ow, (row_base + g.input_coord(2, ow, 0)) * C,
-                           rel.data(), all_ks.data(), ncells, 0, row_nan}, dst);
+                           rel.data(), all_ks.data(), ncells, 0, row_nan, direct}, dst);
           continue;
         }
         int64_t nc = 0;
@@ -1820,9 +1833,10 @@ void for_cl_windows(const PoolGeometry& g, int64_t N, int64_t C, const T* in, T*
           }
         }
         const int32_t first = static_cast<int32_t>((td.lo[od] * KH + th.lo[oh]) * KW + tw.lo[ow]);
-        cell_fn(ClWindow{r * OW + ow, od, oh, ow, 0, offs.data(), ks.data(), nc, first, row_nan}, dst);
+        cell_fn(ClWindow{r * OW + ow, od, oh, ow, 0, offs.data(), ks.data(), nc, first, row_nan, direct}, dst);
       }
     }
+    if (direct) stream_fence();
   });
 }
 
@@ -1864,6 +1878,20 @@ inline void block_store(T* dst, const __m256* v, int64_t n) {
   } else {
     for (int i = 0; i < NV; ++i) store8<kExact>(dst + 8 * i, v[i], n);
   }
+}
+
+// block_store, or for float cells of whole cache lines in a large output (ClWindow::stream) by
+// non-temporal stores straight from the registers: no staging copy, and the stores spread over
+// the row instead of going out in bursts (NOTES §99).
+template <bool kExact, int NV, typename T>
+inline void cell_store(T* dst, const __m256* v, int64_t n, bool stream) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (stream) {
+      for (int i = 0; i < NV; ++i) _mm256_stream_ps(dst + 8 * i, v[i]);
+      return;
+    }
+  }
+  block_store<kExact, NV>(dst, v, n);
 }
 
 // Window positions (int32 lanes) of a block loaded by block_load, stored in channel order.
@@ -1964,7 +1992,7 @@ void max_cl_fused_as(const T* in, T* out, pos_t* pos, const PoolGeometry& g, int
         max_cl_block_torch<kPos, NV>(in, w, c, n, dst, pos);
         return;
       }
-      block_store<true, NV>(dst + c, m, n);
+      cell_store<true, NV>(dst + c, m, n, w.stream);
       if (kPos) block_store_pos<NV, T>(pos + w.o * C + c, b, n);
     });
   });
@@ -1996,16 +2024,6 @@ inline __m256i load_pos8_end(const uint8_t* p, int64_t n) {
   std::memcpy(&v, p + n - 8, 8);
   if (n < 8) v >>= 8 * (8 - n);
   return _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(v)));
-}
-
-// Whether a large float channels-last gradient is written cell by cell straight from the
-// registers by non-temporal stores rather than staged row by row: where its cells are whole
-// cache lines (C a multiple of 16, the block aligned). Staged rows go out in bursts of up to
-// 32 KiB, during which the kernel's loads wait; stores spread over the row do not hold them up,
-// and skip the staging copy (NOTES §99).
-template <typename T>
-inline bool cells_stream_direct(const T* gin, int64_t C) {
-  return std::is_same_v<T, float> && C % 16 == 0 && reinterpret_cast<uintptr_t>(gin) % 64 == 0;
 }
 
 // Channels-last max backward, gathered per input cell in registers: the outputs whose windows
@@ -2126,13 +2144,7 @@ void max_bwd_cl_fused(const T* gout, const uint8_t* pos, T* gin, const PoolGeome
                 }
               }
             }
-            if constexpr (std::is_same_v<T, float>) {
-              if (direct) {  // whole lines, written in order: no read for ownership, no staging
-                for (int v = 0; v < NV; ++v) _mm256_stream_ps(dst + c + 8 * v, acc[v]);
-                return;
-              }
-            }
-            block_store<false, NV>(dst + c, acc, nl);
+            cell_store<false, NV>(dst + c, acc, nl, direct);
           });
         };
         using One = std::integral_constant<int, 1>;
@@ -3304,13 +3316,8 @@ void avg_cl_fused(const T* in, T* out, const PoolGeometry& g, int64_t N, int64_t
           for (int v = 0; v < NV; ++v) sum[v] = _mm256_add_ps(sum[v], load_lanes(src + 8 * v, n));
         }
       }
-      T* dst = cell_dst + c;
-      if constexpr (kPairBlock<T, NV>) {
-        for (int v = 0; v < NV; ++v) sum[v] = _mm256_div_ps(sum[v], div);
-        block_store<false, NV>(dst, sum, n);
-      } else {
-        for (int v = 0; v < NV; ++v) store8(dst + 8 * v, _mm256_div_ps(sum[v], div), n);
-      }
+      for (int v = 0; v < NV; ++v) sum[v] = _mm256_div_ps(sum[v], div);
+      cell_store<false, NV>(cell_dst + c, sum, n, w.stream);
     });
   });
 }
@@ -3795,7 +3802,7 @@ bool avg_bwd_cl_fused(const T* gout, T* gin, const PoolGeometry& g, int64_t N, i
             }
           }
           if constexpr (std::is_same_v<T, float>) {
-            if (direct) {  // whole lines, as max_bwd_cl_fused writes them
+            if (direct) {  // as cell_store (the channels here are in order, never in pairs)
               for (int v = 0; v < NV; ++v) _mm256_stream_ps(dst + c + 8 * v, acc[v]);
               return;
             }
