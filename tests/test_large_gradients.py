@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import torchpool.functional as tpf
-from conftest import assert_close, make_input, ref_dtype, run_fwd_bwd, to_layout
+from conftest import assert_close, assert_tests_pass_with, make_input, ref_dtype, run_fwd_bwd, to_layout
 
 MIB = 2**20
 
@@ -159,3 +159,13 @@ def test_large_global_average_gradient_exact_channels_last(channels):
         _, gx, _ = run_fwd_bwd(tpf.global_avg_pool2d, x, g)
         assert gx.is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(gx, (g / 49)[:, :, None, None].expand_as(x))
+
+
+@pytest.mark.parametrize("tune", ["intel", "amd"])
+def test_cpu_tunings_large_results(tune):
+    """Each vendor tuning of the CPU kernels (TORCHPOOL_CPU_TUNE=intel or amd: large float results
+    whose cells or rows are whole cache lines staged, or written straight from the registers)
+    passes the cases of those results here and in test_large_outputs.py, whichever CPU runs them."""
+    assert_tests_pass_with("test_large_gradients.py", "(lines or channels) and not tunings",
+                           TORCHPOOL_CPU_TUNE=tune)
+    assert_tests_pass_with("test_large_outputs.py", "channels", TORCHPOOL_CPU_TUNE=tune)

@@ -53,6 +53,10 @@ struct Tuning {
   // The channels-last max training forward keeps each maximum's position by a variable blend
   // (AMD: one instruction, §96) or by and + integer max (Intel, where the blend is two or three).
   bool positions_by_blend;
+  // Large float results whose cells (channels-last) or rows are whole cache lines go out by
+  // non-temporal stores straight from the registers (AMD: faster from memory, §99), or are staged
+  // like the others (Intel: not measured).
+  bool results_from_registers;
 };
 const Tuning& tuning();
 

@@ -1743,10 +1743,12 @@ class NanRows {
 // written cell by cell straight from the registers by non-temporal stores rather than staged
 // row by row: where its cells are whole cache lines (C a multiple of 16, the block aligned).
 // Staged rows go out in bursts of up to 32 KiB, during which the kernel's loads wait; stores
-// spread over the row do not hold them up, and skip the staging copy (NOTES §99).
+// spread over the row do not hold them up, and skip the staging copy (NOTES §99). AMD tuning only
+// (Tuning::results_from_registers).
 template <typename T>
 inline bool cells_stream_direct(const T* dst, int64_t C) {
-  return std::is_same_v<T, float> && C % 16 == 0 && reinterpret_cast<uintptr_t>(dst) % 64 == 0;
+  return std::is_same_v<T, float> && tuning().results_from_registers && C % 16 == 0 &&
+         reinterpret_cast<uintptr_t>(dst) % 64 == 0;
 }
 
 template <bool kNanRows = false, typename T, typename Cell>
@@ -2451,11 +2453,12 @@ __attribute__((always_inline)) inline void bwd_row_fused(T* row, int64_t IW, int
 // straight from the registers (non-temporal stores) rather than staged: stride 2, whose chunks
 // inside a row are 16 cells, and rows that start on cache lines (IW a multiple of 16, the block
 // aligned) with padding that keeps the chunks on them; rows of 4 KiB or more, so the row ends
-// that ordinary stores write are a small share (NOTES §99).
+// that ordinary stores write are a small share (NOTES §99). AMD tuning only, as cells_stream_direct.
 template <typename T, int S>
 inline bool rows_stream_direct(const T* gin, int64_t IW, int64_t pad) {
-  return std::is_same_v<T, float> && S == 2 && IW % 16 == 0 && pad % 16 == 0 &&
-         IW * static_cast<int64_t>(sizeof(T)) >= (4 << 10) && reinterpret_cast<uintptr_t>(gin) % 64 == 0;
+  return std::is_same_v<T, float> && tuning().results_from_registers && S == 2 && IW % 16 == 0 &&
+         pad % 16 == 0 && IW * static_cast<int64_t>(sizeof(T)) >= (4 << 10) &&
+         reinterpret_cast<uintptr_t>(gin) % 64 == 0;
 }
 
 // The most output rows (along D and H) whose windows cover one input row.
