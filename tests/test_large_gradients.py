@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import torchpool.functional as tpf
-from conftest import assert_close, assert_tests_pass_with, make_input, ref_dtype, run_fwd_bwd, to_layout
+from conftest import (assert_close, assert_tests_pass_with, make_input, ref_dtype, run_fwd_bwd,
+                      to_layout)
 
 MIB = 2**20
 

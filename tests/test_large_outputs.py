@@ -29,12 +29,13 @@ CASES = [
     # rows over 32 KiB: not staged, written in place
     ("w3s2-long-rows", tpf.max_pool1d, F.max_pool1d, (2, 4, 2**19 + 5),
      dict(kernel_size=3, stride=2), True),
-    # channels-last, 128 channels: each cell whole cache lines, written straight from the registers
+    # channels-last, 128 channels: each cell whole cache lines, written straight from the
+    # registers
     ("channels-last-max", tpf.max_pool2d, F.max_pool2d, (8, 128, 97, 95),
      dict(kernel_size=3, stride=2, padding=1), True),
     ("channels-last-avg", tpf.avg_pool2d, F.avg_pool2d, (8, 128, 98, 95),
      dict(kernel_size=3, stride=2, padding=1), False),
-    # channels-last, 72 channels: output rows of 48 x 72 cells (13.5 KiB), two to a copy
+    # channels-last, 72 channels: output rows of 48 x 72 cells (13.5 KiB), one to a copy
     ("channels-last-max-staged", tpf.max_pool2d, F.max_pool2d, (16, 72, 97, 95),
      dict(kernel_size=3, stride=2, padding=1), True),
     ("channels-last-avg-staged", tpf.avg_pool2d, F.avg_pool2d, (16, 72, 98, 95),

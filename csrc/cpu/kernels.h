@@ -1835,7 +1835,8 @@ void for_cl_windows(const PoolGeometry& g, int64_t N, int64_t C, const T* in, T*
           }
         }
         const int32_t first = static_cast<int32_t>((td.lo[od] * KH + th.lo[oh]) * KW + tw.lo[ow]);
-        cell_fn(ClWindow{r * OW + ow, od, oh, ow, 0, offs.data(), ks.data(), nc, first, row_nan, direct}, dst);
+        cell_fn(ClWindow{r * OW + ow, od, oh, ow, 0, offs.data(), ks.data(), nc, first, row_nan, direct},
+                dst);
       }
     }
     if (direct) stream_fence();
@@ -2453,7 +2454,8 @@ __attribute__((always_inline)) inline void bwd_row_fused(T* row, int64_t IW, int
 // straight from the registers (non-temporal stores) rather than staged: stride 2, whose chunks
 // inside a row are 16 cells, and rows that start on cache lines (IW a multiple of 16, the block
 // aligned) with padding that keeps the chunks on them; rows of 4 KiB or more, so the row ends
-// that ordinary stores write are a small share (NOTES §99). AMD tuning only, as cells_stream_direct.
+// that ordinary stores write are a small share (NOTES §99). AMD tuning only, as
+// cells_stream_direct.
 template <typename T, int S>
 inline bool rows_stream_direct(const T* gin, int64_t IW, int64_t pad) {
   return std::is_same_v<T, float> && tuning().results_from_registers && S == 2 && IW % 16 == 0 &&
