@@ -1088,8 +1088,6 @@ inline void with_fused_shape(const PoolGeometry& g, F&& f) {
   });
 }
 
-// The input rows (pointers to their first cell) inside the window of output row (od, oh) of a
-// plane, in scan order, and each one's window position of its first cell (kd * KH + kh) * KW.
 // Offset of window row j (j = kd * KH + kh, scan order) from the window's first row, in cells of
 // an NCDHW plane.
 inline int64_t window_row_offset(const PoolGeometry& g, int64_t j) {
@@ -1097,6 +1095,8 @@ inline int64_t window_row_offset(const PoolGeometry& g, int64_t j) {
   return (kd * g.dilation[0] * g.in[1] + kh * g.dilation[1]) * g.in[2];
 }
 
+// The input rows (pointers to their first cell) inside the window of output row (od, oh) of a
+// plane, in scan order, and each one's window position of its first cell (kd * KH + kh) * KW.
 template <typename T>
 struct WindowRows {
   const PoolGeometry& g;
@@ -1490,7 +1490,8 @@ void max_w3s2(const T* in, T* out, pos_t* pos, const PoolGeometry& g, int64_t pl
       int32_t base[NR];
       int64_t nr = NR;
       if (td.lo[it.b] == 0 && td.hi[it.b] == KD && th.lo[it.c] == 0 && th.hi[it.c] == KH) {
-        const T* row0 = in + ((it.a * ID + g.input_coord(0, it.b, 0)) * IH + g.input_coord(1, it.c, 0)) * IW;
+        const T* row0 =
+            in + ((it.a * ID + g.input_coord(0, it.b, 0)) * IH + g.input_coord(1, it.c, 0)) * IW;
         for (int j = 0; j < NR; ++j) {
           rows[j] = row0 + off[j];
           base[j] = static_cast<int32_t>(j * KW);
@@ -1563,9 +1564,10 @@ void max_w3s2(const T* in, T* out, pos_t* pos, const PoolGeometry& g, int64_t pl
               take_greater(m, b, rm, _mm256_castps_si256(rb));
             }
           } else {
-            const __m256 rm = kKeep && j == 0 && reuse
-                                  ? _mm256_loadu_ps(kept + slot)
-                                  : _mm256_max_ps(c[3 * j + 2], _mm256_max_ps(c[3 * j + 1], c[3 * j]));
+            const __m256 rm =
+                kKeep && j == 0 && reuse
+                    ? _mm256_loadu_ps(kept + slot)
+                    : _mm256_max_ps(c[3 * j + 2], _mm256_max_ps(c[3 * j + 1], c[3 * j]));
             if (kKeep && j == NR - 1) _mm256_storeu_ps(kept + slot, rm);  // after the load
             m = j == 0 ? rm : _mm256_max_ps(rm, m);
           }
@@ -1582,7 +1584,8 @@ void max_w3s2(const T* in, T* out, pos_t* pos, const PoolGeometry& g, int64_t pl
           }
         } else {
           for (int q = 0; q < 3 * NR; q += 2) {
-            nan = _mm256_or_ps(nan, _mm256_cmp_ps(c[q], c[std::min(q + 1, 3 * NR - 1)], _CMP_UNORD_Q));
+            nan = _mm256_or_ps(nan,
+                               _mm256_cmp_ps(c[q], c[std::min(q + 1, 3 * NR - 1)], _CMP_UNORD_Q));
           }
         }
         if (__builtin_expect(_mm256_movemask_ps(nan) != 0, 0)) {
@@ -1835,7 +1838,8 @@ void for_cl_windows(const PoolGeometry& g, int64_t N, int64_t C, const T* in, T*
           }
         }
         const int32_t first = static_cast<int32_t>((td.lo[od] * KH + th.lo[oh]) * KW + tw.lo[ow]);
-        cell_fn(ClWindow{r * OW + ow, od, oh, ow, 0, offs.data(), ks.data(), nc, first, row_nan, direct},
+        cell_fn(ClWindow{r * OW + ow, od, oh, ow, 0, offs.data(), ks.data(), nc, first, row_nan,
+                         direct},
                 dst);
       }
     }
@@ -2454,13 +2458,12 @@ __attribute__((always_inline)) inline void bwd_row_fused(T* row, int64_t IW, int
 // straight from the registers (non-temporal stores) rather than staged: stride 2, whose chunks
 // inside a row are 16 cells, and rows that start on cache lines (IW a multiple of 16, the block
 // aligned) with padding that keeps the chunks on them; rows of 4 KiB or more, so the row ends
-// that ordinary stores write are a small share (NOTES §99). AMD tuning only, as
-// cells_stream_direct.
+// that ordinary stores write are a small share (NOTES §99). A row is then what
+// cells_stream_direct asks of a channels-last cell (float, whole lines, AMD tuning).
 template <typename T, int S>
 inline bool rows_stream_direct(const T* gin, int64_t IW, int64_t pad) {
-  return std::is_same_v<T, float> && tuning().results_from_registers && S == 2 && IW % 16 == 0 &&
-         pad % 16 == 0 && IW * static_cast<int64_t>(sizeof(T)) >= (4 << 10) &&
-         reinterpret_cast<uintptr_t>(gin) % 64 == 0;
+  return S == 2 && pad % 16 == 0 && IW * static_cast<int64_t>(sizeof(T)) >= (4 << 10) &&
+         cells_stream_direct(gin, IW);
 }
 
 // The most output rows (along D and H) whose windows cover one input row.
