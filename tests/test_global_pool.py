@@ -230,6 +230,40 @@ def test_inference_mode(device, rng, nd):
     assert_close(out_avg, ref_avg(x, nd, True))
 
 
+def _general_path_refused(*args):
+    raise AssertionError("the general path was taken")
+
+
+@pytest.mark.parametrize("nd,layout", ND_LAYOUTS)
+@pytest.mark.parametrize("train", [False, True], ids=["infer", "train"])
+def test_common_calls_take_the_short_path(device, rng, monkeypatch, nd, layout, train):
+    """A plain batched tensor with no empty dim skips the general argument handling; keepdim,
+    unbatched inputs, tensor subclasses, empty batches and bad inputs still take it."""
+    x = make_input(SHAPES[nd], torch.float32, device, layout, rng, kind="distinct")
+    x.requires_grad_(train)
+    want = [(ref_max(x.detach(), nd, False), True), (ref_avg(x.detach(), nd, False), False)]
+    general = tpf._global_pool
+    monkeypatch.setattr(tpf, "_global_pool", _general_path_refused)
+    for pool, (ref, exact) in zip((GMAX[nd], GAVG[nd]), want):
+        out = pool(x)
+        assert out.requires_grad == train
+        assert_close(out.detach(), ref, exact=exact)
+        if train:
+            g = torch.randn(out.shape, generator=rng).to(device)
+            (grad,) = torch.autograd.grad(out, x, g)
+            (want_grad,) = torch.autograd.grad(general(pool.__name__, nd, pool.__name__[7:10], x,
+                                                       False), x, g)
+            assert_close(grad, want_grad, exact=True)
+            assert grad.is_contiguous(memory_format=channels_last_format(x.dim()) if
+                                      layout == "channels_last" else torch.contiguous_format)
+        others = [lambda: pool(x, keepdim=True), lambda: pool(x[0]),
+                  lambda: pool(torch.nn.Parameter(x.detach())), lambda: pool(x[:0]),
+                  lambda: pool(x.detach().to(torch.int32))]
+        for call in others:
+            with pytest.raises(AssertionError, match="general path"):
+                call()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     "cells", [(1, 1), (1, 3), (2, 4), (1, 8), (3, 3), (4, 4), (7, 7), (5, 10), (15, 17), (16, 16)]

@@ -13,7 +13,7 @@ import torch
 IntOrTuple = Union[int, Sequence[int]]
 Padding = Union[int, Sequence[int], str]
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _DIM_NAMES = {1: "L", 2: "H, W", 3: "D, H, W"}
 
 
@@ -54,7 +54,7 @@ def check_input(fn: str, input: torch.Tensor, nd: int) -> bool:
     """Checks dtype and rank; returns whether the input is batched."""
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"{fn}: input must be a torch.Tensor, got {type(input).__name__}")
-    if input.dtype not in _FLOAT_DTYPES:
+    if input.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"{fn}: input must be float16, bfloat16, float32 or float64, got {input.dtype}")
     names = _DIM_NAMES[nd]

@@ -131,7 +131,7 @@ class AvgPoolBackward(_Function):
 
 
 def _global_layout(input: torch.Tensor) -> bool:
-    return _args.layout_of(input) != torch.contiguous_format
+    return not input.is_contiguous() and _args.layout_of(input) != torch.contiguous_format
 
 
 class GlobalMaxPool(_Function):
@@ -139,11 +139,11 @@ class GlobalMaxPool(_Function):
 
     @staticmethod
     def forward(input):
-        return ops.global_max_pool_with_pos(input)
+        return ops.global_max_pool_with_pos.default(input)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.input_shape = tuple(inputs[0].shape)
+        ctx.input_shape = inputs[0].shape
         ctx.channels_last = _global_layout(inputs[0])
         ctx.save_for_backward(output[1])
         ctx.mark_non_differentiable(output[1])
@@ -174,11 +174,11 @@ class GlobalAvgPool(_Function):
 
     @staticmethod
     def forward(input):
-        return ops.global_avg_pool(input)
+        return ops.global_avg_pool.default(input)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.input_shape = tuple(inputs[0].shape)
+        ctx.input_shape = inputs[0].shape
         ctx.channels_last = _global_layout(inputs[0])
 
     @staticmethod

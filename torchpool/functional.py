@@ -109,8 +109,20 @@ def _make_avg(nd: int):
 
 def _make_global(nd: int, kind: str):
     fn = f"global_{kind}_pool{nd}d"
+    rank, dtypes = nd + 2, _args.FLOAT_DTYPES
+    plain = (ops.global_max_pool if kind == "max" else ops.global_avg_pool).default
+    function = _autograd.GlobalMaxPool if kind == "max" else _autograd.GlobalAvgPool
 
     def global_pool(input: torch.Tensor, keepdim: bool = False):
+        # The common call (a plain batched tensor with no empty dim) in as few Python steps as
+        # possible: in a model the caches are cold when a pool is called, and each step then costs
+        # about a microsecond (NOTES §100). Everything else takes the general path.
+        if (type(input) is torch.Tensor and not keepdim and input.dim() == rank
+                and input.dtype in dtypes and input.numel() != 0):
+            if torch.is_grad_enabled() and input.requires_grad:
+                out = function.apply(input)
+                return out[0] if kind == "max" else out
+            return plain(input)
         return _global_pool(fn, nd, kind, input, keepdim)
 
     global_pool.__name__ = global_pool.__qualname__ = fn
