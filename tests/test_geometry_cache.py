@@ -71,3 +71,60 @@ def test_cache_is_bounded(monkeypatch):
         x = torch.randn(1, 2, w)
         torch.testing.assert_close(tpf.max_pool1d(x, 3, 2), F.max_pool1d(x, 3, 2), rtol=0, atol=0)
         assert len(_args._GEOMETRIES) <= 8
+
+
+def _general_path_refused(*args):
+    raise AssertionError("the general path was taken")
+
+
+def _known_calls(f):
+    (known,) = [c.cell_contents for c in f.__closure__ if isinstance(c.cell_contents, dict)]
+    return known
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("train", [False, True], ids=["infer", "train"])
+@pytest.mark.parametrize("name,nd", POOLS)
+def test_repeated_calls_take_the_short_path(monkeypatch, name, nd, train, layout):
+    """A call made before (same shape, dtype, arguments and argument types) goes straight to the
+    op or the autograd Function; its results and gradients are torch's. Any other call takes the
+    general path: unbatched, return_indices, tuple arguments, a tensor subclass, another shape."""
+    f, ref = getattr(tpf, name), getattr(F, name)
+    args = (3, 2, 1) if nd < 3 else (2, 1)
+    if layout == "channels_last" and nd == 1:
+        pytest.skip("no channels_last for 1d")
+    fmt = {2: torch.channels_last, 3: torch.channels_last_3d}.get(nd, torch.contiguous_format)
+    x = torch.randn((2, 16) + (7,) * nd).contiguous(
+        memory_format=fmt if layout == "channels_last" else torch.contiguous_format)
+    x.requires_grad_(train)
+    f(x, *args)  # the general path; the call is stored
+    assert len(_known_calls(f)) >= 1
+    kind = "_max_pool" if name.startswith("max") else "_avg_pool"
+    monkeypatch.setattr(tpf, kind, _general_path_refused)
+    got, want = f(x, *args), ref(x, *args)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert got.requires_grad == train
+    if train:
+        g = torch.randn(want.shape)
+        (gx,) = torch.autograd.grad(got, x, g)
+        (want_gx,) = torch.autograd.grad(want, x, g)
+        torch.testing.assert_close(gx, want_gx, rtol=1e-6, atol=1e-6)
+        assert gx.stride() == x.stride()
+    others = [lambda: f(x[0], *args), lambda: f(x, (args[0],) * nd, *args[1:]),
+              lambda: f(torch.nn.Parameter(x.detach()), *args), lambda: f(x[:, :3], *args),
+              lambda: f(x.double(), *args), lambda: f(x, *args[:-1], 0)]
+    if kind == "_max_pool":
+        others.append(lambda: f(x, *args, return_indices=True))
+    for call in others:
+        with pytest.raises(AssertionError, match="general path"):
+            call()
+
+
+def test_known_calls_are_bounded(monkeypatch):
+    monkeypatch.setattr(tpf, "_KNOWN_CAP", 8)
+    _known_calls(tpf.max_pool1d).clear()
+    for w in range(4, 40):
+        x = torch.randn(1, 2, w)
+        for _ in range(2):
+            torch.testing.assert_close(tpf.max_pool1d(x, 3, 2), F.max_pool1d(x, 3, 2), rtol=0, atol=0)
+        assert 1 <= len(_known_calls(tpf.max_pool1d)) <= 8

@@ -191,6 +191,8 @@ def position_dtype(kernel_size: Sequence[int]) -> torch.dtype:
 
 def layout_of(t: torch.Tensor) -> torch.memory_format:
     """The layout the kernels work in and write (same rule as ``layout_of`` in csrc/common.h)."""
+    if t.is_contiguous():
+        return torch.contiguous_format
     if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
         return torch.channels_last
     if t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d) and not t.is_contiguous():

@@ -54,13 +54,13 @@ class MaxPool(_Function):
 
     @staticmethod
     def forward(input, g: _args.Geometry):
-        return ops.max_pool_with_pos(input, *g)
+        return ops.max_pool_with_pos.default(input, *g)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         input, g = inputs
         ctx.g = g
-        ctx.input_shape = tuple(input.shape)
+        ctx.input_shape = input.shape
         ctx.layout = _args.layout_of(input)
         ctx.save_for_backward(output[1])
         ctx.mark_non_differentiable(output[1])
@@ -75,7 +75,7 @@ class MaxPool(_Function):
 class MaxPoolBackward(_Function):
     @staticmethod
     def forward(grad, pos, input_shape, g, layout):
-        return _in_layout(ops.max_pool_backward(grad, pos, input_shape, *g), layout)
+        return _in_layout(ops.max_pool_backward.default(grad, pos, input_shape, *g), layout)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -95,13 +95,13 @@ class AvgPool(_Function):
 
     @staticmethod
     def forward(input, g: _args.Geometry, count_include_pad: bool, divisor_override):
-        return ops.avg_pool(input, g.kernel_size, g.stride, g.pad_before, g.pad_after,
+        return ops.avg_pool.default(input, g.kernel_size, g.stride, g.pad_before, g.pad_after,
                             g.ceil_mode, count_include_pad, divisor_override)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         input, *ctx.pool_args = inputs
-        ctx.input_shape = tuple(input.shape)
+        ctx.input_shape = input.shape
         ctx.layout = _args.layout_of(input)
 
     @staticmethod
@@ -114,7 +114,7 @@ class AvgPool(_Function):
 class AvgPoolBackward(_Function):
     @staticmethod
     def forward(grad, input_shape, layout, g, count_include_pad, divisor_override):
-        grad_input = ops.avg_pool_backward(grad, input_shape, g.kernel_size, g.stride,
+        grad_input = ops.avg_pool_backward.default(grad, input_shape, g.kernel_size, g.stride,
                                            g.pad_before, g.pad_after, g.ceil_mode,
                                            count_include_pad, divisor_override)
         return _in_layout(grad_input, layout)
@@ -131,7 +131,7 @@ class AvgPoolBackward(_Function):
 
 
 def _global_layout(input: torch.Tensor) -> bool:
-    return not input.is_contiguous() and _args.layout_of(input) != torch.contiguous_format
+    return _args.layout_of(input) != torch.contiguous_format
 
 
 class GlobalMaxPool(_Function):
@@ -157,7 +157,7 @@ class GlobalMaxPool(_Function):
 class GlobalMaxPoolBackward(_Function):
     @staticmethod
     def forward(grad, pos, input_shape, channels_last):
-        return ops.global_max_pool_backward(grad, pos, input_shape, channels_last)
+        return ops.global_max_pool_backward.default(grad, pos, input_shape, channels_last)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -189,7 +189,7 @@ class GlobalAvgPool(_Function):
 class GlobalAvgPoolBackward(_Function):
     @staticmethod
     def forward(grad, input_shape, channels_last):
-        return ops.global_avg_pool_backward(grad, input_shape, channels_last)
+        return ops.global_avg_pool_backward.default(grad, input_shape, channels_last)
 
     @staticmethod
     def setup_context(ctx, inputs, output):

@@ -30,6 +30,42 @@ def _needs_grad(x: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and x.requires_grad
 
 
+# Calls already made, per pool function: a model calls its pools with the same arguments on
+# inputs of the same shape step after step. A call found here goes straight to the op or the
+# autograd Function in a few Python steps: in a model the caches are cold when a pool is called,
+# and each step then costs about a microsecond (NOTES §100). The key holds the input's shape and
+# dtype, the arguments and their types (True == 1 and 2.0 == 2 as keys). Only calls the general
+# path has accepted are stored, and only those with a plain tensor of the ops' rank (batched)
+# with no empty dim and arguments of types whose equal values behave alike (int, bool, None,
+# str; not tuples, which hold such values unseen): a later call with an equal key is then as
+# valid and has the same geometry. Never used while torch.compile traces.
+_KNOWN_CAP = 256
+_KNOWN_TYPES = (int, bool, type(None), str)
+
+
+def _lookup(known: dict, input, *args):
+    """(the call's key, or None where it has none; what `known` holds for it, or None)."""
+    if type(input) is not torch.Tensor or torch.compiler.is_compiling():
+        return None, None
+    key = (input.shape, input.dtype, *args, *map(type, args))
+    try:
+        return key, known.get(key)
+    except TypeError:  # an unhashable argument (a list): never stored
+        return None, None
+
+
+def _storable(input, rank: int, key: tuple) -> bool:
+    n = (len(key) - 2) // 2
+    return (input.dim() == rank and input.numel() != 0 and input.dtype in _args.FLOAT_DTYPES
+            and all(t in _KNOWN_TYPES for t in key[2 + n:]))
+
+
+def _store(known: dict, key: tuple, value) -> None:
+    if len(known) >= _KNOWN_CAP:
+        known.clear()
+    known[key] = value
+
+
 def _max_pool(fn, nd, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices):
     x, batched = _batched(fn, input, nd)
     g = _args.geometry(fn, input.shape, nd, kernel_size, stride, padding, dilation, ceil_mode)
@@ -76,11 +112,22 @@ def _global_pool(fn, nd, kind, input, keepdim):
 
 def _make_max(nd: int):
     fn = f"max_pool{nd}d"
+    rank, known = nd + 2, {}
+    plain, apply = ops.max_pool.default, _autograd.MaxPool.apply
 
     def max_pool(input: torch.Tensor, kernel_size, stride=None, padding=0, dilation=1,
                  ceil_mode: bool = False, return_indices: bool = False):
-        return _max_pool(fn, nd, input, kernel_size, stride, padding, dilation, ceil_mode,
-                         return_indices)
+        key, g = _lookup(known, input, kernel_size, stride, padding, dilation, ceil_mode)
+        if g is not None and not return_indices:
+            if torch.is_grad_enabled() and input.requires_grad:
+                return apply(input, g)[0]
+            return plain(input, *g)
+        out = _max_pool(fn, nd, input, kernel_size, stride, padding, dilation, ceil_mode,
+                        return_indices)
+        if key is not None and _storable(input, rank, key):
+            _store(known, key, _args.geometry(fn, input.shape, nd, kernel_size, stride, padding,
+                                              dilation, ceil_mode))
+        return out
 
     max_pool.__name__ = max_pool.__qualname__ = fn
     max_pool.__doc__ = (
@@ -92,12 +139,26 @@ def _make_max(nd: int):
 
 def _make_avg(nd: int):
     fn = f"avg_pool{nd}d"
+    rank, known = nd + 2, {}
+    plain, apply = ops.avg_pool.default, _autograd.AvgPool.apply
 
     def avg_pool(input: torch.Tensor, kernel_size, stride=None, padding=0,
                  ceil_mode: bool = False, count_include_pad: bool = True,
                  divisor_override: Optional[int] = None):
-        return _avg_pool(fn, nd, input, kernel_size, stride, padding, ceil_mode,
-                         count_include_pad, divisor_override)
+        key, args = _lookup(known, input, kernel_size, stride, padding, ceil_mode,
+                            count_include_pad, divisor_override)
+        if args is not None:
+            if torch.is_grad_enabled() and input.requires_grad:
+                return apply(input, *args[0])
+            return plain(input, *args[1])
+        out = _avg_pool(fn, nd, input, kernel_size, stride, padding, ceil_mode,
+                        count_include_pad, divisor_override)
+        if key is not None and _storable(input, rank, key):
+            g = _args.geometry(fn, input.shape, nd, kernel_size, stride, padding, 1, ceil_mode)
+            cip = bool(count_include_pad) and not isinstance(padding, str)
+            _store(known, key, ((g, cip, divisor_override),
+                                (*g[:4], g.ceil_mode, cip, divisor_override)))
+        return out
 
     avg_pool.__name__ = avg_pool.__qualname__ = fn
     avg_pool.__doc__ = (
