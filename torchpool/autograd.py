@@ -95,8 +95,9 @@ class AvgPool(_Function):
 
     @staticmethod
     def forward(input, g: _args.Geometry, count_include_pad: bool, divisor_override):
-        return ops.avg_pool.default(input, g.kernel_size, g.stride, g.pad_before, g.pad_after,
-                            g.ceil_mode, count_include_pad, divisor_override)
+        return ops.avg_pool.default(input, g.kernel_size, g.stride, g.pad_before,
+                                    g.pad_after, g.ceil_mode, count_include_pad,
+                                    divisor_override)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -114,9 +115,10 @@ class AvgPool(_Function):
 class AvgPoolBackward(_Function):
     @staticmethod
     def forward(grad, input_shape, layout, g, count_include_pad, divisor_override):
-        grad_input = ops.avg_pool_backward.default(grad, input_shape, g.kernel_size, g.stride,
-                                           g.pad_before, g.pad_after, g.ceil_mode,
-                                           count_include_pad, divisor_override)
+        grad_input = ops.avg_pool_backward.default(grad, input_shape, g.kernel_size,
+                                                   g.stride, g.pad_before, g.pad_after,
+                                                   g.ceil_mode, count_include_pad,
+                                                   divisor_override)
         return _in_layout(grad_input, layout)
 
     @staticmethod
