@@ -84,18 +84,25 @@ def _max_pool(fn, nd, input, kernel_size, stride, padding, dilation, ceil_mode, 
     return out, indices
 
 
+def _avg_args(fn, nd, input, kernel_size, stride, padding, ceil_mode, count_include_pad,
+              divisor_override):
+    """(the AvgPool Function's arguments after the input, the avg_pool op's), validated."""
+    g = _args.geometry(fn, input.shape, nd, kernel_size, stride, padding, 1, ceil_mode)
+    divisor_override = _args.check_divisor(fn, divisor_override)
+    # String padding never counts padded cells.
+    cip = bool(count_include_pad) and not isinstance(padding, str)
+    return (g, cip, divisor_override), (*g[:4], g.ceil_mode, cip, divisor_override)
+
+
 def _avg_pool(fn, nd, input, kernel_size, stride, padding, ceil_mode, count_include_pad,
               divisor_override):
     x, batched = _batched(fn, input, nd)
-    g = _args.geometry(fn, input.shape, nd, kernel_size, stride, padding, 1, ceil_mode)
-    divisor_override = _args.check_divisor(fn, divisor_override)
-    if isinstance(padding, str):
-        count_include_pad = False  # string padding never counts padded cells
+    function_args, op_args = _avg_args(fn, nd, input, kernel_size, stride, padding, ceil_mode,
+                                       count_include_pad, divisor_override)
     if _needs_grad(x):
-        out = _autograd.AvgPool.apply(x, g, bool(count_include_pad), divisor_override)
+        out = _autograd.AvgPool.apply(x, *function_args)
     else:
-        out = ops.avg_pool(x, g.kernel_size, g.stride, g.pad_before, g.pad_after, g.ceil_mode,
-                           bool(count_include_pad), divisor_override)
+        out = ops.avg_pool(x, *op_args)
     return out if batched else out.squeeze(0)
 
 
@@ -154,10 +161,8 @@ def _make_avg(nd: int):
         out = _avg_pool(fn, nd, input, kernel_size, stride, padding, ceil_mode,
                         count_include_pad, divisor_override)
         if key is not None and _storable(input, rank, key):
-            g = _args.geometry(fn, input.shape, nd, kernel_size, stride, padding, 1, ceil_mode)
-            cip = bool(count_include_pad) and not isinstance(padding, str)
-            _store(known, key, ((g, cip, divisor_override),
-                                (*g[:4], g.ceil_mode, cip, divisor_override)))
+            _store(known, key, _avg_args(fn, nd, input, kernel_size, stride, padding, ceil_mode,
+                                         count_include_pad, divisor_override))
         return out
 
     avg_pool.__name__ = avg_pool.__qualname__ = fn
