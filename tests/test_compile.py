@@ -116,6 +116,17 @@ def test_opcheck_global_ops(device, op_name, geometry):
     torch.library.opcheck(getattr(ops, op_name).default, global_sample(op_name, geometry, device))
 
 
+@pytest.mark.parametrize("geometry", ["1d", "2d-asym", "2d-channels_last", "3d-channels_last"])
+@pytest.mark.parametrize("op_name", ["global_max_pool", "global_max_pool_backward", "global_avg_pool",
+                                     "global_avg_pool_backward"])
+def test_opcheck_global_ops_with_grad(device, op_name, geometry):
+    """The global ops' autograd (registered in C++) seen by opcheck: registered for autograd, and
+    traced with its backward by AOT autograd."""
+    args = global_sample(op_name, geometry, device, torch.float64)
+    args = (args[0].requires_grad_(),) + args[1:]
+    torch.library.opcheck(getattr(ops, op_name).default, args)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("op_name", ["max_pool_with_pos", "max_pool_backward", "avg_pool", "avg_pool_backward"])
 def test_opcheck_dtypes(device, op_name, dtype):

@@ -28,6 +28,8 @@ from conftest import (
     run_fwd_bwd,
 )
 
+ops = torch.ops.torchpool
+
 GMAX = {1: tpf.global_max_pool1d, 2: tpf.global_max_pool2d, 3: tpf.global_max_pool3d}
 GAVG = {1: tpf.global_avg_pool1d, 2: tpf.global_avg_pool2d, 3: tpf.global_avg_pool3d}
 SHAPES = {1: (2, 3, 50), 2: (2, 3, 7, 9), 3: (2, 3, 4, 5, 6)}
@@ -214,6 +216,28 @@ def test_gradcheck(device, rng, nd, keepdim, layout):
 
 
 @pytest.mark.parametrize("nd,layout", ND_LAYOUTS)
+def test_ops_carry_their_autograd(device, rng, nd, layout):
+    """The global ops and their backward ops are differentiable as they are (autograd registered
+    in C++): gradcheck and gradgradcheck of each op called directly, in float64; no graph where no
+    gradient is wanted."""
+    shape = {1: (2, 3, 7), 2: (2, 3, 4, 5), 3: (2, 2, 3, 4, 3)}[nd]
+    x = make_input(shape, torch.float64, device, layout, rng, kind="distinct").requires_grad_()
+    g = torch.randn(shape[:2], generator=rng, dtype=torch.float64).to(device).requires_grad_()
+    cl = layout == "channels_last"
+    _, pos = ops.global_max_pool_with_pos(x.detach())
+    calls = [(ops.global_max_pool, x), (ops.global_avg_pool, x),
+             (lambda t: ops.global_max_pool_backward(t, pos, list(shape), cl), g),
+             (lambda t: ops.global_avg_pool_backward(t, list(shape), cl), g)]
+    for fn, arg in calls:
+        assert torch.autograd.gradcheck(fn, (arg,))
+        assert torch.autograd.gradgradcheck(fn, (arg,))
+        assert fn(arg).grad_fn is not None
+        assert fn(arg.detach()).grad_fn is None
+        with torch.no_grad():
+            assert fn(arg).grad_fn is None
+
+
+@pytest.mark.parametrize("nd,layout", ND_LAYOUTS)
 def test_backward_with_strided_grad_output(device, rng, nd, layout):
     """out.sum().backward() passes an expanded (stride 0) gradient; a sliced one is not dense."""
     x = make_input(SHAPES[nd], torch.float32, device, layout, rng, kind="distinct")
@@ -245,6 +269,8 @@ def test_common_calls_take_the_short_path(device, rng, monkeypatch, nd, layout, 
     for pool, ref in ((GMAX[nd], ref_max), (GAVG[nd], ref_avg)):
         out = pool(x)
         assert out.requires_grad == train
+        if train:  # the op's own autograd node, built in C++, not a Python Function's
+            assert out.grad_fn.name().startswith("torch::autograd::CppNode<torchpool::")
         assert_close(out.detach(), ref(x.detach(), nd, False), exact=ref is ref_max)
         if train:
             g = torch.randn(out.shape, generator=rng).to(device)

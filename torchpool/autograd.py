@@ -1,5 +1,9 @@
 """autograd.Function wrappers: forward and backward both call the registered ops.
 
+The global pools' ops are differentiable themselves (autograd registered in C++,
+csrc/autograd.cpp); their Functions here serve under functorch transforms (torch.func.grad,
+vjp), which refuse autograd Functions written in C++.
+
 The inputs here are batched (N, C, *spatial) and the geometry explicit; torchpool.functional
 does the argument handling. Backward produces the gradient in the input's layout.
 

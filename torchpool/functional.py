@@ -108,10 +108,12 @@ def _avg_pool(fn, nd, input, kernel_size, stride, padding, ceil_mode, count_incl
 
 def _global_pool(fn, nd, kind, input, keepdim):
     x, batched = _batched(fn, input, nd)
-    if kind == "max":
-        out = (_autograd.GlobalMaxPool.apply(x)[0] if _needs_grad(x) else ops.global_max_pool(x))
+    if _needs_grad(x) and torch._C._are_functorch_transforms_active():
+        # torch.func refuses the ops' C++ autograd: the Python Functions instead.
+        out = (_autograd.GlobalMaxPool.apply(x)[0] if kind == "max" else
+               _autograd.GlobalAvgPool.apply(x))
     else:
-        out = _autograd.GlobalAvgPool.apply(x) if _needs_grad(x) else ops.global_avg_pool(x)
+        out = (ops.global_max_pool if kind == "max" else ops.global_avg_pool)(x)
     if keepdim:
         out = out.reshape(tuple(out.shape) + (1,) * nd)
     return out if batched else out.squeeze(0)
@@ -176,18 +178,16 @@ def _make_avg(nd: int):
 def _make_global(nd: int, kind: str):
     fn = f"global_{kind}_pool{nd}d"
     rank, dtypes = nd + 2, _args.FLOAT_DTYPES
+    functorch_active = torch._C._are_functorch_transforms_active
+    # Differentiable: the global pools' autograd is registered in C++ (csrc/autograd.cpp).
     plain = (ops.global_max_pool if kind == "max" else ops.global_avg_pool).default
-    function = _autograd.GlobalMaxPool if kind == "max" else _autograd.GlobalAvgPool
 
     def global_pool(input: torch.Tensor, keepdim: bool = False):
         # The common call (a plain batched tensor with no empty dim) in as few Python steps as
         # possible: in a model the caches are cold when a pool is called, and each step then costs
         # about a microsecond (NOTES §100). Everything else takes the general path.
         if (type(input) is torch.Tensor and not keepdim and input.dim() == rank
-                and input.dtype in dtypes and input.numel() != 0):
-            if torch.is_grad_enabled() and input.requires_grad:
-                out = function.apply(input)
-                return out[0] if kind == "max" else out
+                and input.dtype in dtypes and input.numel() != 0 and not functorch_active()):
             return plain(input)
         return _global_pool(fn, nd, kind, input, keepdim)
 
