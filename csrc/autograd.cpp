@@ -1,19 +1,21 @@
-// Autograd of the global pools, registered in C++ for every device.
+// Autograd of the pools, registered in C++ for every device.
 //
-// The global pools reduce a whole plane per output, so a call is short next to the Python steps
-// around it when the caches are cold (as in a model, where each pool follows a layer that swept
-// them): a Python autograd.Function cost 20-60 us more per training forward than an autograd node
-// built here (benchmarks/NOTES.md 101). The window pools keep their Functions in
-// torchpool/autograd.py.
+// A pool call is short next to the Python steps around it when the caches are cold (as in a
+// model, where each pool follows a layer that swept them): a Python autograd.Function cost 40-50
+// us more per call than an autograd node built here (benchmarks/NOTES.md 101). Under functorch
+// transforms, which refuse C++ autograd Functions, torchpool.functional takes the Python
+// Functions of torchpool/autograd.py instead.
 //
-// Each kernel builds a node only when grad mode is on and an input requires grad; otherwise it
+// Each kernel builds a node only when grad mode is on and its tensor requires grad; otherwise it
 // calls the device kernel straight away. The backward ops are differentiable too (double
-// backward): a global max backward is linear in grad_output and its derivative is a gather at the
-// saved cells; a global average's backward is undone by the forward pool.
+// backward, gradient penalties): a pooling backward is linear in grad_output, and its own
+// derivative is a gather at the saved positions (max) or the forward pool again (average).
+// Backward returns the gradient in the pooled input's layout.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -53,6 +55,45 @@ const auto& global_avg_pool_op() {
 const auto& global_avg_pool_backward_op() {
   static const auto h = op<at::Tensor(const at::Tensor&, c10::IntArrayRef, bool)>(
       "torchpool::global_avg_pool_backward");
+  return h;
+}
+
+using IntList = c10::IntArrayRef;
+using MaxPoolSignature = at::Tensor(const at::Tensor&, IntList, IntList, IntList, IntList, IntList,
+                                    bool);
+using MaxPoolBackwardSignature = at::Tensor(const at::Tensor&, const at::Tensor&, IntList, IntList,
+                                            IntList, IntList, IntList, IntList, bool);
+using AvgPoolSignature = at::Tensor(const at::Tensor&, IntList, IntList, IntList, IntList, bool,
+                                    bool, std::optional<int64_t>);
+using AvgPoolBackwardSignature = at::Tensor(const at::Tensor&, IntList, IntList, IntList, IntList,
+                                            IntList, bool, bool, std::optional<int64_t>);
+
+const auto& max_pool_op() {
+  static const auto h = op<MaxPoolSignature>("torchpool::max_pool");
+  return h;
+}
+const auto& max_pool_with_pos_op() {
+  static const auto h = op<std::tuple<at::Tensor, at::Tensor>(
+      const at::Tensor&, IntList, IntList, IntList, IntList, IntList, bool)>(
+      "torchpool::max_pool_with_pos");
+  return h;
+}
+const auto& max_pool_backward_op() {
+  static const auto h = op<MaxPoolBackwardSignature>("torchpool::max_pool_backward");
+  return h;
+}
+const auto& max_pool_indices_op() {
+  static const auto h =
+      op<at::Tensor(const at::Tensor&, IntList, IntList, IntList, IntList, IntList, IntList, bool)>(
+          "torchpool::max_pool_indices");
+  return h;
+}
+const auto& avg_pool_op() {
+  static const auto h = op<AvgPoolSignature>("torchpool::avg_pool");
+  return h;
+}
+const auto& avg_pool_backward_op() {
+  static const auto h = op<AvgPoolBackwardSignature>("torchpool::avg_pool_backward");
   return h;
 }
 
@@ -129,6 +170,171 @@ struct GlobalAvgPoolBackward : torch::autograd::Function<GlobalAvgPoolBackward> 
   }
 };
 
+// A window pool's arguments as a backward needs them, kept in one saved int list: the pooled
+// input's size (nd + 2), then nd values each of kernel_size, stride, pad_before, pad_after and
+// dilation (1s for the average), then ceil_mode and the input's layout.
+struct WindowArgs {
+  std::vector<int64_t> v;
+
+  WindowArgs(IntList size, IntList k, IntList s, IntList pb, IntList pa, IntList d, bool ceil,
+             at::MemoryFormat layout) {
+    v.reserve(size.size() + 5 * k.size() + 2);
+    for (IntList list : {size, k, s, pb, pa, d}) {
+      v.insert(v.end(), list.begin(), list.end());
+    }
+    v.push_back(ceil);
+    v.push_back(static_cast<int64_t>(layout));
+  }
+  explicit WindowArgs(AutogradContext* ctx) : v(ctx->saved_data["window"].toIntVector()) {}
+  void save(AutogradContext* ctx) { ctx->saved_data["window"] = std::move(v); }
+
+  int64_t nd() const { return (static_cast<int64_t>(v.size()) - 4) / 6; }
+  IntList size() const { return {v.data(), static_cast<size_t>(nd() + 2)}; }
+  IntList list(int64_t i) const { return {v.data() + nd() + 2 + i * nd(), static_cast<size_t>(nd())}; }
+  IntList kernel() const { return list(0); }
+  IntList stride() const { return list(1); }
+  IntList pad_before() const { return list(2); }
+  IntList pad_after() const { return list(3); }
+  IntList dilation() const { return list(4); }
+  bool ceil_mode() const { return v[v.size() - 2] != 0; }
+  at::MemoryFormat layout() const { return static_cast<at::MemoryFormat>(v.back()); }
+};
+
+// The average's own arguments, besides the window's.
+void save_avg(AutogradContext* ctx, bool count_include_pad, std::optional<int64_t> divisor) {
+  ctx->saved_data["count_include_pad"] = count_include_pad;
+  ctx->saved_data["divisor_override"] = divisor;
+}
+bool count_include_pad(AutogradContext* ctx) { return ctx->saved_data["count_include_pad"].toBool(); }
+std::optional<int64_t> divisor_override(AutogradContext* ctx) {
+  return ctx->saved_data["divisor_override"].toOptional<int64_t>();
+}
+
+struct MaxPool : torch::autograd::Function<MaxPool> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& self, IntList k, IntList s,
+                            IntList pb, IntList pa, IntList d, bool ceil) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, pos] = max_pool_with_pos_op().call(self, k, s, pb, pa, d, ceil);
+    WindowArgs(self.sizes(), k, s, pb, pa, d, ceil, layout_of(self)).save(ctx);
+    ctx->save_for_backward({pos});
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const WindowArgs a(ctx);
+    const auto pos = ctx->get_saved_variables()[0];
+    const auto grad = grads[0].contiguous(a.layout());
+    const auto grad_input = max_pool_backward_op().call(
+        grad, pos, a.size(), a.kernel(), a.stride(), a.pad_before(), a.pad_after(), a.dilation(),
+        a.ceil_mode());
+    // The op takes its layout from grad_output, which cannot tell channels_last from contiguous
+    // when the output has one channel or one cell.
+    return {grad_input.contiguous(a.layout()), {}, {}, {}, {}, {}, {}};
+  }
+};
+
+struct MaxPoolBackward : torch::autograd::Function<MaxPoolBackward> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& grad, const at::Tensor& pos,
+                            IntList size, IntList k, IntList s, IntList pb, IntList pa, IntList d,
+                            bool ceil) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    WindowArgs(size, k, s, pb, pa, d, ceil, layout_of(grad)).save(ctx);
+    ctx->save_for_backward({pos});
+    return max_pool_backward_op().call(grad, pos, size, k, s, pb, pa, d, ceil);
+  }
+
+  // d(grad_input)/d(grad_output) gathers each output's saved cell.
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const WindowArgs a(ctx);
+    const auto pos = ctx->get_saved_variables()[0];
+    const auto index = max_pool_indices_op().call(pos, a.size(), a.kernel(), a.stride(),
+                                                  a.pad_before(), a.pad_after(), a.dilation(),
+                                                  a.ceil_mode());
+    const int64_t n = index.size(0), c = index.size(1);
+    const auto picked =
+        grads[0].reshape({n, c, -1}).gather(2, index.reshape({n, c, -1})).reshape(index.sizes());
+    return {picked, {}, {}, {}, {}, {}, {}, {}, {}};
+  }
+};
+
+struct AvgPool : torch::autograd::Function<AvgPool> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& self, IntList k, IntList s,
+                            IntList pb, IntList pa, bool ceil, bool cip,
+                            std::optional<int64_t> divisor) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    const std::vector<int64_t> ones(k.size(), 1);
+    WindowArgs(self.sizes(), k, s, pb, pa, ones, ceil, layout_of(self)).save(ctx);
+    save_avg(ctx, cip, divisor);
+    return avg_pool_op().call(self, k, s, pb, pa, ceil, cip, divisor);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const WindowArgs a(ctx);
+    const auto grad_input = avg_pool_backward_op().call(
+        grads[0].contiguous(a.layout()), a.size(), a.kernel(), a.stride(), a.pad_before(),
+        a.pad_after(), a.ceil_mode(), count_include_pad(ctx), divisor_override(ctx));
+    return {grad_input.contiguous(a.layout()), {}, {}, {}, {}, {}, {}, {}};
+  }
+};
+
+struct AvgPoolBackward : torch::autograd::Function<AvgPoolBackward> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& grad, IntList size,
+                            IntList k, IntList s, IntList pb, IntList pa, bool ceil, bool cip,
+                            std::optional<int64_t> divisor) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    const std::vector<int64_t> ones(k.size(), 1);
+    WindowArgs(size, k, s, pb, pa, ones, ceil, layout_of(grad)).save(ctx);
+    save_avg(ctx, cip, divisor);
+    return avg_pool_backward_op().call(grad, size, k, s, pb, pa, ceil, cip, divisor);
+  }
+
+  // The backward spreads each output's gradient over its window; its adjoint is the pool.
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const WindowArgs a(ctx);
+    const auto pooled = avg_pool_op().call(
+        grads[0].contiguous(a.layout()), a.kernel(), a.stride(), a.pad_before(), a.pad_after(),
+        a.ceil_mode(), count_include_pad(ctx), divisor_override(ctx));
+    return {pooled, {}, {}, {}, {}, {}, {}, {}, {}};
+  }
+};
+
+at::Tensor max_pool(const at::Tensor& self, IntList k, IntList s, IntList pb, IntList pa,
+                    IntList d, bool ceil) {
+  if (builds_graph(self)) {
+    return MaxPool::apply(self, k, s, pb, pa, d, ceil);
+  }
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return max_pool_op().call(self, k, s, pb, pa, d, ceil);
+}
+
+at::Tensor max_pool_backward(const at::Tensor& grad, const at::Tensor& pos, IntList size,
+                             IntList k, IntList s, IntList pb, IntList pa, IntList d, bool ceil) {
+  if (builds_graph(grad)) {
+    return MaxPoolBackward::apply(grad, pos, size, k, s, pb, pa, d, ceil);
+  }
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return max_pool_backward_op().call(grad, pos, size, k, s, pb, pa, d, ceil);
+}
+
+at::Tensor avg_pool(const at::Tensor& self, IntList k, IntList s, IntList pb, IntList pa,
+                    bool ceil, bool cip, std::optional<int64_t> divisor) {
+  if (builds_graph(self)) {
+    return AvgPool::apply(self, k, s, pb, pa, ceil, cip, divisor);
+  }
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return avg_pool_op().call(self, k, s, pb, pa, ceil, cip, divisor);
+}
+
+at::Tensor avg_pool_backward(const at::Tensor& grad, IntList size, IntList k, IntList s,
+                             IntList pb, IntList pa, bool ceil, bool cip,
+                             std::optional<int64_t> divisor) {
+  if (builds_graph(grad)) {
+    return AvgPoolBackward::apply(grad, size, k, s, pb, pa, ceil, cip, divisor);
+  }
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return avg_pool_backward_op().call(grad, size, k, s, pb, pa, ceil, cip, divisor);
+}
+
 at::Tensor global_max_pool(const at::Tensor& self) {
   if (builds_graph(self)) {
     return GlobalMaxPool::apply(self);
@@ -165,6 +371,10 @@ at::Tensor global_avg_pool_backward(const at::Tensor& grad, c10::IntArrayRef siz
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torchpool, Autograd, m) {
+  m.impl("max_pool", &max_pool);
+  m.impl("max_pool_backward", &max_pool_backward);
+  m.impl("avg_pool", &avg_pool);
+  m.impl("avg_pool_backward", &avg_pool_backward);
   m.impl("global_max_pool", &global_max_pool);
   m.impl("global_max_pool_backward", &global_max_pool_backward);
   m.impl("global_avg_pool", &global_avg_pool);

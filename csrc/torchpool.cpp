@@ -1,6 +1,5 @@
-// Module init and every op schema. Device kernels register in csrc/cpu and csrc/cuda, the global
-// pools' autograd in csrc/autograd.cpp; fake kernels and the window pools' autograd are
-// registered from Python (torchpool/_fake.py, torchpool/autograd.py).
+// Module init and every op schema. Device kernels register in csrc/cpu and csrc/cuda, autograd in
+// csrc/autograd.cpp; fake kernels are registered from Python (torchpool/_fake.py).
 //
 // Conventions shared by all ops:
 //   * `self` / `grad_output` are batched: (N, C, *spatial) with 1 to 3 spatial dims;

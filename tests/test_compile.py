@@ -116,6 +116,30 @@ def test_opcheck_global_ops(device, op_name, geometry):
     torch.library.opcheck(getattr(ops, op_name).default, global_sample(op_name, geometry, device))
 
 
+@pytest.mark.parametrize("geometry", ["1d-ceil-dilated", "2d-asym", "2d-channels_last", "3d", "3d-channels_last"])
+@pytest.mark.parametrize("op_name", ["max_pool", "max_pool_backward", "avg_pool", "avg_pool_backward"])
+def test_window_ops_carry_their_autograd(device, op_name, geometry):
+    """The window ops and their backward ops are differentiable as they are (autograd registered
+    in C++): opcheck with a first argument that requires grad (autograd registration, AOT
+    autograd), gradcheck and gradgradcheck of the op called directly in float64, and no graph
+    where no gradient is wanted."""
+    if op_name.startswith("avg") and geometry not in AVG_GEOMETRIES:
+        pytest.skip("average pooling has no dilation")
+    first, *rest = sample(op_name, geometry, device, torch.float64)
+    first = first.detach().requires_grad_()
+    op = getattr(ops, op_name).default
+    torch.library.opcheck(op, (first, *rest))
+
+    def fn(t):
+        return op(t, *rest)
+
+    assert torch.autograd.gradcheck(fn, (first,))
+    assert torch.autograd.gradgradcheck(fn, (first,))
+    assert fn(first).grad_fn is not None and fn(first.detach()).grad_fn is None
+    with torch.no_grad():
+        assert fn(first).grad_fn is None
+
+
 @pytest.mark.parametrize("geometry", ["1d", "2d-asym", "2d-channels_last", "3d-channels_last"])
 @pytest.mark.parametrize("op_name", ["global_max_pool", "global_max_pool_backward", "global_avg_pool",
                                      "global_avg_pool_backward"])

@@ -30,10 +30,20 @@ def _needs_grad(x: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and x.requires_grad
 
 
+# The ops are differentiable as they are: their autograd is registered in C++ (csrc/autograd.cpp).
+# torch.func refuses autograd written in C++, so under its transforms a pool that needs a gradient
+# takes the Python Functions of torchpool/autograd.py instead.
+_functorch_active = torch._C._are_functorch_transforms_active
+
+
+def _python_autograd(x: torch.Tensor) -> bool:
+    return _needs_grad(x) and _functorch_active()
+
+
 # Calls already made, per pool function: a model calls its pools with the same arguments on
-# inputs of the same shape step after step. A call found here goes straight to the op or the
-# autograd Function in a few Python steps: in a model the caches are cold when a pool is called,
-# and each step then costs about a microsecond (NOTES §100). The key holds the input's shape and
+# inputs of the same shape step after step. A call found here goes straight to the op
+# (differentiable itself) in a few Python steps: in a model the caches are cold when a pool is
+# called, and each step then costs about a microsecond (NOTES §100). The key holds the input's shape and
 # dtype, the arguments and their types (True == 1 and 2.0 == 2 as keys). Only calls the general
 # path has accepted are stored, and only those with a plain tensor of the ops' rank (batched)
 # with no empty dim and arguments of types whose equal values behave alike (int, bool, None,
@@ -70,10 +80,10 @@ def _max_pool(fn, nd, input, kernel_size, stride, padding, dilation, ceil_mode, 
     x, batched = _batched(fn, input, nd)
     g = _args.geometry(fn, input.shape, nd, kernel_size, stride, padding, dilation, ceil_mode)
     pos = None
-    if _needs_grad(x):
-        out, pos = _autograd.MaxPool.apply(x, g)
-    elif return_indices:
-        out, pos = ops.max_pool_with_pos(x, *g)
+    if return_indices:
+        out, pos = _autograd.MaxPool.apply(x, g) if _needs_grad(x) else ops.max_pool_with_pos(x, *g)
+    elif _python_autograd(x):
+        out = _autograd.MaxPool.apply(x, g)[0]
     else:
         out = ops.max_pool(x, *g)
     if not return_indices:
@@ -99,7 +109,7 @@ def _avg_pool(fn, nd, input, kernel_size, stride, padding, ceil_mode, count_incl
     x, batched = _batched(fn, input, nd)
     function_args, op_args = _avg_args(fn, nd, input, kernel_size, stride, padding, ceil_mode,
                                        count_include_pad, divisor_override)
-    if _needs_grad(x):
+    if _python_autograd(x):
         out = _autograd.AvgPool.apply(x, *function_args)
     else:
         out = ops.avg_pool(x, *op_args)
@@ -108,8 +118,7 @@ def _avg_pool(fn, nd, input, kernel_size, stride, padding, ceil_mode, count_incl
 
 def _global_pool(fn, nd, kind, input, keepdim):
     x, batched = _batched(fn, input, nd)
-    if _needs_grad(x) and torch._C._are_functorch_transforms_active():
-        # torch.func refuses the ops' C++ autograd: the Python Functions instead.
+    if _python_autograd(x):
         out = (_autograd.GlobalMaxPool.apply(x)[0] if kind == "max" else
                _autograd.GlobalAvgPool.apply(x))
     else:
@@ -122,14 +131,12 @@ def _global_pool(fn, nd, kind, input, keepdim):
 def _make_max(nd: int):
     fn = f"max_pool{nd}d"
     rank, known = nd + 2, {}
-    plain, apply = ops.max_pool.default, _autograd.MaxPool.apply
+    plain = ops.max_pool.default
 
     def max_pool(input: torch.Tensor, kernel_size, stride=None, padding=0, dilation=1,
                  ceil_mode: bool = False, return_indices: bool = False):
         key, g = _lookup(known, input, kernel_size, stride, padding, dilation, ceil_mode)
-        if g is not None and not return_indices:
-            if torch.is_grad_enabled() and input.requires_grad:
-                return apply(input, g)[0]
+        if g is not None and not return_indices and not _functorch_active():
             return plain(input, *g)
         out = _max_pool(fn, nd, input, kernel_size, stride, padding, dilation, ceil_mode,
                         return_indices)
@@ -149,22 +156,20 @@ def _make_max(nd: int):
 def _make_avg(nd: int):
     fn = f"avg_pool{nd}d"
     rank, known = nd + 2, {}
-    plain, apply = ops.avg_pool.default, _autograd.AvgPool.apply
+    plain = ops.avg_pool.default
 
     def avg_pool(input: torch.Tensor, kernel_size, stride=None, padding=0,
                  ceil_mode: bool = False, count_include_pad: bool = True,
                  divisor_override: Optional[int] = None):
         key, args = _lookup(known, input, kernel_size, stride, padding, ceil_mode,
                             count_include_pad, divisor_override)
-        if args is not None:
-            if torch.is_grad_enabled() and input.requires_grad:
-                return apply(input, *args[0])
-            return plain(input, *args[1])
+        if args is not None and not _functorch_active():
+            return plain(input, *args)
         out = _avg_pool(fn, nd, input, kernel_size, stride, padding, ceil_mode,
                         count_include_pad, divisor_override)
         if key is not None and _storable(input, rank, key):
             _store(known, key, _avg_args(fn, nd, input, kernel_size, stride, padding, ceil_mode,
-                                         count_include_pad, divisor_override))
+                                         count_include_pad, divisor_override)[1])
         return out
 
     avg_pool.__name__ = avg_pool.__qualname__ = fn
@@ -178,8 +183,6 @@ def _make_avg(nd: int):
 def _make_global(nd: int, kind: str):
     fn = f"global_{kind}_pool{nd}d"
     rank, dtypes = nd + 2, _args.FLOAT_DTYPES
-    functorch_active = torch._C._are_functorch_transforms_active
-    # Differentiable: the global pools' autograd is registered in C++ (csrc/autograd.cpp).
     plain = (ops.global_max_pool if kind == "max" else ops.global_avg_pool).default
 
     def global_pool(input: torch.Tensor, keepdim: bool = False):
@@ -187,7 +190,7 @@ def _make_global(nd: int, kind: str):
         # possible: in a model the caches are cold when a pool is called, and each step then costs
         # about a microsecond (NOTES §100). Everything else takes the general path.
         if (type(input) is torch.Tensor and not keepdim and input.dim() == rank
-                and input.dtype in dtypes and input.numel() != 0 and not functorch_active()):
+                and input.dtype in dtypes and input.numel() != 0 and not _functorch_active()):
             return plain(input)
         return _global_pool(fn, nd, kind, input, keepdim)
 
