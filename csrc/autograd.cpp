@@ -1,8 +1,8 @@
 // Autograd of the pools, registered in C++ for every device.
 //
 // A pool call is short next to the Python steps around it when the caches are cold (as in a
-// model, where each pool follows a layer that swept them): a Python autograd.Function cost 40-50
-// us more per call than an autograd node built here (benchmarks/NOTES.md 101). Under functorch
+// model, where each pool follows a layer that swept them): a Python autograd.Function cost
+// 30-40 us more per training call than an autograd node built here (benchmarks/NOTES.md 101). Under functorch
 // transforms, which refuse C++ autograd Functions, torchpool.functional takes the Python
 // Functions of torchpool/autograd.py instead.
 //
@@ -27,74 +27,61 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// A typed handle to one of the ops, found once.
+using IntList = c10::IntArrayRef;
+
+// The ops' C++ signatures.
+namespace sig {
+using Tensors = std::tuple<at::Tensor, at::Tensor>;
+using MaxPool = at::Tensor(const at::Tensor&, IntList, IntList, IntList, IntList, IntList, bool);
+using MaxPoolWithPos = Tensors(const at::Tensor&, IntList, IntList, IntList, IntList, IntList,
+                               bool);
+using MaxPoolBackward = at::Tensor(const at::Tensor&, const at::Tensor&, IntList, IntList, IntList,
+                                   IntList, IntList, IntList, bool);
+using MaxPoolIndices = at::Tensor(const at::Tensor&, IntList, IntList, IntList, IntList, IntList,
+                                  IntList, bool);
+using AvgPool = at::Tensor(const at::Tensor&, IntList, IntList, IntList, IntList, bool, bool,
+                           std::optional<int64_t>);
+using AvgPoolBackward = at::Tensor(const at::Tensor&, IntList, IntList, IntList, IntList, IntList,
+                                   bool, bool, std::optional<int64_t>);
+using GlobalPool = at::Tensor(const at::Tensor&);
+using GlobalMaxPoolWithPos = Tensors(const at::Tensor&);
+using GlobalMaxPoolBackward = at::Tensor(const at::Tensor&, const at::Tensor&, IntList, bool);
+using GlobalAvgPoolBackward = at::Tensor(const at::Tensor&, IntList, bool);
+}  // namespace sig
+
 template <typename Signature>
-c10::TypedOperatorHandle<Signature> op(const char* name) {
+c10::TypedOperatorHandle<Signature> find(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
-const auto& global_max_pool_op() {
-  static const auto h = op<at::Tensor(const at::Tensor&)>("torchpool::global_max_pool");
-  return h;
-}
-const auto& global_max_pool_with_pos_op() {
-  static const auto h =
-      op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&)>("torchpool::global_max_pool_with_pos");
-  return h;
-}
-const auto& global_max_pool_backward_op() {
-  static const auto h =
-      op<at::Tensor(const at::Tensor&, const at::Tensor&, c10::IntArrayRef, bool)>(
-          "torchpool::global_max_pool_backward");
-  return h;
-}
-const auto& global_avg_pool_op() {
-  static const auto h = op<at::Tensor(const at::Tensor&)>("torchpool::global_avg_pool");
-  return h;
-}
-const auto& global_avg_pool_backward_op() {
-  static const auto h = op<at::Tensor(const at::Tensor&, c10::IntArrayRef, bool)>(
-      "torchpool::global_avg_pool_backward");
-  return h;
-}
+// Typed handles to the ops, found at first use.
+struct Ops {
+  template <typename Signature>
+  using Handle = c10::TypedOperatorHandle<Signature>;
 
-using IntList = c10::IntArrayRef;
-using MaxPoolSignature = at::Tensor(const at::Tensor&, IntList, IntList, IntList, IntList, IntList,
-                                    bool);
-using MaxPoolBackwardSignature = at::Tensor(const at::Tensor&, const at::Tensor&, IntList, IntList,
-                                            IntList, IntList, IntList, IntList, bool);
-using AvgPoolSignature = at::Tensor(const at::Tensor&, IntList, IntList, IntList, IntList, bool,
-                                    bool, std::optional<int64_t>);
-using AvgPoolBackwardSignature = at::Tensor(const at::Tensor&, IntList, IntList, IntList, IntList,
-                                            IntList, bool, bool, std::optional<int64_t>);
+  Handle<sig::MaxPool> max_pool = find<sig::MaxPool>("torchpool::max_pool");
+  Handle<sig::MaxPoolWithPos> max_pool_with_pos =
+      find<sig::MaxPoolWithPos>("torchpool::max_pool_with_pos");
+  Handle<sig::MaxPoolBackward> max_pool_backward =
+      find<sig::MaxPoolBackward>("torchpool::max_pool_backward");
+  Handle<sig::MaxPoolIndices> max_pool_indices =
+      find<sig::MaxPoolIndices>("torchpool::max_pool_indices");
+  Handle<sig::AvgPool> avg_pool = find<sig::AvgPool>("torchpool::avg_pool");
+  Handle<sig::AvgPoolBackward> avg_pool_backward =
+      find<sig::AvgPoolBackward>("torchpool::avg_pool_backward");
+  Handle<sig::GlobalPool> global_max_pool = find<sig::GlobalPool>("torchpool::global_max_pool");
+  Handle<sig::GlobalMaxPoolWithPos> global_max_pool_with_pos =
+      find<sig::GlobalMaxPoolWithPos>("torchpool::global_max_pool_with_pos");
+  Handle<sig::GlobalMaxPoolBackward> global_max_pool_backward =
+      find<sig::GlobalMaxPoolBackward>("torchpool::global_max_pool_backward");
+  Handle<sig::GlobalPool> global_avg_pool = find<sig::GlobalPool>("torchpool::global_avg_pool");
+  Handle<sig::GlobalAvgPoolBackward> global_avg_pool_backward =
+      find<sig::GlobalAvgPoolBackward>("torchpool::global_avg_pool_backward");
+};
 
-const auto& max_pool_op() {
-  static const auto h = op<MaxPoolSignature>("torchpool::max_pool");
-  return h;
-}
-const auto& max_pool_with_pos_op() {
-  static const auto h = op<std::tuple<at::Tensor, at::Tensor>(
-      const at::Tensor&, IntList, IntList, IntList, IntList, IntList, bool)>(
-      "torchpool::max_pool_with_pos");
-  return h;
-}
-const auto& max_pool_backward_op() {
-  static const auto h = op<MaxPoolBackwardSignature>("torchpool::max_pool_backward");
-  return h;
-}
-const auto& max_pool_indices_op() {
-  static const auto h =
-      op<at::Tensor(const at::Tensor&, IntList, IntList, IntList, IntList, IntList, IntList, bool)>(
-          "torchpool::max_pool_indices");
-  return h;
-}
-const auto& avg_pool_op() {
-  static const auto h = op<AvgPoolSignature>("torchpool::avg_pool");
-  return h;
-}
-const auto& avg_pool_backward_op() {
-  static const auto h = op<AvgPoolBackwardSignature>("torchpool::avg_pool_backward");
-  return h;
+const Ops& ops() {
+  static const Ops handles;
+  return handles;
 }
 
 bool builds_graph(const at::Tensor& t) { return at::GradMode::is_enabled() && t.requires_grad(); }
@@ -115,7 +102,7 @@ bool channels_last(AutogradContext* ctx) { return ctx->saved_data["channels_last
 struct GlobalMaxPool : torch::autograd::Function<GlobalMaxPool> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& self) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, pos] = global_max_pool_with_pos_op().call(self);
+    auto [out, pos] = ops().global_max_pool_with_pos.call(self);
     save_input(ctx, self);
     ctx->save_for_backward({pos});
     return out;
@@ -123,7 +110,8 @@ struct GlobalMaxPool : torch::autograd::Function<GlobalMaxPool> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto pos = ctx->get_saved_variables()[0];
-    return {global_max_pool_backward_op().call(grads[0], pos, input_size(ctx), channels_last(ctx))};
+    return {ops().global_max_pool_backward.call(grads[0], pos, input_size(ctx),
+                                                 channels_last(ctx))};
   }
 };
 
@@ -132,7 +120,7 @@ struct GlobalMaxPoolBackward : torch::autograd::Function<GlobalMaxPoolBackward> 
                             c10::IntArrayRef size, bool cl) {
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->save_for_backward({pos});
-    return global_max_pool_backward_op().call(grad, pos, size, cl);
+    return ops().global_max_pool_backward.call(grad, pos, size, cl);
   }
 
   // d(grad_input)/d(grad_output) picks each plane's saved cell.
@@ -149,11 +137,11 @@ struct GlobalAvgPool : torch::autograd::Function<GlobalAvgPool> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& self) {
     at::AutoDispatchBelowADInplaceOrView guard;
     save_input(ctx, self);
-    return global_avg_pool_op().call(self);
+    return ops().global_avg_pool.call(self);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    return {global_avg_pool_backward_op().call(grads[0], input_size(ctx), channels_last(ctx))};
+    return {ops().global_avg_pool_backward.call(grads[0], input_size(ctx), channels_last(ctx))};
   }
 };
 
@@ -161,12 +149,12 @@ struct GlobalAvgPoolBackward : torch::autograd::Function<GlobalAvgPoolBackward> 
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& grad, c10::IntArrayRef size,
                             bool cl) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    return global_avg_pool_backward_op().call(grad, size, cl);
+    return ops().global_avg_pool_backward.call(grad, size, cl);
   }
 
   // The backward spreads g / count over each plane; its adjoint averages each plane.
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    return {global_avg_pool_op().call(grads[0]), at::Tensor(), at::Tensor()};
+    return {ops().global_avg_pool.call(grads[0]), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -190,7 +178,9 @@ struct WindowArgs {
 
   int64_t nd() const { return (static_cast<int64_t>(v.size()) - 4) / 6; }
   IntList size() const { return {v.data(), static_cast<size_t>(nd() + 2)}; }
-  IntList list(int64_t i) const { return {v.data() + nd() + 2 + i * nd(), static_cast<size_t>(nd())}; }
+  IntList list(int64_t i) const {
+    return {v.data() + nd() + 2 + i * nd(), static_cast<size_t>(nd())};
+  }
   IntList kernel() const { return list(0); }
   IntList stride() const { return list(1); }
   IntList pad_before() const { return list(2); }
@@ -205,7 +195,9 @@ void save_avg(AutogradContext* ctx, bool count_include_pad, std::optional<int64_
   ctx->saved_data["count_include_pad"] = count_include_pad;
   ctx->saved_data["divisor_override"] = divisor;
 }
-bool count_include_pad(AutogradContext* ctx) { return ctx->saved_data["count_include_pad"].toBool(); }
+bool count_include_pad(AutogradContext* ctx) {
+  return ctx->saved_data["count_include_pad"].toBool();
+}
 std::optional<int64_t> divisor_override(AutogradContext* ctx) {
   return ctx->saved_data["divisor_override"].toOptional<int64_t>();
 }
@@ -214,7 +206,7 @@ struct MaxPool : torch::autograd::Function<MaxPool> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& self, IntList k, IntList s,
                             IntList pb, IntList pa, IntList d, bool ceil) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, pos] = max_pool_with_pos_op().call(self, k, s, pb, pa, d, ceil);
+    auto [out, pos] = ops().max_pool_with_pos.call(self, k, s, pb, pa, d, ceil);
     WindowArgs(self.sizes(), k, s, pb, pa, d, ceil, layout_of(self)).save(ctx);
     ctx->save_for_backward({pos});
     return out;
@@ -224,7 +216,7 @@ struct MaxPool : torch::autograd::Function<MaxPool> {
     const WindowArgs a(ctx);
     const auto pos = ctx->get_saved_variables()[0];
     const auto grad = grads[0].contiguous(a.layout());
-    const auto grad_input = max_pool_backward_op().call(
+    const auto grad_input = ops().max_pool_backward.call(
         grad, pos, a.size(), a.kernel(), a.stride(), a.pad_before(), a.pad_after(), a.dilation(),
         a.ceil_mode());
     // The op takes its layout from grad_output, which cannot tell channels_last from contiguous
@@ -240,14 +232,14 @@ struct MaxPoolBackward : torch::autograd::Function<MaxPoolBackward> {
     at::AutoDispatchBelowADInplaceOrView guard;
     WindowArgs(size, k, s, pb, pa, d, ceil, layout_of(grad)).save(ctx);
     ctx->save_for_backward({pos});
-    return max_pool_backward_op().call(grad, pos, size, k, s, pb, pa, d, ceil);
+    return ops().max_pool_backward.call(grad, pos, size, k, s, pb, pa, d, ceil);
   }
 
   // d(grad_input)/d(grad_output) gathers each output's saved cell.
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const WindowArgs a(ctx);
     const auto pos = ctx->get_saved_variables()[0];
-    const auto index = max_pool_indices_op().call(pos, a.size(), a.kernel(), a.stride(),
+    const auto index = ops().max_pool_indices.call(pos, a.size(), a.kernel(), a.stride(),
                                                   a.pad_before(), a.pad_after(), a.dilation(),
                                                   a.ceil_mode());
     const int64_t n = index.size(0), c = index.size(1);
@@ -265,12 +257,12 @@ struct AvgPool : torch::autograd::Function<AvgPool> {
     const std::vector<int64_t> ones(k.size(), 1);
     WindowArgs(self.sizes(), k, s, pb, pa, ones, ceil, layout_of(self)).save(ctx);
     save_avg(ctx, cip, divisor);
-    return avg_pool_op().call(self, k, s, pb, pa, ceil, cip, divisor);
+    return ops().avg_pool.call(self, k, s, pb, pa, ceil, cip, divisor);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const WindowArgs a(ctx);
-    const auto grad_input = avg_pool_backward_op().call(
+    const auto grad_input = ops().avg_pool_backward.call(
         grads[0].contiguous(a.layout()), a.size(), a.kernel(), a.stride(), a.pad_before(),
         a.pad_after(), a.ceil_mode(), count_include_pad(ctx), divisor_override(ctx));
     return {grad_input.contiguous(a.layout()), {}, {}, {}, {}, {}, {}, {}};
@@ -285,13 +277,13 @@ struct AvgPoolBackward : torch::autograd::Function<AvgPoolBackward> {
     const std::vector<int64_t> ones(k.size(), 1);
     WindowArgs(size, k, s, pb, pa, ones, ceil, layout_of(grad)).save(ctx);
     save_avg(ctx, cip, divisor);
-    return avg_pool_backward_op().call(grad, size, k, s, pb, pa, ceil, cip, divisor);
+    return ops().avg_pool_backward.call(grad, size, k, s, pb, pa, ceil, cip, divisor);
   }
 
   // The backward spreads each output's gradient over its window; its adjoint is the pool.
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const WindowArgs a(ctx);
-    const auto pooled = avg_pool_op().call(
+    const auto pooled = ops().avg_pool.call(
         grads[0].contiguous(a.layout()), a.kernel(), a.stride(), a.pad_before(), a.pad_after(),
         a.ceil_mode(), count_include_pad(ctx), divisor_override(ctx));
     return {pooled, {}, {}, {}, {}, {}, {}, {}, {}};
@@ -304,7 +296,7 @@ at::Tensor max_pool(const at::Tensor& self, IntList k, IntList s, IntList pb, In
     return MaxPool::apply(self, k, s, pb, pa, d, ceil);
   }
   at::AutoDispatchBelowADInplaceOrView guard;
-  return max_pool_op().call(self, k, s, pb, pa, d, ceil);
+  return ops().max_pool.call(self, k, s, pb, pa, d, ceil);
 }
 
 at::Tensor max_pool_backward(const at::Tensor& grad, const at::Tensor& pos, IntList size,
@@ -313,7 +305,7 @@ at::Tensor max_pool_backward(const at::Tensor& grad, const at::Tensor& pos, IntL
     return MaxPoolBackward::apply(grad, pos, size, k, s, pb, pa, d, ceil);
   }
   at::AutoDispatchBelowADInplaceOrView guard;
-  return max_pool_backward_op().call(grad, pos, size, k, s, pb, pa, d, ceil);
+  return ops().max_pool_backward.call(grad, pos, size, k, s, pb, pa, d, ceil);
 }
 
 at::Tensor avg_pool(const at::Tensor& self, IntList k, IntList s, IntList pb, IntList pa,
@@ -322,7 +314,7 @@ at::Tensor avg_pool(const at::Tensor& self, IntList k, IntList s, IntList pb, In
     return AvgPool::apply(self, k, s, pb, pa, ceil, cip, divisor);
   }
   at::AutoDispatchBelowADInplaceOrView guard;
-  return avg_pool_op().call(self, k, s, pb, pa, ceil, cip, divisor);
+  return ops().avg_pool.call(self, k, s, pb, pa, ceil, cip, divisor);
 }
 
 at::Tensor avg_pool_backward(const at::Tensor& grad, IntList size, IntList k, IntList s,
@@ -332,7 +324,7 @@ at::Tensor avg_pool_backward(const at::Tensor& grad, IntList size, IntList k, In
     return AvgPoolBackward::apply(grad, size, k, s, pb, pa, ceil, cip, divisor);
   }
   at::AutoDispatchBelowADInplaceOrView guard;
-  return avg_pool_backward_op().call(grad, size, k, s, pb, pa, ceil, cip, divisor);
+  return ops().avg_pool_backward.call(grad, size, k, s, pb, pa, ceil, cip, divisor);
 }
 
 at::Tensor global_max_pool(const at::Tensor& self) {
@@ -340,7 +332,7 @@ at::Tensor global_max_pool(const at::Tensor& self) {
     return GlobalMaxPool::apply(self);
   }
   at::AutoDispatchBelowADInplaceOrView guard;
-  return global_max_pool_op().call(self);
+  return ops().global_max_pool.call(self);
 }
 
 at::Tensor global_max_pool_backward(const at::Tensor& grad, const at::Tensor& pos,
@@ -349,7 +341,7 @@ at::Tensor global_max_pool_backward(const at::Tensor& grad, const at::Tensor& po
     return GlobalMaxPoolBackward::apply(grad, pos, size, cl);
   }
   at::AutoDispatchBelowADInplaceOrView guard;
-  return global_max_pool_backward_op().call(grad, pos, size, cl);
+  return ops().global_max_pool_backward.call(grad, pos, size, cl);
 }
 
 at::Tensor global_avg_pool(const at::Tensor& self) {
@@ -357,7 +349,7 @@ at::Tensor global_avg_pool(const at::Tensor& self) {
     return GlobalAvgPool::apply(self);
   }
   at::AutoDispatchBelowADInplaceOrView guard;
-  return global_avg_pool_op().call(self);
+  return ops().global_avg_pool.call(self);
 }
 
 at::Tensor global_avg_pool_backward(const at::Tensor& grad, c10::IntArrayRef size, bool cl) {
@@ -365,7 +357,7 @@ at::Tensor global_avg_pool_backward(const at::Tensor& grad, c10::IntArrayRef siz
     return GlobalAvgPoolBackward::apply(grad, size, cl);
   }
   at::AutoDispatchBelowADInplaceOrView guard;
-  return global_avg_pool_backward_op().call(grad, size, cl);
+  return ops().global_avg_pool_backward.call(grad, size, cl);
 }
 
 }  // namespace
