@@ -2,9 +2,9 @@
 //
 // A pool call is short next to the Python steps around it when the caches are cold (as in a
 // model, where each pool follows a layer that swept them): a Python autograd.Function cost
-// 30-40 us more per training call than an autograd node built here (benchmarks/NOTES.md 101). Under functorch
-// transforms, which refuse C++ autograd Functions, torchpool.functional takes the Python
-// Functions of torchpool/autograd.py instead.
+// 30-40 us more per training call than an autograd node built here (benchmarks/NOTES.md 101).
+// Under functorch transforms, which refuse C++ autograd Functions, torchpool.functional takes
+// the Python Functions of torchpool/autograd.py instead.
 //
 // Each kernel builds a node only when grad mode is on and its tensor requires grad; otherwise it
 // calls the device kernel straight away. The backward ops are differentiable too (double
@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -49,34 +50,33 @@ using GlobalMaxPoolBackward = at::Tensor(const at::Tensor&, const at::Tensor&, I
 using GlobalAvgPoolBackward = at::Tensor(const at::Tensor&, IntList, bool);
 }  // namespace sig
 
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> find(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
+// An op of the library by name, typed by the handle it initializes.
+struct Op {
+  const char* name;
+  template <typename Signature>
+  operator c10::TypedOperatorHandle<Signature>() const {
+    return c10::Dispatcher::singleton()
+        .findSchemaOrThrow((std::string("torchpool::") + name).c_str(), "")
+        .typed<Signature>();
+  }
+};
 
 // Typed handles to the ops, found at first use.
 struct Ops {
   template <typename Signature>
   using Handle = c10::TypedOperatorHandle<Signature>;
 
-  Handle<sig::MaxPool> max_pool = find<sig::MaxPool>("torchpool::max_pool");
-  Handle<sig::MaxPoolWithPos> max_pool_with_pos =
-      find<sig::MaxPoolWithPos>("torchpool::max_pool_with_pos");
-  Handle<sig::MaxPoolBackward> max_pool_backward =
-      find<sig::MaxPoolBackward>("torchpool::max_pool_backward");
-  Handle<sig::MaxPoolIndices> max_pool_indices =
-      find<sig::MaxPoolIndices>("torchpool::max_pool_indices");
-  Handle<sig::AvgPool> avg_pool = find<sig::AvgPool>("torchpool::avg_pool");
-  Handle<sig::AvgPoolBackward> avg_pool_backward =
-      find<sig::AvgPoolBackward>("torchpool::avg_pool_backward");
-  Handle<sig::GlobalPool> global_max_pool = find<sig::GlobalPool>("torchpool::global_max_pool");
-  Handle<sig::GlobalMaxPoolWithPos> global_max_pool_with_pos =
-      find<sig::GlobalMaxPoolWithPos>("torchpool::global_max_pool_with_pos");
-  Handle<sig::GlobalMaxPoolBackward> global_max_pool_backward =
-      find<sig::GlobalMaxPoolBackward>("torchpool::global_max_pool_backward");
-  Handle<sig::GlobalPool> global_avg_pool = find<sig::GlobalPool>("torchpool::global_avg_pool");
-  Handle<sig::GlobalAvgPoolBackward> global_avg_pool_backward =
-      find<sig::GlobalAvgPoolBackward>("torchpool::global_avg_pool_backward");
+  Handle<sig::MaxPool> max_pool = Op{"max_pool"};
+  Handle<sig::MaxPoolWithPos> max_pool_with_pos = Op{"max_pool_with_pos"};
+  Handle<sig::MaxPoolBackward> max_pool_backward = Op{"max_pool_backward"};
+  Handle<sig::MaxPoolIndices> max_pool_indices = Op{"max_pool_indices"};
+  Handle<sig::AvgPool> avg_pool = Op{"avg_pool"};
+  Handle<sig::AvgPoolBackward> avg_pool_backward = Op{"avg_pool_backward"};
+  Handle<sig::GlobalPool> global_max_pool = Op{"global_max_pool"};
+  Handle<sig::GlobalMaxPoolWithPos> global_max_pool_with_pos = Op{"global_max_pool_with_pos"};
+  Handle<sig::GlobalMaxPoolBackward> global_max_pool_backward = Op{"global_max_pool_backward"};
+  Handle<sig::GlobalPool> global_avg_pool = Op{"global_avg_pool"};
+  Handle<sig::GlobalAvgPoolBackward> global_avg_pool_backward = Op{"global_avg_pool_backward"};
 };
 
 const Ops& ops() {
