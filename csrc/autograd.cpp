@@ -99,13 +99,20 @@ std::vector<int64_t> input_size(AutogradContext* ctx) {
 bool channels_last(AutogradContext* ctx) { return ctx->saved_data["channels_last"].toBool(); }
 
 // (N, C, *spatial) -> (N, C); the gradient goes to the first maximum of each plane.
-struct GlobalMaxPool : torch::autograd::Function<GlobalMaxPool> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& self) {
+// Returns (out) or, with kWithPos, (out, pos): pos (the int64 cell of each maximum) is not
+// differentiable.
+template <bool kWithPos>
+struct GlobalMaxPool : torch::autograd::Function<GlobalMaxPool<kWithPos>> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& self) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, pos] = ops().global_max_pool_with_pos.call(self);
     save_input(ctx, self);
     ctx->save_for_backward({pos});
-    return out;
+    if constexpr (kWithPos) {
+      ctx->mark_non_differentiable({pos});
+      return {out, pos};
+    }
+    return {out};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -202,14 +209,21 @@ std::optional<int64_t> divisor_override(AutogradContext* ctx) {
   return ctx->saved_data["divisor_override"].toOptional<int64_t>();
 }
 
-struct MaxPool : torch::autograd::Function<MaxPool> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& self, IntList k, IntList s,
-                            IntList pb, IntList pa, IntList d, bool ceil) {
+// Returns (out) or, with kWithPos, (out, pos): pos (the window position of each maximum) is not
+// differentiable.
+template <bool kWithPos>
+struct MaxPool : torch::autograd::Function<MaxPool<kWithPos>> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& self, IntList k, IntList s,
+                               IntList pb, IntList pa, IntList d, bool ceil) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, pos] = ops().max_pool_with_pos.call(self, k, s, pb, pa, d, ceil);
     WindowArgs(self.sizes(), k, s, pb, pa, d, ceil, layout_of(self)).save(ctx);
     ctx->save_for_backward({pos});
-    return out;
+    if constexpr (kWithPos) {
+      ctx->mark_non_differentiable({pos});
+      return {out, pos};
+    }
+    return {out};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -293,10 +307,21 @@ struct AvgPoolBackward : torch::autograd::Function<AvgPoolBackward> {
 at::Tensor max_pool(const at::Tensor& self, IntList k, IntList s, IntList pb, IntList pa,
                     IntList d, bool ceil) {
   if (builds_graph(self)) {
-    return MaxPool::apply(self, k, s, pb, pa, d, ceil);
+    return MaxPool<false>::apply(self, k, s, pb, pa, d, ceil)[0];
   }
   at::AutoDispatchBelowADInplaceOrView guard;
   return ops().max_pool.call(self, k, s, pb, pa, d, ceil);
+}
+
+std::tuple<at::Tensor, at::Tensor> max_pool_with_pos(const at::Tensor& self, IntList k, IntList s,
+                                                     IntList pb, IntList pa, IntList d,
+                                                     bool ceil) {
+  if (builds_graph(self)) {
+    const auto r = MaxPool<true>::apply(self, k, s, pb, pa, d, ceil);
+    return {r[0], r[1]};
+  }
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return ops().max_pool_with_pos.call(self, k, s, pb, pa, d, ceil);
 }
 
 at::Tensor max_pool_backward(const at::Tensor& grad, const at::Tensor& pos, IntList size,
@@ -329,10 +354,19 @@ at::Tensor avg_pool_backward(const at::Tensor& grad, IntList size, IntList k, In
 
 at::Tensor global_max_pool(const at::Tensor& self) {
   if (builds_graph(self)) {
-    return GlobalMaxPool::apply(self);
+    return GlobalMaxPool<false>::apply(self)[0];
   }
   at::AutoDispatchBelowADInplaceOrView guard;
   return ops().global_max_pool.call(self);
+}
+
+std::tuple<at::Tensor, at::Tensor> global_max_pool_with_pos(const at::Tensor& self) {
+  if (builds_graph(self)) {
+    const auto r = GlobalMaxPool<true>::apply(self);
+    return {r[0], r[1]};
+  }
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return ops().global_max_pool_with_pos.call(self);
 }
 
 at::Tensor global_max_pool_backward(const at::Tensor& grad, const at::Tensor& pos,
@@ -364,10 +398,12 @@ at::Tensor global_avg_pool_backward(const at::Tensor& grad, c10::IntArrayRef siz
 
 TORCH_LIBRARY_IMPL(torchpool, Autograd, m) {
   m.impl("max_pool", &max_pool);
+  m.impl("max_pool_with_pos", &max_pool_with_pos);
   m.impl("max_pool_backward", &max_pool_backward);
   m.impl("avg_pool", &avg_pool);
   m.impl("avg_pool_backward", &avg_pool_backward);
   m.impl("global_max_pool", &global_max_pool);
+  m.impl("global_max_pool_with_pos", &global_max_pool_with_pos);
   m.impl("global_max_pool_backward", &global_max_pool_backward);
   m.impl("global_avg_pool", &global_avg_pool);
   m.impl("global_avg_pool_backward", &global_avg_pool_backward);

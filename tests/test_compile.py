@@ -117,7 +117,8 @@ def test_opcheck_global_ops(device, op_name, geometry):
 
 
 @pytest.mark.parametrize("geometry", ["1d-ceil-dilated", "2d-asym", "2d-channels_last", "3d", "3d-channels_last"])
-@pytest.mark.parametrize("op_name", ["max_pool", "max_pool_backward", "avg_pool", "avg_pool_backward"])
+@pytest.mark.parametrize("op_name", ["max_pool", "max_pool_with_pos", "max_pool_backward", "avg_pool",
+                                     "avg_pool_backward"])
 def test_window_ops_carry_their_autograd(device, op_name, geometry):
     """The window ops and their backward ops are differentiable as they are (autograd registered
     in C++): opcheck with a first argument that requires grad (autograd registration, AOT
@@ -130,8 +131,9 @@ def test_window_ops_carry_their_autograd(device, op_name, geometry):
     op = getattr(ops, op_name).default
     torch.library.opcheck(op, (first, *rest))
 
-    def fn(t):
-        return op(t, *rest)
+    def fn(t):  # the positions of max_pool_with_pos are not differentiable
+        out = op(t, *rest)
+        return out[0] if isinstance(out, tuple) else out
 
     assert torch.autograd.gradcheck(fn, (first,))
     assert torch.autograd.gradgradcheck(fn, (first,))
@@ -141,8 +143,8 @@ def test_window_ops_carry_their_autograd(device, op_name, geometry):
 
 
 @pytest.mark.parametrize("geometry", ["1d", "2d-asym", "2d-channels_last", "3d-channels_last"])
-@pytest.mark.parametrize("op_name", ["global_max_pool", "global_max_pool_backward", "global_avg_pool",
-                                     "global_avg_pool_backward"])
+@pytest.mark.parametrize("op_name", ["global_max_pool", "global_max_pool_with_pos", "global_max_pool_backward",
+                                     "global_avg_pool", "global_avg_pool_backward"])
 def test_opcheck_global_ops_with_grad(device, op_name, geometry):
     """The global ops' autograd (registered in C++) seen by opcheck: registered for autograd, and
     traced with its backward by AOT autograd."""

@@ -225,7 +225,8 @@ def test_ops_carry_their_autograd(device, rng, nd, layout):
     g = torch.randn(shape[:2], generator=rng, dtype=torch.float64).to(device).requires_grad_()
     cl = layout == "channels_last"
     _, pos = ops.global_max_pool_with_pos(x.detach())
-    calls = [(ops.global_max_pool, x), (ops.global_avg_pool, x),
+    calls = [(ops.global_max_pool, x), (lambda t: ops.global_max_pool_with_pos(t)[0], x),
+             (ops.global_avg_pool, x),
              (lambda t: ops.global_max_pool_backward(t, pos, list(shape), cl), g),
              (lambda t: ops.global_avg_pool_backward(t, list(shape), cl), g)]
     for fn, arg in calls:

@@ -145,6 +145,30 @@ def test_layout_preserved(device, rng, nd, dtype, layout):
 
 
 @pytest.mark.parametrize("nd,layout", ND_LAYOUTS)
+def test_training_with_indices_through_max_unpool(device, rng, nd, layout):
+    """return_indices in training (an unpooling model): the op's autograd node, built in C++; the
+    indices carry no gradient; the gradient through max_unpool and the pool is torch's."""
+    x = make_input(SHAPES[nd], torch.float64, device, layout, rng, kind="distinct")
+    kw = dict(kernel_size=3, stride=2, padding=1)
+    size = x.shape[-nd:]
+    w = torch.randn(x.shape, generator=rng, dtype=torch.float64).to(device)
+
+    def loss(pool, t):
+        out, idx = pool(t, return_indices=True, **kw)
+        return (UNPOOL[nd](out * out, idx, output_size=size, **kw) * w).sum(), out, idx
+
+    xo, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got, out, idx = loss(OURS[nd], xo)
+    assert out.grad_fn.name().startswith("torch::autograd::CppNode<torchpool::")
+    assert not idx.requires_grad
+    want = loss(TORCH[nd], xr)[0]
+    got.backward()
+    want.backward()
+    assert_close(got.detach(), want.detach())
+    assert_close(xo.grad, xr.grad)
+
+
+@pytest.mark.parametrize("nd,layout", ND_LAYOUTS)
 def test_indices_accepted_by_max_unpool(device, rng, nd, layout):
     x = make_input(SHAPES[nd], torch.float32, device, layout, rng, kind="distinct")
     kw = dict(kernel_size=3, stride=2, padding=1)

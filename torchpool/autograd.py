@@ -2,7 +2,7 @@
 
 The ops are differentiable themselves (autograd registered in C++, csrc/autograd.cpp); these
 Functions serve under functorch transforms (torch.func.grad, vjp), which refuse autograd written
-in C++, and for max pooling's return_indices in training (the op with the window positions).
+in C++.
 
 The inputs here are batched (N, C, *spatial) and the geometry explicit; torchpool.functional
 does the argument handling. Backward produces the gradient in the input's layout.

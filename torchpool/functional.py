@@ -80,10 +80,10 @@ def _max_pool(fn, nd, input, kernel_size, stride, padding, dilation, ceil_mode, 
     x, batched = _batched(fn, input, nd)
     g = _args.geometry(fn, input.shape, nd, kernel_size, stride, padding, dilation, ceil_mode)
     pos = None
-    if return_indices:
-        out, pos = _autograd.MaxPool.apply(x, g) if _needs_grad(x) else ops.max_pool_with_pos(x, *g)
-    elif _python_autograd(x):
-        out = _autograd.MaxPool.apply(x, g)[0]
+    if _python_autograd(x):
+        out, pos = _autograd.MaxPool.apply(x, g)
+    elif return_indices:
+        out, pos = ops.max_pool_with_pos(x, *g)
     else:
         out = ops.max_pool(x, *g)
     if not return_indices:
