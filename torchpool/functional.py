@@ -40,15 +40,15 @@ def _python_autograd(x: torch.Tensor) -> bool:
     return _needs_grad(x) and _functorch_active()
 
 
-# Calls already made, per pool function: a model calls its pools with the same arguments on
-# inputs of the same shape step after step. A call found here goes straight to the op
-# (differentiable itself) in a few Python steps: in a model the caches are cold when a pool is
-# called, and each step then costs about a microsecond (NOTES §100). The key holds the input's shape and
-# dtype, the arguments and their types (True == 1 and 2.0 == 2 as keys). Only calls the general
-# path has accepted are stored, and only those with a plain tensor of the ops' rank (batched)
-# with no empty dim and arguments of types whose equal values behave alike (int, bool, None,
-# str; not tuples, which hold such values unseen): a later call with an equal key is then as
-# valid and has the same geometry. Never used while torch.compile traces.
+# Calls already made, per pool function: a model calls its pools with the same arguments on inputs
+# of the same shape step after step. A call found here goes straight to the op (differentiable
+# itself) in a few Python steps: in a model the caches are cold when a pool is called, and each
+# step then costs about a microsecond (NOTES §100). The key holds the input's shape and dtype, the
+# arguments and their types (True == 1 and 2.0 == 2 as keys). Only calls the general path has
+# accepted are stored, and only those with a plain tensor of the ops' rank (batched) with no empty
+# dim and arguments of types whose equal values behave alike (int, bool, None, str; not tuples,
+# which hold such values unseen): a later call with an equal key is then as valid and has the same
+# geometry. Never used while torch.compile traces.
 _KNOWN_CAP = 256
 _KNOWN_TYPES = (int, bool, type(None), str)
 
