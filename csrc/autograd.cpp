@@ -98,21 +98,27 @@ std::vector<int64_t> input_size(AutogradContext* ctx) {
 
 bool channels_last(AutogradContext* ctx) { return ctx->saved_data["channels_last"].toBool(); }
 
-// (N, C, *spatial) -> (N, C); the gradient goes to the first maximum of each plane.
-// Returns (out) or, with kWithPos, (out, pos): pos (the int64 cell of each maximum) is not
-// differentiable.
+// A max pool forward's result: (out), or with kWithPos (out, pos); pos, the position of each
+// maximum, is saved for backward either way and is not differentiable.
+template <bool kWithPos>
+variable_list outputs(AutogradContext* ctx, const at::Tensor& out, const at::Tensor& pos) {
+  ctx->save_for_backward({pos});
+  if constexpr (kWithPos) {
+    ctx->mark_non_differentiable({pos});
+    return {out, pos};
+  }
+  return {out};
+}
+
+// (N, C, *spatial) -> (N, C); the gradient goes to the first maximum of each plane (pos: its
+// int64 cell).
 template <bool kWithPos>
 struct GlobalMaxPool : torch::autograd::Function<GlobalMaxPool<kWithPos>> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& self) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, pos] = ops().global_max_pool_with_pos.call(self);
     save_input(ctx, self);
-    ctx->save_for_backward({pos});
-    if constexpr (kWithPos) {
-      ctx->mark_non_differentiable({pos});
-      return {out, pos};
-    }
-    return {out};
+    return outputs<kWithPos>(ctx, out, pos);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -209,8 +215,7 @@ std::optional<int64_t> divisor_override(AutogradContext* ctx) {
   return ctx->saved_data["divisor_override"].toOptional<int64_t>();
 }
 
-// Returns (out) or, with kWithPos, (out, pos): pos (the window position of each maximum) is not
-// differentiable.
+// pos: the window position of each maximum.
 template <bool kWithPos>
 struct MaxPool : torch::autograd::Function<MaxPool<kWithPos>> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& self, IntList k, IntList s,
@@ -218,12 +223,7 @@ struct MaxPool : torch::autograd::Function<MaxPool<kWithPos>> {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, pos] = ops().max_pool_with_pos.call(self, k, s, pb, pa, d, ceil);
     WindowArgs(self.sizes(), k, s, pb, pa, d, ceil, layout_of(self)).save(ctx);
-    ctx->save_for_backward({pos});
-    if constexpr (kWithPos) {
-      ctx->mark_non_differentiable({pos});
-      return {out, pos};
-    }
-    return {out};
+    return outputs<kWithPos>(ctx, out, pos);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
