@@ -34,23 +34,7 @@ def _gather(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return values.reshape(n, c, -1).gather(2, flat).reshape(index.shape)
 
 
-class _Function(torch.autograd.Function):
-    """A Function whose forward takes every argument positionally, with no defaults.
-
-    ``Function.apply`` binds default arguments through ``inspect.signature`` on every call when
-    ``setup_context`` is defined (about 30 µs, several times the cost of a small pool). With all
-    arguments given positionally there is nothing to bind, so outside functorch transforms this
-    goes straight to the C++ apply; under vmap / grad / jvp it takes torch's full path.
-    """
-
-    @classmethod
-    def apply(cls, *args):
-        if torch._C._are_functorch_transforms_active():
-            return super().apply(*args)
-        return super(torch.autograd.Function, cls).apply(*args)
-
-
-class MaxPool(_Function):
+class MaxPool(torch.autograd.Function):
     """Max pool that saves the 1-byte window position of each maximum for backward.
 
     Returns (output, pos); pos is non-differentiable and also feeds ``return_indices``.
@@ -76,7 +60,7 @@ class MaxPool(_Function):
         return MaxPoolBackward.apply(grad, pos, ctx.input_shape, ctx.g, ctx.layout), None
 
 
-class MaxPoolBackward(_Function):
+class MaxPoolBackward(torch.autograd.Function):
     @staticmethod
     def forward(grad, pos, input_shape, g, layout):
         return _in_layout(ops.max_pool_backward.default(grad, pos, input_shape, *g), layout)
@@ -94,7 +78,7 @@ class MaxPoolBackward(_Function):
         return _gather(grad_grad_input, index), None, None, None, None
 
 
-class AvgPool(_Function):
+class AvgPool(torch.autograd.Function):
     """Average pool; saves nothing but shapes."""
 
     @staticmethod
@@ -116,7 +100,7 @@ class AvgPool(_Function):
         return grad_input, None, None, None
 
 
-class AvgPoolBackward(_Function):
+class AvgPoolBackward(torch.autograd.Function):
     @staticmethod
     def forward(grad, input_shape, layout, g, count_include_pad, divisor_override):
         grad_input = ops.avg_pool_backward.default(grad, input_shape, g.kernel_size,
@@ -140,7 +124,7 @@ def _global_layout(input: torch.Tensor) -> bool:
     return _args.layout_of(input) != torch.contiguous_format
 
 
-class GlobalMaxPool(_Function):
+class GlobalMaxPool(torch.autograd.Function):
     """(N, C, *spatial) -> (N, C); backward sends the gradient to the first maximum."""
 
     @staticmethod
@@ -160,7 +144,7 @@ class GlobalMaxPool(_Function):
         return GlobalMaxPoolBackward.apply(grad_output, pos, ctx.input_shape, ctx.channels_last)
 
 
-class GlobalMaxPoolBackward(_Function):
+class GlobalMaxPoolBackward(torch.autograd.Function):
     @staticmethod
     def forward(grad, pos, input_shape, channels_last):
         return ops.global_max_pool_backward.default(grad, pos, input_shape, channels_last)
@@ -175,7 +159,7 @@ class GlobalMaxPoolBackward(_Function):
         return _gather(grad_grad_input, pos.unsqueeze(-1)).squeeze(-1), None, None, None
 
 
-class GlobalAvgPool(_Function):
+class GlobalAvgPool(torch.autograd.Function):
     """(N, C, *spatial) -> (N, C); backward spreads grad / count."""
 
     @staticmethod
@@ -192,7 +176,7 @@ class GlobalAvgPool(_Function):
         return GlobalAvgPoolBackward.apply(grad_output, ctx.input_shape, ctx.channels_last)
 
 
-class GlobalAvgPoolBackward(_Function):
+class GlobalAvgPoolBackward(torch.autograd.Function):
     @staticmethod
     def forward(grad, input_shape, channels_last):
         return ops.global_avg_pool_backward.default(grad, input_shape, channels_last)
