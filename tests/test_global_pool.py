@@ -407,17 +407,18 @@ def test_max_ties_in_short_planes(device, rng, n, dtype, train):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("n", [4096, 4100, 6151, 8200])
+@pytest.mark.parametrize("n", [4096, 4100, 4133, 6151, 8200])
 @pytest.mark.parametrize("train", [False, True], ids=["infer", "train"])
 def test_max_of_long_planes(device, rng, n, dtype, train):
-    """Global max of planes of 4096 cells or more (searched block by block: each block's maximum,
-    then the first block holding the largest searched for its cell), against torch's
-    adaptive_max_pool1d bit for bit and, in training, the gradient on torch's index. Each plane
-    has its own trap: equal maxima in several blocks (the first wins), a maximum in the last cells
-    (also a last block shorter than 8 cells), -0 in one block and +0 in a later one, two NaNs in
-    different blocks (torch takes the last), a NaN in the last cells only, every cell -inf."""
+    """Global max of planes of 4096 cells or more (read block by block, each lane keeping the first
+    block where its largest value appeared, then the first block holding the plane's maximum
+    searched for its cell), against torch's adaptive_max_pool1d bit for bit and, in training, the
+    gradient on torch's index. Each plane has its own trap: equal maxima in several blocks (the
+    first wins), a maximum in the last cells (also a last block shorter than 8 cells, and one of
+    37), -0 in one block and +0 in a later one, two NaNs in different blocks (torch takes the
+    last), a NaN in the last cells only, every cell -inf."""
     x = -(torch.rand((1, 8, n), generator=rng) + 0.5)
-    x[0, 0, [3000, 100, 5000 % n]] = 2.0  # ties in blocks 1, 0 and 2 (0 where n < 5000)
+    x[0, 0, [3000, 100, 5000 % n]] = 2.0  # ties in three blocks, two in one lane (0 where n < 5000)
     x[0, 1, n - 1] = 3.0
     x[0, 2, 2100] = -0.0
     x[0, 2, n - 5] = 0.0

@@ -4085,31 +4085,70 @@ inline T plane_max(const T* __restrict src, int64_t n) {
   return static_cast<T>(m);  // an input value: exact
 }
 
-// reduce_argmax for long planes (n >= 2 kArgmaxBlock): each block's maximum by reduce_max, the
-// first block holding the largest kept, then that block searched for the first cell equal to it.
-// The same rule: the last NaN if there is one, else the first maximum, +0 and -0 alike. Per cell
-// it costs what reduce_max does (NOTES §71).
-constexpr int64_t kArgmaxBlock = 2048;
+// reduce_argmax for long planes (n >= kArgmaxLong): the plane read once, block by block, as
+// reduce_max reads it; after each block every lane keeps its largest value and the first block
+// where that value appeared (a compare and a blend, no fold per block: NOTES §102). Then the first
+// block holding the plane's maximum is the smallest such block among the lanes holding it, and
+// that block (in L2) is searched for the first cell equal to it. The same rule: the last NaN if
+// there is one, else the first maximum, +0 and -0 alike.
+constexpr int64_t kArgmaxBlock = 512;
+constexpr int64_t kArgmaxLong = 4096;
 
 template <typename T>
 inline int64_t reduce_argmax_blocked(const T* __restrict src, int64_t n, T* value) {
-  float best = -std::numeric_limits<float>::infinity();
-  int64_t best_at = 0;
-  for (int64_t b = 0; b < n; b += kArgmaxBlock) {
-    const float m = reduce_max(src + b, std::min(kArgmaxBlock, n - b));
-    if (std::isnan(m)) {  // the answer is the plane's last NaN: find_max_cell's search from the end
-      best = m;
-      best_at = 0;
-      break;
+  const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  __m256 best = ninf, nan = _mm256_setzero_ps();
+  __m256i first = _mm256_setzero_si256();
+  const bool pf = reductions_prefetch<T>();
+  // Folds a block's lane maxima (m0, m1) into best and first.
+  auto take = [&](__m256 m0, __m256 m1, int32_t block) {
+    const __m256 m = _mm256_max_ps(m0, m1);
+    const __m256 gt = _mm256_cmp_ps(m, best, _CMP_GT_OQ);
+    best = _mm256_max_ps(m, best);  // m > best ? m : best
+    first = _mm256_castps_si256(_mm256_blendv_ps(
+        _mm256_castsi256_ps(first), _mm256_castsi256_ps(_mm256_set1_epi32(block)), gt));
+  };
+  int64_t i = 0;
+  int32_t block = 0;
+  for (; i + kArgmaxBlock <= n; ++block) {
+    __m256 m0 = ninf, m1 = ninf;
+    for (const int64_t end = i + kArgmaxBlock; i < end; i += 16) {
+      if (pf) prefetch_ahead<2048, 1>(src + i);
+      const __m256 v0 = loadf(src + i), v1 = loadf(src + i + 8);
+      m0 = _mm256_max_ps(m0, v0);
+      m1 = _mm256_max_ps(m1, v1);
+      nan = _mm256_or_ps(nan, _mm256_cmp_ps(v0, v1, _CMP_UNORD_Q));
     }
-    if (m > best) {
-      best = m;
-      best_at = b;
-    }
+    take(m0, m1, block);
   }
-  // Cells before best_at are all below best, so the search may start up to 8 cells early.
-  const int64_t from = std::min(best_at, n - 8);
-  const int64_t at = from + find_max_cell(src + from, n - from, best);
+  if (i < n) {  // the last, partial block; its last partial vector loaded as the plane's last 8 cells
+    __m256 m0 = ninf, m1 = ninf;
+    for (; i + 8 <= n; i += 8) {
+      const __m256 v = loadf(src + i);
+      m0 = _mm256_max_ps(m0, v);
+      nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
+    if (i < n) {
+      const __m256 v = loadf(src + n - 8);
+      m1 = v;
+      nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
+    take(m0, m1, block);
+  }
+  float m;
+  int64_t from = 0;
+  if (_mm256_movemask_ps(nan) != 0) {
+    m = std::numeric_limits<float>::quiet_NaN();  // the plane's last NaN: find_max_cell from the end
+  } else {
+    const __m256 mx = hmax_all(best);
+    m = _mm256_cvtss_f32(mx);
+    const __m256i none = _mm256_set1_epi32(std::numeric_limits<int32_t>::max());
+    const __m256i cand = _mm256_castps_si256(_mm256_blendv_ps(
+        _mm256_castsi256_ps(none), _mm256_castsi256_ps(first), _mm256_cmp_ps(best, mx, _CMP_EQ_OQ)));
+    // Cells before the block are all below m, so the search may start up to 8 cells early.
+    from = std::min(int64_t{hmin_epi32(cand)} * kArgmaxBlock, n - 8);
+  }
+  const int64_t at = from + find_max_cell(src + from, n - from, m);
   *value = src[at];
   return at;
 }
@@ -4184,7 +4223,7 @@ void global_max_planar(const scalar_t* in, scalar_t* out, int64_t* pos, int64_t 
       const scalar_t* src = in + pl * P;
 #if defined(TORCHPOOL_AVX2)
       if constexpr (kFusedType<scalar_t>) {
-        if (kPos && P >= 2 * kArgmaxBlock) {
+        if (kPos && P >= kArgmaxLong) {
           pos[pl] = reduce_argmax_blocked(src, P, out + pl);
           continue;
         }
