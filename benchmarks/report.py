@@ -188,7 +188,8 @@ def markdown(doc, png_name=None):
             f"| load average | start {doc.get('load_average_start')}, end {doc.get('load_average_end')} |",
             ""]
     notes = [f"Times: median over {cfg['repeat']} samples at most ({cfg['min_repeat']} at least), "
-             "p25–p75 in brackets, after warm-up; contenders take turns on the same random inputs.",
+             "p25–p75 in brackets, after warm-up; contenders take turns, in an order shuffled each "
+             "round, on the same random inputs.",
              "torch eager: the fastest of the case's torch equivalents (listed in the JSON); torch.compile: "
              "the same equivalents compiled (fullgraph).",
              "GB/s and % of ceiling are torchpool's: input read + output written, + the tensors saved for "

@@ -11,10 +11,11 @@ Method (DESIGN §5):
 * every contender runs on the same random inputs (never zeros), rotating through enough input
   buffers that together they are 3x the last-level cache (L3 / GPU L2), one cursor for all
   contenders so that no sample reads buffers another has just read; warm-up, then rounds in
-  which each contender takes one sample in turn (so drift on a busy machine hits all of them
-  alike); a sample is as many calls as make it >= --min-sample seconds; median, p25/p75 and
-  min/max over samples. CUDA samples are timed with events. Backward is timed on a fresh graph
-  per call, its forward untimed.
+  which each contender takes one sample, in an order shuffled each round (so drift on a busy
+  machine hits all of them alike, and none always follows the same contender); a sample is as
+  many calls as make it >= --min-sample seconds; median, p25/p75 and min/max over samples. CUDA
+  samples are timed with events. Backward is timed on a fresh graph per call, its forward
+  untimed.
 * bytes per call: input read once + output written once; training forward adds the tensors saved
   for backward that are neither the input nor the output (measured with saved_tensors_hooks, so
   torch eager's int64 indices count for torch eager and a 1-byte window position for torchpool);
@@ -29,6 +30,7 @@ import gc
 import math
 import os
 import platform
+import random
 import re
 import shlex
 import subprocess
@@ -236,9 +238,11 @@ def _sample(call, first, n, nbuf, device):
 def measure(calls, nbuf, device, cfg):
     """Times each contender's Call; returns {label: stats in seconds per call}.
 
-    Warm-up, then rounds: in each round every contender takes one sample, the order rotating from
-    round to round. A sample is `inner` consecutive calls on rotating buffers, enough to last
-    cfg["min_sample_s"]; rounds are capped by cfg["budget_s"] but never fewer than cfg["min_repeat"].
+    Warm-up, then rounds: in each round every contender takes one sample, in an order shuffled
+    each round by a seeded generator (a fixed rotation gives each contender the same predecessor
+    in almost every sample, which biased some comparisons by a few %: NOTES §103). A sample is
+    `inner` consecutive calls on rotating buffers, enough to last cfg["min_sample_s"]; rounds are
+    capped by cfg["budget_s"] but never fewer than cfg["min_repeat"].
     """
     labels = list(calls)
     if not labels:
@@ -261,11 +265,12 @@ def measure(calls, nbuf, device, cfg):
     round_s = sum(inner[lab] * wall[lab] for lab in labels)
     rounds = max(cfg["min_repeat"], min(cfg["repeat"], int(cfg["budget_s"] / round_s)))
     samples = {lab: [] for lab in labels}
+    order = random.Random(0)
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        for r in range(rounds):
-            for lab in labels[r % len(labels):] + labels[:r % len(labels)]:
+        for _ in range(rounds):
+            for lab in order.sample(labels, len(labels)):
                 n = inner[lab]
                 samples[lab].append(_sample(calls[lab], cursor, n, nbuf, device) / n)
                 cursor = (cursor + n) % nbuf
