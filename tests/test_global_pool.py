@@ -418,7 +418,7 @@ def test_max_of_long_planes(device, rng, n, dtype, train):
     37), -0 in one block and +0 in a later one, two NaNs in different blocks (torch takes the
     last), a NaN in the last cells only, every cell -inf."""
     x = -(torch.rand((1, 8, n), generator=rng) + 0.5)
-    x[0, 0, [3000, 100, 5000 % n]] = 2.0  # ties in three blocks, two in one lane (0 where n < 5000)
+    x[0, 0, [3000, 100, 5000 % n]] = 2.0  # ties in three blocks; the last two share a lane for most n
     x[0, 1, n - 1] = 3.0
     x[0, 2, 2100] = -0.0
     x[0, 2, n - 5] = 0.0
