@@ -609,20 +609,27 @@ inline float reduce_sum(const T* __restrict src, int64_t n) {
   return s;
 }
 
-// Maximum of n elements (as a float); NaN if any is NaN.
+// The lanes' maxima of n cells (a multiple of 16) taken into m0 (the first 8 of every 16) and m1
+// (the others), and their NaNs into nan's lanes; pf: reductions_prefetch<T>().
 template <typename T>
-inline float reduce_max(const T* __restrict src, int64_t n) {
-  const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  __m256 m0 = ninf, m1 = ninf, nan = _mm256_setzero_ps();
-  int64_t i = 0;
-  const bool pf = reductions_prefetch<T>();
-  for (; i + 16 <= n; i += 16) {
+inline void max_lanes16(const T* __restrict src, int64_t n, __m256& m0, __m256& m1, __m256& nan,
+                        bool pf) {
+  for (int64_t i = 0; i < n; i += 16) {
     if (pf) prefetch_ahead<2048, 1>(src + i);
     const __m256 v0 = loadf(src + i), v1 = loadf(src + i + 8);
     m0 = _mm256_max_ps(m0, v0);
     m1 = _mm256_max_ps(m1, v1);
     nan = _mm256_or_ps(nan, _mm256_cmp_ps(v0, v1, _CMP_UNORD_Q));
   }
+}
+
+// Maximum of n elements (as a float); NaN if any is NaN.
+template <typename T>
+inline float reduce_max(const T* __restrict src, int64_t n) {
+  const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  __m256 m0 = ninf, m1 = ninf, nan = _mm256_setzero_ps();
+  int64_t i = n / 16 * 16;
+  max_lanes16(src, i, m0, m1, nan, reductions_prefetch<T>());
   for (; i + 8 <= n; i += 8) {
     const __m256 v = loadf(src + i);
     m0 = _mm256_max_ps(m0, v);
@@ -4110,15 +4117,9 @@ inline int64_t reduce_argmax_blocked(const T* __restrict src, int64_t n, T* valu
   };
   int64_t i = 0;
   int32_t block = 0;
-  for (; i + kArgmaxBlock <= n; ++block) {
+  for (; i + kArgmaxBlock <= n; i += kArgmaxBlock, ++block) {
     __m256 m0 = ninf, m1 = ninf;
-    for (const int64_t end = i + kArgmaxBlock; i < end; i += 16) {
-      if (pf) prefetch_ahead<2048, 1>(src + i);
-      const __m256 v0 = loadf(src + i), v1 = loadf(src + i + 8);
-      m0 = _mm256_max_ps(m0, v0);
-      m1 = _mm256_max_ps(m1, v1);
-      nan = _mm256_or_ps(nan, _mm256_cmp_ps(v0, v1, _CMP_UNORD_Q));
-    }
+    max_lanes16(src + i, kArgmaxBlock, m0, m1, nan, pf);
     take(m0, m1, block);
   }
   if (i < n) {  // the last, partial block; its last partial vector loaded as the plane's last 8 cells
