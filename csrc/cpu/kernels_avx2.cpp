@@ -20,10 +20,15 @@
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
+// The kernels pass AVX vectors only between functions of this unit, all compiled for AVX2: GCC's
+// note that a vector return without AVX on the command line changes the ABI does not apply.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
 #define TORCHPOOL_CPU_NS torchpool::cpu::avx2_isa
 #define TORCHPOOL_AVX2 1
 #include "cpu/kernels.h"
 #include "cpu/kernels_table.h"
+#pragma GCC diagnostic pop
 #pragma GCC pop_options
 
 namespace torchpool::cpu {
