@@ -359,11 +359,11 @@ def global_max_against_torch(x, train, rng):
 @pytest.mark.parametrize("planes", [8, 15, 43])
 @pytest.mark.parametrize("train", [False, True], ids=["infer", "train"])
 def test_max_of_many_short_planes(device, rng, cells, planes, dtype, train):
-    """Global max of planes of 7–300 cells, 8 to 255 eight at a time (whole groups and a remainder;
-    a plane's last partial vector is its last 8 cells), against torch's adaptive_max_pool2d bit
-    for bit: NaNs in some planes, and in others a zero maximum that appears as -0 before +0 (torch
-    keeps the first of equal values, so the result is -0). Training: the gradient must reach the
-    cell torch picks (its index), in every plane."""
+    """Global max of planes of 7–300 cells, up to 255 eight at a time (whole groups and a remainder;
+    a plane's last partial vector is its last 8 cells, or under 8 its only one), against torch's
+    adaptive_max_pool2d bit for bit: NaNs in some planes, and in others a zero maximum that appears
+    as -0 before +0 (torch keeps the first of equal values, so the result is -0). Training: the
+    gradient must reach the cell torch picks (its index), in every plane."""
     n = cells[0] * cells[1]
     x = -(torch.rand((1, planes, n), generator=rng) + 0.5)
     for p in range(0, planes, 3):  # -0 first, +0 later (16 cells apart when the plane allows)
@@ -372,6 +372,39 @@ def test_max_of_many_short_planes(device, rng, cells, planes, dtype, train):
     for p in range(1, planes, 5):
         x[0, p, int(torch.randint(0, n, (1,), generator=rng))] = float("nan")
     out, ref = global_max_against_torch(x.reshape(1, planes, *cells).to(device, dtype), train, rng)
+    nan = torch.isnan(ref)
+    zero = ref == 0
+    assert bool(nan.any()) and bool(zero.any()) and bool(torch.signbit(ref[zero]).all())
+    assert torch.equal(torch.isnan(out), nan)
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    assert torch.equal(out[~nan].view(bits), ref[~nan].view(bits))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6, 7])
+@pytest.mark.parametrize("planes", [7, 8, 16, 43])
+@pytest.mark.parametrize("train", [False, True], ids=["infer", "train"])
+def test_max_of_planes_under_8_cells(device, rng, n, planes, dtype, train):
+    """Planes of 1 to 7 cells (a vector each, eight planes at a time; a group whose vectors would
+    read past the tensor's end, and the planes after the last whole group, one by one), against
+    torch's adaptive_max_pool1d bit for bit and, in training, the gradient on torch's index. Traps
+    by plane: -0 before +0 (the first, -0, wins), a tie of the maximum (the first wins), a NaN,
+    every cell -inf; planes of one cell hold each of those values alone."""
+    x = -(torch.rand((1, planes, n), generator=rng) + 0.5)
+    for p in range(planes):
+        trap, cells = p % 4, torch.randperm(n, generator=rng)
+        if trap == 0:
+            x[0, p, cells[0]] = -0.0
+            if n > 1:
+                x[0, p, max(cells[:2])] = 0.0
+                x[0, p, min(cells[:2])] = -0.0
+        elif trap == 1:
+            x[0, p, cells[:2]] = 0.25 + p
+        elif trap == 2:
+            x[0, p, cells[0]] = float("nan")
+        elif p % 8 == 3:
+            x[0, p] = float("-inf")
+    out, ref = global_max_against_torch(x.to(device, dtype), train, rng)
     nan = torch.isnan(ref)
     zero = ref == 0
     assert bool(nan.any()) and bool(zero.any()) and bool(torch.signbit(ref[zero]).all())

@@ -3921,6 +3921,13 @@ inline __m256 fold8(Op op, const __m256* v) {
   return op(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
 }
 
+// Lane p: the maximum of m[p]'s lanes, NaN where nan[p] has a lane set.
+inline __m256 fold_max8(const __m256* m, const __m256* nan) {
+  const __m256 mx = fold8([](__m256 a, __m256 b) { return _mm256_max_ps(a, b); }, m);
+  const __m256 un = fold8([](__m256 a, __m256 b) { return _mm256_or_ps(a, b); }, nan);
+  return _mm256_blendv_ps(mx, _mm256_set1_ps(std::numeric_limits<float>::quiet_NaN()), un);
+}
+
 // The maxima of 8 consecutive planes of n >= 8 cells each, as sum_planes8 (a plane's last partial
 // vector is its last 8 cells: cells seen twice do not change a maximum), NaN where a plane holds
 // one. Which of +0 and -0 comes out of a tie is not torch's rule: callers redo zero results.
@@ -3944,9 +3951,7 @@ inline __m256 max_planes8(const T* __restrict src, int64_t n) {
     m[p] = a;
     nan[p] = u;
   }
-  const __m256 mx = fold8([](__m256 a, __m256 b) { return _mm256_max_ps(a, b); }, m);
-  const __m256 un = fold8([](__m256 a, __m256 b) { return _mm256_or_ps(a, b); }, nan);
-  return _mm256_blendv_ps(mx, _mm256_set1_ps(std::numeric_limits<float>::quiet_NaN()), un);
+  return fold_max8(m, nan);
 }
 
 // Short planes of the global pools, eight at a time: group(pl) for every whole group of 8 planes
@@ -3998,15 +4003,49 @@ inline int64_t find_max_cell(const T* __restrict src, int64_t n, float m) {
   }
 }
 
+// Eight planes' results merged: lane j of m[p] and at[p] holds the largest value a lane of plane
+// p saw and the first of its cells that held it, nan[p] its NaNs. The planes' maxima by
+// max_planes8's fold, and per plane the smallest cell among the lanes holding its maximum by the
+// same fold with an integer minimum; out and pos are written for the planes without a NaN.
+// Returns the mask of planes holding a NaN, whose out and pos are left for the caller (the last
+// NaN's cell is reduce_argmax's to find).
+template <typename T>
+inline int merge_argmax8(const T* __restrict src, int64_t n, const __m256* m, const __m256i* at,
+                         const __m256* nan, T* __restrict out, int64_t* __restrict pos) {
+  const __m256 mx = fold8([](__m256 a, __m256 b) { return _mm256_max_ps(a, b); }, m);
+  const int has_nan =
+      _mm256_movemask_ps(fold8([](__m256 a, __m256 b) { return _mm256_or_ps(a, b); }, nan));
+  // Per plane, the cells of the lanes holding its maximum (others the largest int), then their
+  // minimum for all eight planes by the fold.
+  const __m256i none = _mm256_set1_epi32(std::numeric_limits<int32_t>::max());
+  __m256 cand[8];
+  for (int p = 0; p < 8; ++p) {
+    const __m256 mp = _mm256_permutevar8x32_ps(mx, _mm256_set1_epi32(p));
+    cand[p] = _mm256_blendv_ps(_mm256_castsi256_ps(none), _mm256_castsi256_ps(at[p]),
+                               _mm256_cmp_ps(m[p], mp, _CMP_EQ_OQ));
+  }
+  const __m256i cells = _mm256_castps_si256(fold8(
+      [](__m256 a, __m256 b) {
+        return _mm256_castsi256_ps(_mm256_min_epi32(_mm256_castps_si256(a), _mm256_castps_si256(b)));
+      },
+      cand));
+  alignas(32) int32_t c[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(c), cells);
+  for (int p = 0; p < 8; ++p) {
+    if (has_nan >> p & 1) continue;
+    pos[p] = c[p];
+    out[p] = src[p * n + c[p]];  // the cell itself (+0 and -0 compare equal)
+  }
+  return has_nan;
+}
+
 // The maxima of eight planes of n cells (8 <= n < 2^31) and their cells, in one pass over each
 // plane: each lane keeps its largest value and the first of its cells that held it (a compare and
 // a blend a vector; two chains, even and odd vectors), the plane's last partial vector loaded as
-// its last 8 cells. Then the eight planes are merged together: their maxima by max_planes8's
-// fold, and per plane the smallest cell among the lanes holding its maximum by the same fold with
-// an integer minimum. No branch depends on the data, and eight planes give the out-of-order core
-// independent work where one plane's merge is a chain of dependent shuffles (NOTES §97). Returns
-// the mask of planes holding a NaN, whose out and pos are left for the caller (the last NaN's cell
-// is reduce_argmax's to find). +0 and -0 compare equal, so a zero maximum is the first zero.
+// its last 8 cells. Then the eight planes are merged together (merge_argmax8). No branch depends
+// on the data, and eight planes give the out-of-order core independent work where one plane's
+// merge is a chain of dependent shuffles (NOTES §97). Returns merge_argmax8's mask of planes
+// holding a NaN. +0 and -0 compare equal, so a zero maximum is the first zero.
 template <typename T>
 inline int argmax_planes8(const T* __restrict src, int64_t n, T* __restrict out,
                           int64_t* __restrict pos) {
@@ -4052,31 +4091,21 @@ inline int argmax_planes8(const T* __restrict src, int64_t n, T* __restrict out,
         _mm256_castsi256_ps(lower), eq));
     nan[p] = u;
   }
-  const __m256 mx = fold8([](__m256 a, __m256 b) { return _mm256_max_ps(a, b); }, m);
-  const int has_nan =
-      _mm256_movemask_ps(fold8([](__m256 a, __m256 b) { return _mm256_or_ps(a, b); }, nan));
-  // Per plane, the cells of the lanes holding its maximum (others the largest int), then their
-  // minimum for all eight planes by the fold.
-  const __m256i none = _mm256_set1_epi32(std::numeric_limits<int32_t>::max());
-  __m256 cand[8];
+  return merge_argmax8(src, n, m, at, nan, out, pos);
+}
+
+// Eight planes of 2 to 7 cells: plane p as one vector m[p], its cells in lanes 0 .. n-1 and -inf
+// in the others (the lanes past a plane never hold its maximum ahead of its own cells: they are
+// -inf and come after them), nan[p] its NaNs. Reads 8 cells from each plane's start, so up to
+// 8 - n past the last plane: the caller keeps that inside the tensor.
+template <typename T>
+inline void short_planes8(const T* __restrict src, int64_t n, __m256* m, __m256* nan) {
+  const __m256 inside = _mm256_castsi256_ps(lanes_inside(0, n));
+  const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   for (int p = 0; p < 8; ++p) {
-    const __m256 mp = _mm256_permutevar8x32_ps(mx, _mm256_set1_epi32(p));
-    cand[p] = _mm256_blendv_ps(_mm256_castsi256_ps(none), _mm256_castsi256_ps(at[p]),
-                               _mm256_cmp_ps(m[p], mp, _CMP_EQ_OQ));
+    m[p] = _mm256_blendv_ps(ninf, loadf(src + p * n), inside);
+    nan[p] = _mm256_cmp_ps(m[p], m[p], _CMP_UNORD_Q);
   }
-  const __m256i cells = _mm256_castps_si256(fold8(
-      [](__m256 a, __m256 b) {
-        return _mm256_castsi256_ps(_mm256_min_epi32(_mm256_castps_si256(a), _mm256_castps_si256(b)));
-      },
-      cand));
-  alignas(32) int32_t c[8];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(c), cells);
-  for (int p = 0; p < 8; ++p) {
-    if (has_nan >> p & 1) continue;
-    pos[p] = c[p];
-    out[p] = src[p * n + c[p]];  // the cell itself (+0 and -0 compare equal)
-  }
-  return has_nan;
 }
 
 // A plane's maximum with torch's rule for +0 and -0 (the first of equal values): reduce_max's
@@ -4161,7 +4190,52 @@ template <typename scalar_t, bool kPos>
 void global_max_planar(const scalar_t* in, scalar_t* out, int64_t* pos, int64_t planes,
                        int64_t P) {
   using acc_t = acc_type<scalar_t>;
+  if (P == 1) {  // a plane of one cell is its own maximum
+    at::parallel_for(0, planes, 16384, [&](int64_t begin, int64_t end) {
+      std::copy(in + begin, in + end, out + begin);
+      if (kPos) std::fill(pos + begin, pos + end, int64_t{0});
+    });
+    return;
+  }
 #if defined(TORCHPOOL_AVX2)
+  // Planes of 2 to 7 cells: a vector each (short_planes8), eight planes at a time; a group whose
+  // reads would pass the tensor's end, and a plane holding a NaN (with positions) or a zero
+  // maximum (without: torch's rule for +0 and -0), redone alone.
+  if constexpr (kFusedType<scalar_t>) {
+    if (P >= 2 && P < 8) {
+      auto single = [=](int64_t q) {
+        if (kPos) {
+          pos[q] = reduce_argmax(in + q * P, P, out + q);
+        } else {
+          out[q] = plane_max(in + q * P, P);
+        }
+      };
+      const int64_t cells = planes * P;
+      for_plane_groups8(
+          planes, P,
+          [=](int64_t pl) {
+            if ((pl + 7) * P + 8 > cells) {
+              for (int64_t q = pl; q < pl + 8; ++q) single(q);
+              return;
+            }
+            __m256 m[8], nan[8];
+            short_planes8(in + pl * P, P, m, nan);
+            int redo;
+            if constexpr (kPos) {
+              __m256i at[8];
+              for (int p = 0; p < 8; ++p) at[p] = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+              redo = merge_argmax8(in + pl * P, P, m, at, nan, out + pl, pos + pl);
+            } else {
+              const __m256 mx = fold_max8(m, nan);
+              storef<true>(out + pl, mx);
+              redo = _mm256_movemask_ps(_mm256_cmp_ps(mx, _mm256_setzero_ps(), _CMP_EQ_OQ));
+            }
+            for (; redo != 0; redo &= redo - 1) single(pl + __builtin_ctz(redo));
+          },
+          single);
+      return;
+    }
+  }
   // Short planes with positions, where the tuning says (AMD): eight planes' maxima and their
   // cells in one pass over each plane (NOTES §97); a plane holding a NaN redone alone.
   if constexpr (kPos && kFusedType<scalar_t>) {
