@@ -354,6 +354,17 @@ def global_max_against_torch(x, train, rng):
     return out, ref
 
 
+def assert_traps_bit_exact(out, ref):
+    """out is NaN where torch's ref is and equal to it bit for bit elsewhere; ref holds a NaN and a
+    zero maximum, every zero -0 (the traps of the test took effect)."""
+    nan = torch.isnan(ref)
+    zero = ref == 0
+    assert bool(nan.any()) and bool(zero.any()) and bool(torch.signbit(ref[zero]).all())
+    assert torch.equal(torch.isnan(out), nan)
+    bits = torch.int32 if ref.dtype == torch.float32 else torch.int16
+    assert torch.equal(out[~nan].view(bits), ref[~nan].view(bits))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("cells", [(1, 7), (1, 8), (3, 3), (7, 7), (14, 14), (15, 17), (16, 16), (20, 15)])
 @pytest.mark.parametrize("planes", [8, 15, 43])
@@ -372,12 +383,7 @@ def test_max_of_many_short_planes(device, rng, cells, planes, dtype, train):
     for p in range(1, planes, 5):
         x[0, p, int(torch.randint(0, n, (1,), generator=rng))] = float("nan")
     out, ref = global_max_against_torch(x.reshape(1, planes, *cells).to(device, dtype), train, rng)
-    nan = torch.isnan(ref)
-    zero = ref == 0
-    assert bool(nan.any()) and bool(zero.any()) and bool(torch.signbit(ref[zero]).all())
-    assert torch.equal(torch.isnan(out), nan)
-    bits = torch.int32 if dtype == torch.float32 else torch.int16
-    assert torch.equal(out[~nan].view(bits), ref[~nan].view(bits))
+    assert_traps_bit_exact(out, ref)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -405,12 +411,7 @@ def test_max_of_planes_under_8_cells(device, rng, n, planes, dtype, train):
         elif p % 8 == 3:
             x[0, p] = float("-inf")
     out, ref = global_max_against_torch(x.to(device, dtype), train, rng)
-    nan = torch.isnan(ref)
-    zero = ref == 0
-    assert bool(nan.any()) and bool(zero.any()) and bool(torch.signbit(ref[zero]).all())
-    assert torch.equal(torch.isnan(out), nan)
-    bits = torch.int32 if dtype == torch.float32 else torch.int16
-    assert torch.equal(out[~nan].view(bits), ref[~nan].view(bits))
+    assert_traps_bit_exact(out, ref)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
