@@ -399,11 +399,9 @@ def test_max_of_planes_under_8_cells(device, rng, n, planes, dtype, train):
     x = -(torch.rand((1, planes, n), generator=rng) + 0.5)
     for p in range(planes):
         trap, cells = p % 4, torch.randperm(n, generator=rng)
-        if trap == 0:
-            x[0, p, cells[0]] = -0.0
-            if n > 1:
-                x[0, p, max(cells[:2])] = 0.0
-                x[0, p, min(cells[:2])] = -0.0
+        if trap == 0:  # +0 in the later of two cells, -0 in the earlier (one cell: -0 alone)
+            x[0, p, max(cells[:2])] = 0.0
+            x[0, p, min(cells[:2])] = -0.0
         elif trap == 1:
             x[0, p, cells[:2]] = 0.25 + p
         elif trap == 2:
