@@ -152,6 +152,31 @@ def test_matches_torch_hypothesis(device, case):
     check_parity(x, case["nd"], case["kw"], gen)
 
 
+# Planes of at most 64 cells with output rows under 8 wide, 8 planes or more: the CPU takes them
+# eight planes a vector. Partial last blocks, planes that are and are not whole vectors, padding
+# counted and not, a divisor override, ceil mode (the last window clipped).
+TINY_PLANE_CASES = [
+    ((2, 9, 7), dict(kernel_size=2)),
+    ((3, 5, 13), dict(kernel_size=3, stride=2, padding=1, ceil_mode=True, count_include_pad=False)),
+    ((2, 4, 3, 3), dict(kernel_size=3, stride=2, padding=1)),
+    ((2, 4, 3, 3), dict(kernel_size=3, stride=2, padding=1, count_include_pad=False)),
+    ((2, 4, 2, 2), dict(kernel_size=2)),
+    ((1, 8, 8, 8), dict(kernel_size=2, divisor_override=3)),
+    ((2, 13, 5, 7), dict(kernel_size=3, stride=1, padding=1, count_include_pad=False)),
+    ((3, 7, 4, 4), dict(kernel_size=2, stride=2, padding=1, ceil_mode=True)),
+    ((2, 5, 3, 3, 3), dict(kernel_size=2, stride=1, padding=1, count_include_pad=False)),
+    ((1, 9, 4, 3, 4), dict(kernel_size=3, stride=2, padding=1, ceil_mode=True)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,kw", TINY_PLANE_CASES)
+def test_tiny_planes(device, rng, shape, kw, dtype):
+    """Many tiny planes (1d to 3d): values and gradients as torch's."""
+    x = make_input(shape, dtype, device, "contiguous", rng)
+    check_parity(x, len(shape) - 2, kw, rng)
+
+
 @pytest.mark.parametrize("nd", [1, 2, 3])
 def test_negative_divisor_override(device, rng, nd):
     x = make_input(SHAPES[nd], torch.float32, device, "contiguous", rng)

@@ -418,15 +418,84 @@ def test_gradcheck(device, rng, nd, kw, layout):
 
 
 @pytest.mark.parametrize("nd", [1, 2, 3])
-def test_window_entirely_in_padding(device, nd):
-    """With dilation a window can miss the input (torch allows it): -inf out, and no gradient."""
-    shape = (2, 3) + (4,) * (nd - 1) + (1,)
+@pytest.mark.parametrize("channels", [3, 5])
+def test_window_entirely_in_padding(device, nd, channels):
+    """With dilation a window can miss the input (torch allows it): -inf out, and no gradient.
+    With 10 planes of a few cells the CPU's eight-planes-a-vector path is asked first and must
+    leave such windows to the general path."""
+    shape = (2, channels) + (4,) * (nd - 1) + (1,)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
     kw = dict(kernel_size=2, stride=1, padding=1, dilation=2)
     out, grad, _ = run_fwd_bwd(lambda t: OURS[nd](t, **kw), x, gen=torch.Generator().manual_seed(1))
     assert_close(out, TORCH[nd](x, **kw), exact=True)
     assert bool((out == float("-inf")).all())
     assert torch.equal(grad, torch.zeros_like(x))
+
+
+# Planes of at most 64 cells with output rows under 8 wide, 8 planes or more: the CPU takes them
+# eight planes a vector. Plane counts that leave a partial last block, plane sizes that are and are
+# not whole vectors, windows with padding, dilation and ceil mode (the last window clipped).
+TINY_PLANE_CASES = [
+    ((2, 9, 7), dict(kernel_size=2)),
+    ((3, 5, 13), dict(kernel_size=3, stride=2, padding=1, ceil_mode=True)),
+    ((2, 4, 12), dict(kernel_size=3, stride=2, padding=1, dilation=2)),
+    ((2, 4, 3, 3), dict(kernel_size=3, stride=2, padding=1)),
+    ((2, 4, 2, 2), dict(kernel_size=2)),
+    ((1, 8, 8, 8), dict(kernel_size=2)),
+    ((2, 13, 5, 7), dict(kernel_size=3, stride=1, padding=1)),
+    ((2, 13, 5, 7), dict(kernel_size=(2, 3), stride=(1, 2), padding=(1, 0), dilation=(2, 1), ceil_mode=True)),
+    ((3, 7, 4, 4), dict(kernel_size=2, stride=2, padding=1, ceil_mode=True)),
+    ((2, 5, 3, 3, 3), dict(kernel_size=2, stride=1, padding=1)),
+    ((1, 9, 4, 2, 4), dict(kernel_size=3, stride=2, padding=1, ceil_mode=True)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["distinct", "ties"])
+@pytest.mark.parametrize("shape,kw", TINY_PLANE_CASES)
+def test_tiny_planes(device, rng, shape, kw, kind, dtype):
+    """Many tiny planes (1d to 3d): values, indices and gradients as torch's; with ties several
+    windows send their gradient to one cell."""
+    x = make_input(shape, dtype, device, "contiguous", rng, kind=kind)
+    check_parity(x, len(shape) - 2, kw, rng, reference_device="cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,kw", TINY_PLANE_CASES)
+def test_tiny_planes_nan_inf_signed_zeros(device, rng, shape, kw, dtype):
+    """Tiny planes holding NaNs, planes of -inf only, and planes of zeros of both signs (torch keeps
+    the first of equal values, so a window's sign is its first cell's): outputs bit for bit and
+    indices as torch's (in the same dtype), and the gradient at torch's index."""
+    nd = len(shape) - 2
+    x = -(torch.rand(shape, generator=rng) + 0.5)
+    flat = x.view(shape[0] * shape[1], -1)
+    cells = flat.shape[1]
+    signs = torch.randint(0, 2, flat[0::2].shape, generator=rng).bool()
+    signs[0::2, 0], signs[1::2, 0] = True, False  # the first cells' signs alternate
+    flat[0::2] = torch.where(signs, torch.tensor(-0.0), torch.tensor(0.0))  # zeros of both signs
+    flat[3::8] = float("-inf")
+    flat[1::4, 1] = float("nan")
+    x = x.to(dtype).to(device)
+    rout, ridx = TORCH[nd](x.cpu(), return_indices=True, **kw)
+    assert bool(torch.isnan(rout).any()) and bool((rout == float("-inf")).any())
+    zero = rout == 0
+    assert bool(torch.signbit(rout[zero]).any()) and not bool(torch.signbit(rout[zero]).all())
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    nan = torch.isnan(rout)
+    for grad in (False, True):
+        xg = x.clone().requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            out, idx = OURS[nd](xg, return_indices=True, **kw)
+        out, idx = out.cpu(), idx.cpu()
+        assert torch.equal(torch.isnan(out), nan)
+        assert torch.equal(out.detach()[~nan].view(bits), rout[~nan].view(bits))
+        assert torch.equal(idx, ridx)
+        if grad:
+            g = torch.rand(out.shape, generator=rng).to(dtype) + 1
+            out.backward(g)
+            want = torch.zeros(shape[0] * shape[1], cells, dtype=torch.float32)
+            want.scatter_add_(1, ridx.reshape(shape[0] * shape[1], -1), g.float().reshape(shape[0] * shape[1], -1))
+            assert_close(xg.grad.cpu().reshape(want.shape), want.to(dtype), dtype)
 
 
 @pytest.mark.parametrize(

@@ -2182,6 +2182,240 @@ void max_bwd_cl_fused(const T* gout, const uint8_t* pos, T* gin, const PoolGeome
 
 #endif  // TORCHPOOL_AVX2
 
+#if defined(TORCHPOOL_AVX2)
+// ---------------------------------------------------------------------------------------------
+// Window pools over tiny NCHW planes, eight planes a vector (NOTES §106). On planes of a few
+// dozen cells the row walks spend most of their lanes, and their set-up, on rows two or three
+// outputs wide. Here eight planes are turned by 8x8 transposes into one vector per cell (lane l
+// holds plane l), each window is then taken in whole vectors from a table of its cells built once
+// per call (any window: 1d to 3d, padding, dilation, ceil mode), and the results are turned back.
+
+// Planes of at most this many cells, in and out, with output rows under 8 wide, take this path.
+constexpr int64_t kTinyPlaneCells = 64;
+
+inline bool tiny_planes_ok(const PoolGeometry& g, int64_t planes) {
+  return planes >= 8 && g.in_plane() <= kTinyPlaneCells && g.out_plane() <= kTinyPlaneCells &&
+         g.out[2] < 8;
+}
+
+// Every output's window: its cells inside the input (their index in the plane) and their window
+// positions, in torch's scan order; output o's run is [first[o], first[o + 1]). `whole`: no
+// window is empty (a dilated window can miss the input altogether; the general paths take those).
+struct PlaneWindows {
+  std::vector<int32_t> first, cell, k;
+  bool whole = true;
+  explicit PlaneWindows(const PoolGeometry& g) {
+    const DimTable td(g, 0, false), th(g, 1, false), tw(g, 2, false);
+    for (int64_t od = 0; od < g.out[0]; ++od) {
+      for (int64_t oh = 0; oh < g.out[1]; ++oh) {
+        for (int64_t ow = 0; ow < g.out[2]; ++ow) {
+          first.push_back(static_cast<int32_t>(cell.size()));
+          for (int64_t kd = td.lo[od]; kd < td.hi[od]; ++kd) {
+            for (int64_t kh = th.lo[oh]; kh < th.hi[oh]; ++kh) {
+              for (int64_t kw = tw.lo[ow]; kw < tw.hi[ow]; ++kw) {
+                const int64_t id = g.input_coord(0, od, kd), ih = g.input_coord(1, oh, kh);
+                const int64_t iw = g.input_coord(2, ow, kw);
+                cell.push_back(static_cast<int32_t>((id * g.in[1] + ih) * g.in[2] + iw));
+                k.push_back(static_cast<int32_t>((kd * g.kernel[1] + kh) * g.kernel[2] + kw));
+              }
+            }
+          }
+          whole = whole && first.back() < static_cast<int32_t>(cell.size());
+        }
+      }
+    }
+    first.push_back(static_cast<int32_t>(cell.size()));
+  }
+};
+
+// Eight floats, one vector, in a std::vector (whose allocations are not 32-byte aligned here).
+struct V8 {
+  float f[8];
+  __m256 get() const { return _mm256_loadu_ps(f); }
+  void set(__m256 v) { _mm256_storeu_ps(f, v); }
+};
+
+// The 8x8 block of floats r[0..7] (rows) transposed in place.
+inline void transpose8(__m256* r) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+  r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+  r[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+  r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+  r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+  r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+  r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+  r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+
+// The vectors a block keeps for P cells: P rounded up to whole 8x8 transposes.
+inline int64_t cell_vectors(int64_t P) { return (P + 7) / 8 * 8; }
+
+// Cells [0, P) of the n (<= 8) planes at src as vectors t[c], lane l from plane l (the lanes from
+// n on repeat plane 0; t has cell_vectors(P) entries, those from P on hold what follows the
+// plane). `room`: the elements readable from src, to the end of the tensor.
+template <typename T>
+inline void planes_to_cells8(const T* src, int64_t P, int64_t n, int64_t room, V8* t) {
+  for (int64_t c = 0; c < P; c += 8) {
+    __m256 r[8];
+    for (int64_t l = 0; l < 8; ++l) {
+      const int64_t at = (l < n ? l : 0) * P + c;
+      r[l] = room - at >= 8 ? loadf(src + at) : load_lanes(src + at, room - at);
+    }
+    transpose8(r);
+    for (int64_t j = 0; j < 8; ++j) t[c + j].set(r[j]);
+  }
+}
+
+// The reverse: vectors t[c], c < P, to cells [0, P) of the n planes at dst (kExact: as storef).
+// Planes of whole vectors go by transposes; others, whose rows would end in masked stores, are
+// put together lane by lane (the n planes are n * P consecutive elements) and stored in whole
+// vectors.
+template <bool kExact, typename T>
+inline void cells_to_planes8(const V8* t, int64_t P, int64_t n, T* dst) {
+  if (P % 8 == 0) {
+    for (int64_t c = 0; c < P; c += 8) {
+      __m256 r[8];
+      for (int64_t j = 0; j < 8; ++j) r[j] = t[c + j].get();
+      transpose8(r);
+      for (int64_t l = 0; l < n; ++l) storef<kExact>(dst + l * P + c, r[l]);
+    }
+    return;
+  }
+  float tmp[8 * kTinyPlaneCells + 8];  // + 8: the last vector load may pass the cells
+  for (int64_t l = 0; l < n; ++l) {
+    for (int64_t c = 0; c < P; ++c) tmp[l * P + c] = t[c].f[l];
+  }
+  const int64_t total = n * P;
+  for (int64_t i = 0; i < total; i += 8) {
+    store8<kExact>(dst + i, _mm256_loadu_ps(tmp + i), std::min<int64_t>(8, total - i));
+  }
+}
+
+// Runs the blocks of eight planes p .. p + n - 1 (the last may have fewer), split between
+// threads: task() makes each thread's block(p, n), with its buffers. `per_block`: the cells a
+// block touches.
+template <typename Task>
+void for_blocks8(int64_t planes, int64_t per_block, Task&& task) {
+  at::parallel_for(0, (planes + 7) / 8, grain_for(per_block), [&](int64_t b0, int64_t b1) {
+    auto block = task();
+    for (int64_t b = b0; b < b1; ++b) block(b * 8, std::min<int64_t>(8, planes - b * 8));
+  });
+}
+
+inline int64_t tiny_block_cells(const PoolGeometry& g, const PlaneWindows& w) {
+  return 8 * (g.in_plane() + static_cast<int64_t>(w.cell.size()));
+}
+
+// Max forward (kPos: with each maximum's window position). Returns false, doing nothing, where a
+// window is empty.
+template <bool kPos, typename pos_t, typename T>
+bool max_tiny_planes(const T* in, T* out, pos_t* pos, const PoolGeometry& g, int64_t planes) {
+  const PlaneWindows w(g);
+  if (!w.whole) return false;
+  const int64_t P = g.in_plane(), Q = g.out_plane();
+  const int32_t *first = w.first.data(), *cell = w.cell.data(), *k = w.k.data();
+  for_blocks8(planes, tiny_block_cells(g, w), [&] {
+    return [&, cells = std::vector<V8>(cell_vectors(P)), res = std::vector<V8>(cell_vectors(Q)),
+            at = std::vector<V8>(kPos ? Q : 0)](int64_t p, int64_t n) mutable {
+      planes_to_cells8(in + p * P, P, n, (planes - p) * P, cells.data());
+      for (int64_t o = 0; o < Q; ++o) {
+        __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+        __m256 best = _mm256_castsi256_ps(_mm256_set1_epi32(k[first[o]]));
+        for (int32_t e = first[o]; e < first[o + 1]; ++e) {
+          const __m256 v = cells[cell[e]].get();
+          if constexpr (kPos) {
+            take_torch(m, best, v, _mm256_castsi256_ps(_mm256_set1_epi32(k[e])));
+          } else {
+            m = _mm256_blendv_ps(m, v, take_mask(v, m));
+          }
+        }
+        res[o].set(m);
+        if constexpr (kPos) at[o].set(best);
+      }
+      cells_to_planes8<true>(res.data(), Q, n, out + p * Q);
+      if constexpr (kPos) {
+        for (int64_t o = 0; o < Q; ++o) {
+          int32_t t[8];
+          std::memcpy(t, at[o].f, sizeof t);
+          for (int64_t l = 0; l < n; ++l) pos[(p + l) * Q + o] = static_cast<pos_t>(t[l]);
+        }
+      }
+    };
+  });
+  return true;
+}
+
+// Max backward: each output's gradient added to the cell at its saved position, in output order
+// (torch's order of the additions). Returns false, doing nothing, where a window is empty.
+template <typename T, typename pos_t>
+bool max_bwd_tiny_planes(const T* gout, const pos_t* pos, T* gin, const PoolGeometry& g,
+                         int64_t planes) {
+  const PlaneWindows w(g);
+  if (!w.whole) return false;
+  const int64_t P = g.in_plane(), Q = g.out_plane();
+  const int32_t *first = w.first.data(), *cell = w.cell.data(), *k = w.k.data();
+  for_blocks8(planes, tiny_block_cells(g, w), [&] {
+    return [&, grad = std::vector<V8>(cell_vectors(Q)),
+            acc = std::vector<V8>(cell_vectors(P))](int64_t p, int64_t n) mutable {
+      planes_to_cells8(gout + p * Q, Q, n, (planes - p) * Q, grad.data());
+      std::fill(acc.begin(), acc.end(), V8{});
+      for (int64_t o = 0; o < Q; ++o) {
+        int32_t t[8];
+        for (int64_t l = 0; l < 8; ++l) t[l] = l < n ? static_cast<int32_t>(pos[(p + l) * Q + o]) : -1;
+        const __m256i at = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t));
+        for (int32_t e = first[o]; e < first[o + 1]; ++e) {
+          const __m256 hit = _mm256_castsi256_ps(_mm256_cmpeq_epi32(at, _mm256_set1_epi32(k[e])));
+          acc[cell[e]].set(_mm256_add_ps(acc[cell[e]].get(), _mm256_and_ps(hit, grad[o].get())));
+        }
+      }
+      cells_to_planes8<false>(acc.data(), P, n, gin + p * P);
+    };
+  });
+  return true;
+}
+
+// Average forward (kGrad false) and backward; div[o]: output o's divisor. The forward sums each
+// window in torch's order and divides once; the backward divides each output's gradient once and
+// adds it to the window's cells in output order, as avg_bwd_scatter does.
+template <bool kGrad, typename T>
+void avg_tiny_planes(const T* src, T* dst, const PoolGeometry& g, int64_t planes, const float* div) {
+  const PlaneWindows w(g);
+  const int64_t P = g.in_plane(), Q = g.out_plane();
+  const int64_t S = kGrad ? Q : P, D = kGrad ? P : Q;  // cells of a source and a result plane
+  const int32_t *first = w.first.data(), *cell = w.cell.data();
+  for_blocks8(planes, tiny_block_cells(g, w), [&] {
+    return [&, a = std::vector<V8>(cell_vectors(S)),
+            b = std::vector<V8>(cell_vectors(D))](int64_t p, int64_t n) mutable {
+      planes_to_cells8(src + p * S, S, n, (planes - p) * S, a.data());
+      if (kGrad) std::fill(b.begin(), b.end(), V8{});
+      for (int64_t o = 0; o < Q; ++o) {
+        const __m256 d = _mm256_set1_ps(div[o]);
+        if constexpr (kGrad) {
+          const __m256 share = _mm256_div_ps(a[o].get(), d);
+          for (int32_t e = first[o]; e < first[o + 1]; ++e) {
+            b[cell[e]].set(_mm256_add_ps(b[cell[e]].get(), share));
+          }
+        } else {
+          __m256 s = _mm256_setzero_ps();
+          for (int32_t e = first[o]; e < first[o + 1]; ++e) s = _mm256_add_ps(s, a[cell[e]].get());
+          b[o].set(_mm256_div_ps(s, d));
+        }
+      }
+      cells_to_planes8<false>(b.data(), D, n, dst + p * D);
+    };
+  });
+}
+
+#endif  // TORCHPOOL_AVX2
+
 // ---------------------------------------------------------------------------------------------
 // Max pool forward.
 
@@ -2190,6 +2424,7 @@ void max_fwd_planar(const scalar_t* in, scalar_t* out, pos_t* pos, const PoolGeo
                     int64_t planes) {
 #if defined(TORCHPOOL_AVX2)
   if constexpr (kFusedType<scalar_t>) {
+    if (tiny_planes_ok(g, planes) && max_tiny_planes<kPos>(in, out, pos, g, planes)) return;
     if (tiles_w2_ok(g)) {
       const int64_t nr = g.kernel[0] * g.kernel[1];
       if (nr == 1) max_tiles_w2<1, kPos>(in, out, pos, g, planes);
@@ -2794,6 +3029,9 @@ template <typename scalar_t, typename pos_t>
 void max_bwd_planar(const scalar_t* gout, const pos_t* pos, scalar_t* gin, const PoolGeometry& g,
                     int64_t planes) {
 #if defined(TORCHPOOL_AVX2)
+  if constexpr (kFusedType<scalar_t>) {
+    if (tiny_planes_ok(g, planes) && max_bwd_tiny_planes(gout, pos, gin, g, planes)) return;
+  }
   if constexpr (kFusedType<scalar_t> && std::is_same_v<pos_t, uint8_t>) {
     if (tile_bwd_ok(g, planes)) {
       max_bwd_tiles(gout, pos, gin, g, planes);
@@ -2931,6 +3169,16 @@ struct AvgTables {
     for (size_t ow = 0; ow < w.count.size(); ++ow) {
       div[ow] = static_cast<acc_t>(divisor_override != 0 ? divisor_override : dh * w.count[ow]);
     }
+  }
+  // Every output's divisor, the same for each plane.
+  template <typename acc_t>
+  std::vector<acc_t> divisors() const {
+    const int64_t OD = d.count.size(), OH = h.count.size(), OW = w.count.size();
+    std::vector<acc_t> div(OD * OH * OW);
+    for (int64_t od = 0; od < OD; ++od) {
+      for (int64_t oh = 0; oh < OH; ++oh) row_divisors(od, oh, div.data() + (od * OH + oh) * OW);
+    }
+    return div;
   }
   // The divisor is separable: (d count * h count) * w count, or the override everywhere.
   int64_t dh_factor(int64_t od, int64_t oh) const {
@@ -3343,6 +3591,11 @@ void avg_fwd_planar(const scalar_t* in, scalar_t* out, const PoolGeometry& g, in
                     bool count_include_pad, int64_t divisor_override) {
 #if defined(TORCHPOOL_AVX2)
   if constexpr (kFusedType<scalar_t>) {
+    if (tiny_planes_ok(g, planes)) {
+      const AvgTables t(g, false, count_include_pad, divisor_override);
+      avg_tiny_planes<false>(in, out, g, planes, t.divisors<float>().data());
+      return;
+    }
     if (tiles_w2_ok(g)) {
       const int64_t nr = g.kernel[0] * g.kernel[1];
       if (nr == 1) avg_tiles_w2<1>(in, out, g, planes, divisor_override);
@@ -3530,10 +3783,7 @@ void avg_bwd_scatter(const scalar_t* gout, scalar_t* gin, const PoolGeometry& g,
   RowPhases ph(g);
   ph.len = (ph.len + 7) / 8 * 8;  // whole vectors per phase
   const int64_t len = ph.size();
-  std::vector<acc_t> div(OD * OH * OW);  // every output's divisor, the same for each plane
-  for (int64_t od = 0; od < OD; ++od) {
-    for (int64_t oh = 0; oh < OH; ++oh) t.row_divisors(od, oh, div.data() + (od * OH + oh) * OW);
-  }
+  const std::vector<acc_t> div = t.divisors<acc_t>();
   at::parallel_for(0, planes, grain_for(g.in_plane()), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buf(ID * IH * len), tmp(OW);
     std::vector<acc_t> scaled(KW + ph.len + 8, acc_t(0));  // zero margins around [KW, KW + OW)
@@ -3687,6 +3937,10 @@ void avg_bwd_planar(const scalar_t* gout, scalar_t* gin, const PoolGeometry& g, 
   const AvgTables t(g, true, count_include_pad, divisor_override);
 #if defined(TORCHPOOL_AVX2)
   if constexpr (kFusedType<scalar_t>) {
+    if (tiny_planes_ok(g, planes)) {
+      avg_tiny_planes<true>(gout, gin, g, planes, t.divisors<float>().data());
+      return;
+    }
     if (tile_bwd_ok(g, planes)) {
       avg_bwd_tiles(gout, gin, g, planes, t);
       return;
