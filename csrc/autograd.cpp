@@ -136,12 +136,13 @@ struct GlobalMaxPoolBackward : torch::autograd::Function<GlobalMaxPoolBackward> 
     return ops().global_max_pool_backward.call(grad, pos, size, cl);
   }
 
-  // d(grad_input)/d(grad_output) picks each plane's saved cell.
+  // d(grad_input)/d(grad_output) picks each plane's saved cell (saved in the plane's narrowest
+  // dtype; gather takes int64).
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto pos = ctx->get_saved_variables()[0];
     const auto planes = grads[0].reshape({pos.size(0), pos.size(1), -1});
-    return {planes.gather(2, pos.unsqueeze(-1)).squeeze(-1), at::Tensor(), at::Tensor(),
-            at::Tensor()};
+    const auto cells = pos.to(at::kLong).unsqueeze(-1);
+    return {planes.gather(2, cells).squeeze(-1), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 

@@ -4,6 +4,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/core/ScalarType.h>
 
+#include <limits>
+
 #include "geometry.h"
 
 namespace torchpool {
@@ -37,6 +39,20 @@ inline at::MemoryFormat channels_last_format(int64_t dim) {
 // Dtype of the saved window position: one byte while the window has at most 256 cells.
 inline at::ScalarType position_dtype(const PoolGeometry& g) {
   return g.window_cells() <= 256 ? at::kByte : at::kInt;
+}
+
+// Dtype of the global max's saved cell, whose window is the whole plane of `cells` cells: the
+// narrowest that holds every cell (one byte up to 256 cells, as a window's position).
+inline at::ScalarType global_position_dtype(int64_t cells) {
+  return cells <= 256 ? at::kByte
+                      : cells <= std::numeric_limits<int32_t>::max() ? at::kInt : at::kLong;
+}
+
+// Cells of a global pool's plane: the product of the spatial sizes.
+inline int64_t plane_cells(c10::IntArrayRef sizes) {
+  int64_t p = 1;
+  for (size_t d = 2; d < sizes.size(); ++d) p *= sizes[d];
+  return p;
 }
 
 // Checks that a gradient (or saved position) has the pool's output shape.

@@ -7,6 +7,8 @@
 //     B::check_window(op, g) (max pool ops), the device's extra checks (no-ops in DefaultHooks);
 //   * B::empty(shape, options), which allocates every output (at::empty in DefaultHooks; the CPU
 //     backend takes large ones from its cache of freed blocks, cpu/output_cache.h);
+//   * B::global_position_dtype(cells), the dtype of the global max's saved cells
+//     (global_position_dtype of common.h in DefaultHooks);
 //   * the kernels, with the signatures of cpu::Kernels (csrc/cpu/dispatch.h): all tensors dense
 //     in the layout given by `cl`, outputs allocated, `pos` null when no position is written.
 //     Only the kernels of the registered op families are needed.
@@ -39,6 +41,9 @@ struct DefaultHooks {
   static void check_window(const char*, const PoolGeometry&) {}
   static Tensor empty(IntArrayRef shape, const at::TensorOptions& options) {
     return at::empty(shape, options);
+  }
+  static at::ScalarType global_position_dtype(int64_t cells) {
+    return torchpool::global_position_dtype(cells);
   }
 };
 
@@ -214,7 +219,8 @@ std::tuple<Tensor, Tensor> global_max_impl(const Tensor& self, bool with_pos) {
   Tensor out = new_output<B>({self.size(0), self.size(1)}, self.options());
   Tensor pos;
   if (with_pos) {
-    pos = new_output<B>({self.size(0), self.size(1)}, self.options().dtype(at::kLong));
+    pos = new_output<B>({self.size(0), self.size(1)},
+                        self.options().dtype(B::global_position_dtype(plane_cells(self.sizes()))));
   }
   if (out.numel() == 0) return {out, pos};
   B::global_max_fwd(x, out, with_pos ? &pos : nullptr, is_channels_last(fmt));
@@ -269,9 +275,11 @@ Tensor global_max_pool_backward(const Tensor& grad_output, const Tensor& pos,
   B::check_same_device(op, grad_output, "grad_output", pos, "pos");
   const typename B::Guard guard(grad_output.device());
   Tensor gin = global_grad_input<B>(op, grad_output, input_size, channels_last);
-  TORCH_CHECK(pos.scalar_type() == at::kLong && pos.sizes() == grad_output.sizes(), op,
-              ": pos must be an int64 tensor of shape ", detail::fmt(grad_output.sizes()),
-              ", got ", pos.scalar_type(), " of shape ", detail::fmt(pos.sizes()));
+  const auto pos_dtype = B::global_position_dtype(plane_cells(input_size));
+  TORCH_CHECK(pos.scalar_type() == pos_dtype && pos.sizes() == grad_output.sizes(), op,
+              ": pos must be a ", pos_dtype, " tensor of shape ", detail::fmt(grad_output.sizes()),
+              " (the cells of planes of ", plane_cells(input_size), "), got ", pos.scalar_type(),
+              " of shape ", detail::fmt(pos.sizes()));
   if (gin.numel() == 0) return gin;
   const Tensor p = pos.contiguous();
   B::global_bwd(grad_output.contiguous(), &p, gin, channels_last);

@@ -238,3 +238,23 @@ def test_raw_backward_ops_check_shapes(device):
         ops.avg_pool_backward(bad, list(x.shape), [2, 2], [2, 2], [0, 0], [0, 0], False, True, None)
     with pytest.raises(RuntimeError, match=r"shape"):
         ops.global_avg_pool_backward(torch.randn(2, 4, device=device), list(x.shape), False)
+
+
+def test_raw_backward_ops_check_position_dtypes(device):
+    """The saved positions must have the dtype the forward gives them: a window's position in one
+    byte up to 256 cells (int32 above), the global max's cell in the plane's narrowest dtype on
+    the CPU (int64 on CUDA)."""
+    ops = torch.ops.torchpool
+    x = inp(2, device)
+    shape = list(x.shape)
+    out, pos = ops.max_pool_with_pos(x, [2, 2], [2, 2], [0, 0], [0, 0], [1, 1], False)
+    assert pos.dtype == torch.uint8
+    with pytest.raises(RuntimeError, match=r"max_pool_backward: pos must have dtype Byte for a window of 4 cells, got Long"):
+        ops.max_pool_backward(out, pos.long(), shape, [2, 2], [2, 2], [0, 0], [0, 0], [1, 1], False)
+    gout, gpos = ops.global_max_pool_with_pos(x)
+    want = torch.uint8 if device == "cpu" else torch.int64
+    assert gpos.dtype == want
+    wrong = gpos.int()
+    with pytest.raises(RuntimeError, match=r"global_max_pool_backward: pos must be a (Byte|Long) tensor of shape "
+                                           r"\(2, 3\) \(the cells of planes of \d+\), got Int"):
+        ops.global_max_pool_backward(gout, wrong, shape, False)

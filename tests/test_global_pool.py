@@ -521,6 +521,31 @@ def _assert_every_call_fails(message, **env):
         assert line.startswith(message), line
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("side,dtype,itemsize", [(1, torch.uint8, 1), (14, torch.uint8, 1), (16, torch.uint8, 1),
+                                                 (17, torch.int32, 4), (60, torch.int32, 4)])
+def test_max_saves_each_cell_in_the_fewest_bytes(device, rng, layout, side, dtype, itemsize):
+    """Training saves each plane's maximum cell for the backward: on the CPU in the plane's
+    narrowest dtype (one byte up to 256 cells, as a window's position; int32 above), on CUDA as
+    int64; the gradient still reaches torch's cell."""
+    x = make_input((3, 5, side, side), torch.float32, device, layout, rng, kind="distinct").requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = tpf.global_max_pool2d(x)
+    cells = [t for t in saved if t.dtype in (torch.uint8, torch.int32, torch.int64)]
+    assert len(cells) == 1 and cells[0].shape == (3, 5)
+    if device == "cpu":
+        assert cells[0].dtype == dtype and cells[0].element_size() == itemsize
+    else:
+        assert cells[0].dtype == torch.int64
+    _, idx = F.adaptive_max_pool2d(x.detach(), 1, return_indices=True)
+    assert torch.equal(cells[0].long().cpu(), idx.flatten(1).cpu())
+    g = torch.rand(3, 5, generator=rng).to(device) + 1
+    out.backward(g)
+    want = torch.zeros(3, 5, side * side, device=device).scatter_(2, idx.flatten(2), g[..., None])
+    assert torch.equal(x.grad.reshape(3, 5, -1), want)
+
+
 def test_cpu_kernels_named():
     """torchpool.cpu_kernels() names the instruction set and the tuning in use; without
     TORCHPOOL_CPU_TUNE the tuning follows the CPU's vendor."""

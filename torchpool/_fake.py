@@ -63,9 +63,20 @@ torch.library.register_fake("torchpool::global_max_pool")(_global)
 torch.library.register_fake("torchpool::global_avg_pool")(_global)
 
 
+def _global_position_dtype(self):
+    """csrc/common.h's global_position_dtype on the CPU (the narrowest dtype that holds every cell
+    of a plane: uint8 up to 256 cells); the CUDA kernels write int64."""
+    if self.device.type != "cpu":
+        return torch.int64
+    cells = 1
+    for s in self.shape[2:]:
+        cells = cells * s
+    return torch.uint8 if cells <= 256 else torch.int32 if cells <= 2**31 - 1 else torch.int64
+
+
 @torch.library.register_fake("torchpool::global_max_pool_with_pos")
 def _global_max_pool_with_pos(self):
-    return _global(self), self.new_empty(self.shape[:2], dtype=torch.int64)
+    return _global(self), self.new_empty(self.shape[:2], dtype=_global_position_dtype(self))
 
 
 def _global_backward_layout(input_size, channels_last):

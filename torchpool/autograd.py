@@ -156,7 +156,8 @@ class GlobalMaxPoolBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_grad_input):
         (pos,) = ctx.saved_tensors
-        return _gather(grad_grad_input, pos.unsqueeze(-1)).squeeze(-1), None, None, None
+        # The cells are saved in the plane's narrowest dtype; gather takes int64.
+        return _gather(grad_grad_input, pos.long().unsqueeze(-1)).squeeze(-1), None, None, None
 
 
 class GlobalAvgPool(torch.autograd.Function):

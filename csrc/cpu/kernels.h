@@ -4263,9 +4263,9 @@ inline int64_t find_max_cell(const T* __restrict src, int64_t n, float m) {
 // same fold with an integer minimum; out and pos are written for the planes without a NaN.
 // Returns the mask of planes holding a NaN, whose out and pos are left for the caller (the last
 // NaN's cell is reduce_argmax's to find).
-template <typename T>
+template <typename T, typename pos_t>
 inline int merge_argmax8(const T* __restrict src, int64_t n, const __m256* m, const __m256i* at,
-                         const __m256* nan, T* __restrict out, int64_t* __restrict pos) {
+                         const __m256* nan, T* __restrict out, pos_t* __restrict pos) {
   const __m256 mx = fold8([](__m256 a, __m256 b) { return _mm256_max_ps(a, b); }, m);
   const int has_nan =
       _mm256_movemask_ps(fold8([](__m256 a, __m256 b) { return _mm256_or_ps(a, b); }, nan));
@@ -4300,9 +4300,9 @@ inline int merge_argmax8(const T* __restrict src, int64_t n, const __m256* m, co
 // on the data, and eight planes give the out-of-order core independent work where one plane's
 // merge is a chain of dependent shuffles (NOTES §97). Returns merge_argmax8's mask of planes
 // holding a NaN. +0 and -0 compare equal, so a zero maximum is the first zero.
-template <typename T>
+template <typename T, typename pos_t>
 inline int argmax_planes8(const T* __restrict src, int64_t n, T* __restrict out,
-                          int64_t* __restrict pos) {
+                          pos_t* __restrict pos) {
   const int64_t full = n / 8 * 8;
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   __m256 m[8];
@@ -4440,14 +4440,15 @@ inline int64_t reduce_argmax_blocked(const T* __restrict src, int64_t n, T* valu
 
 constexpr int64_t kLanes = 16;  // independent partial results: vectorizable, and more accurate
 
-template <typename scalar_t, bool kPos>
-void global_max_planar(const scalar_t* in, scalar_t* out, int64_t* pos, int64_t planes,
+// pos (kPos): each maximum's cell, of the plane's global_position_dtype (common.h).
+template <typename scalar_t, bool kPos, typename pos_t>
+void global_max_planar(const scalar_t* in, scalar_t* out, pos_t* pos, int64_t planes,
                        int64_t P) {
   using acc_t = acc_type<scalar_t>;
   if (P == 1) {  // a plane of one cell is its own maximum
     at::parallel_for(0, planes, 16384, [&](int64_t begin, int64_t end) {
       std::copy(in + begin, in + end, out + begin);
-      if (kPos) std::fill(pos + begin, pos + end, int64_t{0});
+      if (kPos) std::fill(pos + begin, pos + end, pos_t{0});
     });
     return;
   }
@@ -4606,8 +4607,8 @@ inline int64_t cl_channel_block(int64_t N, int64_t C) {
   return b;
 }
 
-template <typename scalar_t, bool kPos>
-void global_max_cl(const scalar_t* in, scalar_t* out, int64_t* pos, int64_t N, int64_t C,
+template <typename scalar_t, bool kPos, typename pos_t>
+void global_max_cl(const scalar_t* in, scalar_t* out, pos_t* pos, int64_t N, int64_t C,
                    int64_t P) {
   using acc_t = acc_type<scalar_t>;
   const int64_t kBlock = cl_channel_block(N, C);
@@ -4837,8 +4838,8 @@ inline void stream_plane_means(float* gin, const float* gout, int64_t begin, int
 #endif
 
 // grad_in = 0 except grad at the saved position (max), or grad / P everywhere (avg).
-template <typename scalar_t, bool kMax>
-void global_bwd(const scalar_t* gout, const int64_t* pos, scalar_t* gin, int64_t N, int64_t C,
+template <typename scalar_t, bool kMax, typename pos_t>
+void global_bwd(const scalar_t* gout, const pos_t* pos, scalar_t* gin, int64_t N, int64_t C,
                 int64_t P, bool cl) {
   using acc_t = acc_type<scalar_t>;
   const int64_t rows = cl ? N * P : N * C;   // contiguous runs of the output

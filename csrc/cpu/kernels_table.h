@@ -88,16 +88,30 @@ inline void avg_bwd(const Tensor& gout, const Tensor& gin, const PoolGeometry& g
   });
 }
 
+// Calls f(pos_t{}) for the dtype of the global max's saved cells (uint8, int32 or int64:
+// global_position_dtype).
+template <typename F>
+inline void with_position_type(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kByte: f(uint8_t{}); break;
+    case at::kInt: f(int32_t{}); break;
+    default: f(int64_t{}); break;
+  }
+}
+
 inline void global_max_fwd(const Tensor& in, const Tensor& out, const Tensor* pos, bool cl) {
   const int64_t N = in.size(0), C = in.size(1), P = spatial_numel(in);
   TORCHPOOL_DISPATCH(in, "global_max_pool", [&] {
     const scalar_t* x = in.const_data_ptr<scalar_t>();
     scalar_t* y = out.mutable_data_ptr<scalar_t>();
-    int64_t* p = pos ? pos->mutable_data_ptr<int64_t>() : nullptr;
     if (pos) {
-      cl ? global_max_cl<scalar_t, true>(x, y, p, N, C, P)
-         : global_max_planar<scalar_t, true>(x, y, p, N * C, P);
+      with_position_type(pos->scalar_type(), [&](auto zero) {
+        auto* p = pos->mutable_data_ptr<decltype(zero)>();
+        cl ? global_max_cl<scalar_t, true>(x, y, p, N, C, P)
+           : global_max_planar<scalar_t, true>(x, y, p, N * C, P);
+      });
     } else {
+      uint8_t* p = nullptr;
       cl ? global_max_cl<scalar_t, false>(x, y, p, N, C, P)
          : global_max_planar<scalar_t, false>(x, y, p, N * C, P);
     }
@@ -119,9 +133,11 @@ inline void global_bwd(const Tensor& gout, const Tensor* pos, const Tensor& gin,
     const scalar_t* go = gout.const_data_ptr<scalar_t>();
     scalar_t* gi = gin.mutable_data_ptr<scalar_t>();
     if (pos) {
-      global_bwd<scalar_t, true>(go, pos->const_data_ptr<int64_t>(), gi, N, C, P, cl);
+      with_position_type(pos->scalar_type(), [&](auto zero) {
+        global_bwd<scalar_t, true>(go, pos->const_data_ptr<decltype(zero)>(), gi, N, C, P, cl);
+      });
     } else {
-      global_bwd<scalar_t, false>(go, nullptr, gi, N, C, P, cl);
+      global_bwd<scalar_t, false>(go, static_cast<const uint8_t*>(nullptr), gi, N, C, P, cl);
     }
   });
 }

@@ -359,6 +359,9 @@ struct Hooks {
                 ref_name, " is on ", ref.device());
   }
 
+  // The global max kernels write each maximum's cell as int64, whatever the plane's size.
+  static at::ScalarType global_position_dtype(int64_t) { return at::kLong; }
+
   // The max pool kernels number the cells of a window with 32-bit ints.
   static void check_window(const char* op, const PoolGeometry& g) {
     TORCH_CHECK(g.window_cells() <= std::numeric_limits<int32_t>::max(), op, ": a window of ",
