@@ -131,6 +131,12 @@ inline int64_t staged_whole(int64_t n, int64_t max_bytes) {
 // so that runs which do not end on line boundaries (planes of 784 bytes, say) cost no partial
 // lines between them, which ordinary stores would have to read first (NOTES §81). The destructor
 // flushes and fences.
+//
+// The buffer starts on a 4 KiB page boundary, so that one of up to 4 KiB lies within a page. The
+// window backwards stage short rows 1 KiB at a time, rewriting the same buffer every few rows
+// with stores a cell off the lines (padding of one); where the buffer from `new` straddled two
+// pages, the stores and loads across the boundary slowed the thread that owned it to half speed,
+// in some processes and not others, by where the heap put it (NOTES §108).
 template <typename T>
 class StagedRuns {
  public:
@@ -153,7 +159,11 @@ class StagedRuns {
     } else if (used_ + n > cap_) {
       flush_lines();
     }
-    if (!buf_) buf_.reset(new T[cap_ + kLineCells]);
+    if (!buf_) {
+      const size_t bytes = static_cast<size_t>(cap_ + kLineCells) * sizeof(T);
+      buf_.reset(static_cast<T*>(std::aligned_alloc(kPage, (bytes + kPage - 1) / kPage * kPage)));
+      TORCH_CHECK(buf_ != nullptr, "torchpool: out of memory for a ", bytes, "-byte staging buffer");
+    }
     if (used_ == 0) dst_ = dst;
     T* p = buf_.get() + used_;
     used_ += n;
@@ -183,9 +193,13 @@ class StagedRuns {
     streamed_ = true;
   }
 
+  static constexpr size_t kPage = 4096;
+  struct Free {
+    void operator()(T* p) const { std::free(p); }
+  };
   bool on_, streamed_ = false;
   int64_t cap_;
-  std::unique_ptr<T[]> buf_;
+  std::unique_ptr<T[], Free> buf_;
   T* dst_ = nullptr;
   int64_t used_ = 0;
 };
