@@ -11,6 +11,7 @@ import shutil
 from setuptools import setup
 
 import torch
+from torch.utils import cpp_extension
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, CUDA_HOME
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -28,11 +29,21 @@ def _sources(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
+# The stable ABI's version: torch's BuildExtension (2.7 on) defines Py_LIMITED_API for extensions
+# built with py_limited_api=True, at its own minimum Python; older versions leave it to us. One
+# definition only, and the wheel tagged for the version the code is built against.
+_TORCH_LIMITED_API = getattr(cpp_extension, "min_supported_cpython", None)
+LIMITED_API = int(_TORCH_LIMITED_API, 16) if _TORCH_LIMITED_API else 0x03090000
+WHEEL_ABI = f"cp3{(LIMITED_API >> 16) & 0xFF}"
+
+
 def extension():
     with_cuda = _want_cuda()
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     # -fopenmp: at::parallel_for is inlined into our code and runs serially without it.
-    cxx = ["-O3", "-g0", "-fopenmp", "-DPy_LIMITED_API=0x03090000"]
+    cxx = ["-O3", "-g0", "-fopenmp"]
+    if _TORCH_LIMITED_API is None:
+        cxx.append(f"-DPy_LIMITED_API={LIMITED_API:#010x}")
     link = ["-fopenmp"]
     if with_cuda:
         sources += _sources("csrc/cuda/*.cu")
@@ -57,5 +68,5 @@ def extension():
 setup(
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    options={"bdist_wheel": {"py_limited_api": WHEEL_ABI}},
 )
