@@ -45,10 +45,13 @@ if ! [ -f "${INCLUDES[0]}/c10/cuda/impl/cuda_cmake_macros.h" ]; then
   echo '#define C10_CUDA_BUILD_SHARED_LIBS' > "$TMP/include/c10/cuda/impl/cuda_cmake_macros.h"
 fi
 
+# The stable ABI version setup.py builds against (torch's own where its BuildExtension sets one).
+LIMITED_API="$("$PYTHON" -c 'from torch.utils import cpp_extension as c; print(getattr(c, "min_supported_cpython", "0x03090000"))')"
+
 FLAGS=(-c "-std=${CUDA_CHECK_STD:-c++20}" -O3 -lineinfo --expt-relaxed-constexpr -Xcompiler -fPIC
        -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
        -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__
-       -DTORCH_API_INCLUDE_EXTENSION_H -DTORCH_EXTENSION_NAME=_C -DPy_LIMITED_API=0x03090000
+       -DTORCH_API_INCLUDE_EXTENSION_H -DTORCH_EXTENSION_NAME=_C "-DPy_LIMITED_API=$LIMITED_API"
        -DTORCHPOOL_WITH_CUDA
        -I "$TMP/include" -I "$ROOT/csrc")
 for inc in "${INCLUDES[@]}"; do FLAGS+=(-I "$inc"); done
