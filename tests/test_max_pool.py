@@ -300,6 +300,37 @@ def test_signed_zero_ties_keep_the_first(device, rng, layout, kw):
         assert torch.equal(torch.signbit(tpf.max_pool2d(x, **kw)), torch.signbit(rout))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(2, 3, 6, 12, 22), (1, 2, 4, 8, 16), (3, 2, 5, 7, 35), (1, 4, 2, 2, 64)])
+def test_two_deep_windows_ties_zeros_nans(device, rng, dtype, shape):
+    """2 x 2 x 2 windows read one depth slice at a time (rows of 8 to 32 outputs, a last chunk
+    overlapping the one before, odd sizes that drop the last slice, row and column): values from a
+    few integers, so that most windows hold ties within a slice and across the two, +0 and -0, and
+    NaNs in either slice. Values and the sign bits of zeros, NaNs, torch's indices (float32; half types: a cell
+    holding the maximum) and the gradient, without and with grad."""
+    v = torch.randint(-3, 2, shape, generator=rng).to(torch.float32)
+    v = torch.where((v == 0) & (torch.rand(shape, generator=rng) < 0.5), torch.tensor(-0.0), v)
+    nan_at = torch.randperm(v.numel(), generator=rng)[: max(2, v.numel() // 300)]
+    v.view(-1)[nan_at] = float("nan")
+    x = v.to(dtype=dtype, device=device)
+    (rout, ridx), rgrad, g = run_fwd_bwd(lambda t: F.max_pool3d(t, 2, return_indices=True), x.float(), gen=rng)
+    assert bool(torch.isnan(rout).any()) and bool((~torch.isnan(rout)).any())
+    with torch.no_grad():
+        inferred = tpf.max_pool3d(x, 2)
+    (out, idx), grad, _ = run_fwd_bwd(lambda t: tpf.max_pool3d(t, 2, return_indices=True), x, g=g.to(dtype))
+    for o in (inferred, out):
+        assert torch.equal(torch.isnan(o), torch.isnan(rout))
+        assert torch.equal(o.float().nan_to_num(5.0), rout.nan_to_num(5.0))
+        kept = ~torch.isnan(rout)  # a NaN's sign bit is not kept by the conversions
+        assert torch.equal(torch.signbit(o)[kept], torch.signbit(rout)[kept])
+    if dtype == torch.float32:
+        assert torch.equal(idx, ridx)
+    else:
+        picked = spatial_flat(x, 3).gather(-1, spatial_flat(idx, 3))
+        assert_close(picked, spatial_flat(rout.to(dtype), 3), exact=True, equal_nan=True)
+    assert_close(grad, rgrad.to(dtype), dtype)
+
+
 @pytest.mark.parametrize("kw", [dict(kernel_size=2), dict(kernel_size=3, stride=2, padding=1),
                                 dict(kernel_size=3, stride=1)])
 def test_nan_inside_wide_rows(device, rng, kw):

@@ -124,6 +124,30 @@ inline int64_t staged_whole(int64_t n, int64_t max_bytes) {
   return bytes > max_bytes ? 0 : n * std::max<int64_t>(1, (4 << 10) / bytes);
 }
 
+// Scratch memory of n cells that starts on a 4 KiB page boundary, its size rounded up to whole
+// pages, so that a buffer of up to 4 KiB lies within one page: loads and stores split across two
+// pages are the core's slow case, and a small buffer rewritten over and over where the heap put it
+// across a page's end slowed its thread to half speed (NOTES §108).
+template <typename T>
+class PageBuffer {
+ public:
+  PageBuffer() = default;
+  explicit PageBuffer(int64_t n) {
+    const size_t bytes = static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(T);
+    p_.reset(static_cast<T*>(std::aligned_alloc(kPage, (bytes + kPage - 1) / kPage * kPage)));
+    TORCH_CHECK(p_ != nullptr, "torchpool: out of memory for a ", bytes, "-byte scratch buffer");
+  }
+  T* get() const { return p_.get(); }
+  explicit operator bool() const { return p_ != nullptr; }
+
+ private:
+  static constexpr size_t kPage = 4096;
+  struct Free {
+    void operator()(T* p) const { std::free(p); }
+  };
+  std::unique_ptr<T[], Free> p_;
+};
+
 // Consecutive runs of a result, staged and streamed out: at(dst, n) gives where to write the n
 // cells meant for dst (the staging buffer when streaming, else dst itself); runs follow each other
 // in memory until flush() (or a run that does not follow) writes the staged ones out. A full
@@ -159,11 +183,7 @@ class StagedRuns {
     } else if (used_ + n > cap_) {
       flush_lines();
     }
-    if (!buf_) {
-      const size_t bytes = static_cast<size_t>(cap_ + kLineCells) * sizeof(T);
-      buf_.reset(static_cast<T*>(std::aligned_alloc(kPage, (bytes + kPage - 1) / kPage * kPage)));
-      TORCH_CHECK(buf_ != nullptr, "torchpool: out of memory for a ", bytes, "-byte staging buffer");
-    }
+    if (!buf_) buf_ = PageBuffer<T>(cap_ + kLineCells);
     if (used_ == 0) dst_ = dst;
     T* p = buf_.get() + used_;
     used_ += n;
@@ -193,13 +213,9 @@ class StagedRuns {
     streamed_ = true;
   }
 
-  static constexpr size_t kPage = 4096;
-  struct Free {
-    void operator()(T* p) const { std::free(p); }
-  };
   bool on_, streamed_ = false;
   int64_t cap_;
-  std::unique_ptr<T[], Free> buf_;
+  PageBuffer<T> buf_;
   T* dst_ = nullptr;
   int64_t used_ = 0;
 };
@@ -1454,6 +1470,99 @@ void max_tiles_w2(const T* in, T* out, pos_t* pos, const PoolGeometry& g, int64_
   });
 }
 
+// max_tiles_w2's windows of 2 x 2 x 2 cells (NCDHW, NR = 4 rows from two depth slices): the
+// output row by row took its four window rows from two input slices at once, two streams a slice
+// apart, and read the input at 70-85 % of the rate of the same bytes pooled 2 x 2 as one slice
+// (NOTES §109). Here each output slice is done in two passes, each over one input slice, so the
+// input is read in its own order: the first slice's two-row maxima and positions (0-3) are kept
+// chunk by chunk in a buffer in L1 or L2, then the second slice's (positions 4-7) are folded into
+// them (a later slice wins only if greater) and written out. A chunk with a NaN in either slice is
+// redone by torch's compare-and-blend chain over its eight cells (rare).
+template <bool kPos, typename pos_t, typename T>
+void max_tiles_w2_slices(const T* in, T* out, pos_t* pos, const PoolGeometry& g, int64_t planes) {
+  const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
+  const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2];
+  const int64_t off_h = window_row_offset(g, 1), off_d = window_row_offset(g, 2);
+  const int64_t chunks = (OW + 7) / 8;
+  const bool staged = forward_streams<T>(planes * OD * OH * OW);
+  at::parallel_for(0, planes * OD, grain_for(OH * OW * 8), [&](int64_t begin, int64_t end) {
+    StagedRuns<T> st(staged, staged_whole<T>(OW, kOutRunBytes));
+    const int64_t ow_n = OW, oh_n = OH, iw_n = IW, step_h = g.stride[1] * IW, oh_ch = OH * chunks;
+    const int64_t od_n = OD, id_n = ID, slice = IH * IW, sd = g.stride[0];
+    // The first slice's results: maxima, positions (as float bits) and NaN flags, a chunk each.
+    PageBuffer<float> kept(oh_ch * 8 * (kPos ? 2 : 1));
+    std::vector<uint8_t> kept_nan(oh_ch);
+    float* const km = kept.get();
+    float* const kb = km + oh_ch * 8;
+    const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    // Two window rows (r, r + off_h) of a chunk: their maximum m, its position b (base + 0-3:
+    // the first of equals stays) and the NaN test.
+    auto two_rows = [&](const T* r, int64_t x0, int32_t base, __m256& m, __m256& b, __m256& nan) {
+      __m256 c[2][2];
+      for (int j = 0; j < 2; ++j) {
+        const T* row = r + j * off_h;
+        prefetch_ahead<4096, 1>(row + x0);
+        for_window_row<2, 2, false>(row, x0, iw_n, 2, ninf, [&](int64_t kw, __m256 v) { c[j][kw] = v; });
+      }
+      __m256 m1 = _mm256_max_ps(c[1][1], c[1][0]);
+      m = _mm256_max_ps(c[0][1], c[0][0]);
+      nan = _mm256_or_ps(_mm256_cmp_ps(c[0][0], c[0][1], _CMP_UNORD_Q),
+                         _mm256_cmp_ps(c[1][0], c[1][1], _CMP_UNORD_Q));
+      if (kPos) {  // base + 2j, or + 2j + 1 where the odd cell is greater
+        b = _mm256_castsi256_ps(_mm256_sub_epi32(
+            _mm256_set1_epi32(base), _mm256_castps_si256(_mm256_cmp_ps(c[0][1], c[0][0], _CMP_GT_OQ))));
+        const __m256i b1 = _mm256_sub_epi32(
+            _mm256_set1_epi32(base + 2), _mm256_castps_si256(_mm256_cmp_ps(c[1][1], c[1][0], _CMP_GT_OQ)));
+        take_greater(m, b, m1, b1);
+      } else {
+        m = _mm256_max_ps(m1, m);
+      }
+    };
+    for (int64_t s = begin; s < end; ++s) {
+      const int64_t p = s / od_n, od = s % od_n;
+      const T* const a0 = in + (p * id_n + od * sd) * slice;
+      for (int64_t oh = 0, k = 0; oh < oh_n; ++oh) {
+        for (int64_t i = 0; i < ow_n; i += 8, ++k) {
+          const int64_t x0 = 2 * std::min(i, ow_n - 8);
+          __m256 m, b, nan;
+          two_rows(a0 + oh * step_h, x0, 0, m, b, nan);
+          _mm256_store_ps(km + k * 8, m);
+          if (kPos) _mm256_store_ps(kb + k * 8, b);
+          kept_nan[k] = _mm256_movemask_ps(nan) != 0;
+        }
+      }
+      const T* const b0 = a0 + off_d;
+      for (int64_t oh = 0, k = 0; oh < oh_n; ++oh) {
+        const int64_t o = (s * oh_n + oh) * ow_n;
+        T* const dst = st.at(out + o, ow_n);
+        for (int64_t i = 0; i < ow_n; i += 8, ++k) {
+          const int64_t ow0 = std::min(i, ow_n - 8), x0 = 2 * ow0;
+          __m256 m2, b2, nan;
+          two_rows(b0 + oh * step_h, x0, 4, m2, b2, nan);
+          __m256 m = _mm256_load_ps(km + k * 8), b = kPos ? _mm256_load_ps(kb + k * 8) : m;
+          if (kPos) {
+            take_greater(m, b, m2, _mm256_castps_si256(b2));
+          } else {
+            m = _mm256_max_ps(m2, m);
+          }
+          if (__builtin_expect((kept_nan[k] | _mm256_movemask_ps(nan)) != 0, 0)) {
+            m = ninf;
+            b = _mm256_setzero_ps();
+            for (int j = 0; j < 4; ++j) {
+              const T* row = a0 + oh * step_h + (j & 1) * off_h + (j >> 1) * off_d;
+              for_window_row<2, 2, false>(row, x0, iw_n, 2, ninf, [&](int64_t kw, __m256 v) {
+                take_torch(m, b, v, _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int32_t>(2 * j + kw))));
+              });
+            }
+          }
+          store8<true>(dst + ow0, natural<2, T>(m), 8);
+          if (kPos) store_pos8(pos + o + ow0, _mm256_castps_si256(natural<2, T>(b)), 8);
+        }
+      }
+    }
+  });
+}
+
 // NCHW float and half-type windows three cells wide at W stride 2 with at most one padded column
 // (resnet's 3 × 3 stride-2 stem pool, 1d pools of 3 at stride 2), NR = KD * KH window rows (1 or
 // 3), rows of at least 8 outputs whose last window ends inside the row, max: the general walk
@@ -2443,7 +2552,11 @@ void max_fwd_planar(const scalar_t* in, scalar_t* out, pos_t* pos, const PoolGeo
       const int64_t nr = g.kernel[0] * g.kernel[1];
       if (nr == 1) max_tiles_w2<1, kPos>(in, out, pos, g, planes);
       if (nr == 2) max_tiles_w2<2, kPos>(in, out, pos, g, planes);
-      if (nr == 4) max_tiles_w2<4, kPos>(in, out, pos, g, planes);
+      if (nr == 4 && g.kernel[0] == 2) {
+        max_tiles_w2_slices<kPos>(in, out, pos, g, planes);
+      } else if (nr == 4) {
+        max_tiles_w2<4, kPos>(in, out, pos, g, planes);
+      }
       return;
     }
     if (w3s2_ok(g)) {
