@@ -332,6 +332,12 @@ STRIDE1_CASES = [
     # square windows walked down columns in bands of rows (about 24 KB of input each): 5 and 4 bands
     ((1, 2, 50, 700), dict(kernel_size=3, stride=1, padding=1, count_include_pad=False)),
     ((2, 1, 30, 1100), dict(kernel_size=2, stride=1)),
+    # 3 x 3, padding 1: planes of 16 to 2048 cells, whose forward reads each as one run, and one over
+    ((1, 3, 1, 16), dict(kernel_size=3, stride=1, padding=1)),
+    ((2, 3, 2, 8), dict(kernel_size=3, stride=1, padding=1, count_include_pad=False)),
+    ((3, 2, 9, 13), dict(kernel_size=3, stride=1, padding=1, divisor_override=5)),
+    ((1, 2, 45, 45), dict(kernel_size=3, stride=1, padding=1, count_include_pad=False)),
+    ((1, 2, 46, 45), dict(kernel_size=3, stride=1, padding=1, count_include_pad=False)),
 ]
 
 
@@ -347,6 +353,37 @@ def test_stride1_windows(device, rng, shape, kw, threads):
         check_parity(x, len(shape) - 2, kw, rng)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 17, 17), (1, 2, 35, 35), (1, 1, 2, 8)])
+@pytest.mark.parametrize("count_include_pad", [False, True])
+def test_stride1_box_row_ends_hold_inf_and_nan(device, rng, shape, count_include_pad):
+    """3 x 3 windows at stride 1, padding 1, whose rows' first and last cells hold +inf, -inf and NaN:
+    the CPU's forward sums a plane's rows as one run of cells, so a row's last cell sees the next
+    row's first until it is redone alone; its backward loads them beside the padding, masked.
+    Outputs and gradients are NaN or infinite exactly where torch's are, and equal elsewhere (a NaN
+    in the upstream gradient at a row's end too)."""
+    x = torch.randn(shape, generator=rng)
+    H, W = shape[-2:]
+    x[..., 0] = torch.where(torch.rand(shape[:-1], generator=rng) < 0.3, float("inf"), x[..., 0])
+    x[..., W - 1] = torch.where(torch.rand(shape[:-1], generator=rng) < 0.3, -float("inf"), x[..., W - 1])
+    x[..., H // 2, W - 1] = float("nan")
+    x = x.to(device)
+    kw = dict(kernel_size=3, stride=1, padding=1, count_include_pad=count_include_pad)
+    g = torch.randn(shape, generator=rng)
+    g[..., H - 1, 0] = float("nan")
+    g = g.to(device)
+    (out, grad), (rout, rgrad) = [
+        run_fwd_bwd(lambda t: f(t, **kw), x, g=g)[:2] for f in (tpf.avg_pool2d, F.avg_pool2d)
+    ]
+    with torch.no_grad():
+        inferred = tpf.avg_pool2d(x, **kw)
+    for o, r in ((out, rout), (inferred, rout), (grad, rgrad)):
+        assert torch.equal(torch.isnan(o), torch.isnan(r))
+        assert torch.equal(torch.isinf(o), torch.isinf(r)) and torch.equal(o[torch.isinf(o)], r[torch.isinf(r)])
+        fin = torch.isfinite(r)
+        assert bool(fin.any()) and bool((~fin).any())
+        assert_close(o[fin], r[fin], torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
