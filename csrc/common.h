@@ -48,13 +48,6 @@ inline at::ScalarType global_position_dtype(int64_t cells) {
                       : cells <= std::numeric_limits<int32_t>::max() ? at::kInt : at::kLong;
 }
 
-// Cells of a global pool's plane: the product of the spatial sizes.
-inline int64_t plane_cells(c10::IntArrayRef sizes) {
-  int64_t p = 1;
-  for (size_t d = 2; d < sizes.size(); ++d) p *= sizes[d];
-  return p;
-}
-
 // Checks that a gradient (or saved position) has the pool's output shape.
 inline void check_output_shape(const char* op, const char* arg, const at::Tensor& t,
                                const PoolGeometry& g, c10::IntArrayRef input_size) {

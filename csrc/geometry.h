@@ -162,6 +162,13 @@ inline PoolGeometry make_geometry(const char* op, c10::IntArrayRef sizes, c10::I
   return g;
 }
 
+// Cells of a plane of an (N, C, ...) tensor of these sizes: the product of the spatial sizes.
+inline int64_t plane_cells(c10::IntArrayRef sizes) {
+  int64_t p = 1;
+  for (size_t d = 2; d < sizes.size(); ++d) p *= sizes[d];
+  return p;
+}
+
 // Full output shape (N, C, *out) of a geometry.
 inline std::vector<int64_t> output_shape(const PoolGeometry& g, c10::IntArrayRef sizes) {
   std::vector<int64_t> shape{sizes[0], sizes[1]};

@@ -6,12 +6,6 @@ namespace TORCHPOOL_CPU_NS {
 #define TORCHPOOL_DISPATCH(T, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, T.scalar_type(), NAME, __VA_ARGS__)
 
-inline int64_t spatial_numel(const Tensor& t) {
-  int64_t p = 1;
-  for (int64_t d = 2; d < t.dim(); ++d) p *= t.size(d);
-  return p;
-}
-
 template <typename scalar_t, typename pos_t>
 void max_fwd_typed(const Tensor& in, const Tensor& out, const Tensor* pos, const PoolGeometry& g,
                    bool cl) {
@@ -100,7 +94,7 @@ inline void with_position_type(at::ScalarType t, F&& f) {
 }
 
 inline void global_max_fwd(const Tensor& in, const Tensor& out, const Tensor* pos, bool cl) {
-  const int64_t N = in.size(0), C = in.size(1), P = spatial_numel(in);
+  const int64_t N = in.size(0), C = in.size(1), P = plane_cells(in.sizes());
   TORCHPOOL_DISPATCH(in, "global_max_pool", [&] {
     const scalar_t* x = in.const_data_ptr<scalar_t>();
     scalar_t* y = out.mutable_data_ptr<scalar_t>();
@@ -119,7 +113,7 @@ inline void global_max_fwd(const Tensor& in, const Tensor& out, const Tensor* po
 }
 
 inline void global_avg_fwd(const Tensor& in, const Tensor& out, bool cl) {
-  const int64_t N = in.size(0), C = in.size(1), P = spatial_numel(in);
+  const int64_t N = in.size(0), C = in.size(1), P = plane_cells(in.sizes());
   TORCHPOOL_DISPATCH(in, "global_avg_pool", [&] {
     const scalar_t* x = in.const_data_ptr<scalar_t>();
     scalar_t* y = out.mutable_data_ptr<scalar_t>();
@@ -128,7 +122,7 @@ inline void global_avg_fwd(const Tensor& in, const Tensor& out, bool cl) {
 }
 
 inline void global_bwd(const Tensor& gout, const Tensor* pos, const Tensor& gin, bool cl) {
-  const int64_t N = gin.size(0), C = gin.size(1), P = spatial_numel(gin);
+  const int64_t N = gin.size(0), C = gin.size(1), P = plane_cells(gin.sizes());
   TORCHPOOL_DISPATCH(gout, "global_pool_backward", [&] {
     const scalar_t* go = gout.const_data_ptr<scalar_t>();
     scalar_t* gi = gin.mutable_data_ptr<scalar_t>();
