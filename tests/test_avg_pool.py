@@ -355,6 +355,32 @@ def test_stride1_windows(device, rng, shape, kw, threads):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kw", [dict(kernel_size=2), dict(kernel_size=2, stride=(1, 2, 2), divisor_override=3)])
+@pytest.mark.parametrize("shape", [(2, 3, 6, 12, 22), (1, 2, 4, 8, 16), (3, 2, 5, 7, 35)])
+def test_two_deep_windows(device, rng, dtype, kw, shape):
+    """2 x 2 x 2 windows, which the CPU sums one depth slice at a time (rows of 8 to 32 outputs, a
+    last chunk overlapping the one before, odd sizes, depth windows at stride 2 and overlapping at
+    stride 1), over inputs holding +inf and NaN: outputs and gradients against torch in float64."""
+    x = torch.randn(shape, generator=rng)
+    flat = x.view(-1)
+    at = torch.randperm(x.numel(), generator=rng)
+    flat[at[:3]] = float("inf")
+    flat[at[3:6]] = float("nan")
+    x = x.to(dtype=dtype, device=device)
+    out, grad, g = run_fwd_bwd(lambda t: tpf.avg_pool3d(t, **kw), x, gen=rng)
+    rout, rgrad, _ = run_fwd_bwd(lambda t: F.avg_pool3d(t, **kw), x.double(), g=g.double())
+    with torch.no_grad():
+        inferred = tpf.avg_pool3d(x, **kw)
+    rout = rout.to(dtype)
+    for o in (out, inferred):
+        assert torch.equal(torch.isnan(o), torch.isnan(rout)) and torch.equal(torch.isinf(o), torch.isinf(rout))
+        fin = torch.isfinite(rout)
+        assert bool(fin.any()) and bool((~fin).any())
+        assert_close(o[fin], rout[fin], dtype)
+    assert_close(grad, rgrad.to(dtype), dtype)
+
+
 @pytest.mark.parametrize("shape", [(2, 3, 17, 17), (1, 2, 35, 35), (1, 1, 2, 8)])
 @pytest.mark.parametrize("count_include_pad", [False, True])
 def test_stride1_box_row_ends_hold_inf_and_nan(device, rng, shape, count_include_pad):

@@ -1470,97 +1470,122 @@ void max_tiles_w2(const T* in, T* out, pos_t* pos, const PoolGeometry& g, int64_
   });
 }
 
-// max_tiles_w2's windows of 2 x 2 x 2 cells (NCDHW, NR = 4 rows from two depth slices): the
-// output row by row took its four window rows from two input slices at once, two streams a slice
-// apart, and read the input at 70-85 % of the rate of the same bytes pooled 2 x 2 as one slice
-// (NOTES §109). Here each output slice is done in two passes, each over one input slice, so the
-// input is read in its own order: the first slice's two-row maxima and positions (0-3) are kept
-// chunk by chunk in a buffer in L1 or L2, then the second slice's (positions 4-7) are folded into
-// them (a later slice wins only if greater) and written out. A chunk with a NaN in either slice is
-// redone by torch's compare-and-blend chain over its eight cells (rare).
-template <bool kPos, typename pos_t, typename T>
-void max_tiles_w2_slices(const T* in, T* out, pos_t* pos, const PoolGeometry& g, int64_t planes) {
+// tiles_w2_ok's windows of 2 x 2 x 2 cells (NCDHW, NR = 4 rows from two depth slices): for_tiles_w2
+// made each output row from its four window rows, two in each of two input slices at once, two
+// streams a slice apart, and read the input at 60-85 % of the rate of the same bytes pooled 2 x 2
+// as one slice (NOTES §109, §111). This walk does each output slice in two passes, each over one
+// input slice, so the input is read in its own order: first(kept, cells) for every chunk of 8
+// outputs of the slice, row by row, with cells(j, c) giving the chunk's even and odd cells of window
+// row j < 2 (the first input slice) and kept the chunk's kKept vectors of floats in a buffer in L1
+// or L2; then second(kept, o, dst, cells) for the same chunks in the same order, where cells takes
+// j < 4 (2 and 3: the second input slice), o is the chunk's first output and dst where its 8
+// outputs go (staged and streamed out as in for_tiles_w2).
+inline bool tiles_w2_slices_ok(const PoolGeometry& g) {
+  return tiles_w2_ok(g) && g.kernel[0] == 2 && g.kernel[1] == 2;
+}
+
+template <int kKept, typename T, typename First, typename Second>
+void for_tiles_w2_slices(const T* in, T* out, const PoolGeometry& g, int64_t planes,
+                         const First& first, const Second& second) {
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2];
   const int64_t ID = g.in[0], IH = g.in[1], IW = g.in[2];
-  const int64_t off_h = window_row_offset(g, 1), off_d = window_row_offset(g, 2);
   const int64_t chunks = (OW + 7) / 8;
   const bool staged = forward_streams<T>(planes * OD * OH * OW);
   at::parallel_for(0, planes * OD, grain_for(OH * OW * 8), [&](int64_t begin, int64_t end) {
     StagedRuns<T> st(staged, staged_whole<T>(OW, kOutRunBytes));
-    const int64_t ow_n = OW, oh_n = OH, iw_n = IW, step_h = g.stride[1] * IW, oh_ch = OH * chunks;
-    const int64_t od_n = OD, id_n = ID, slice = IH * IW, sd = g.stride[0];
-    // The first slice's results: maxima, positions (as float bits) and NaN flags, a chunk each.
-    PageBuffer<float> kept(oh_ch * 8 * (kPos ? 2 : 1));
-    std::vector<uint8_t> kept_nan(oh_ch);
-    float* const km = kept.get();
-    float* const kb = km + oh_ch * 8;
+    // Locals, as in for_fused_chunks: the stores may alias what the closures reference.
+    const int64_t ow_n = OW, oh_n = OH, iw_n = IW, od_n = OD, id_n = ID, slice = IH * IW;
+    const int64_t step_h = g.stride[1] * IW, sd = g.stride[0];
+    const int64_t off[4] = {0, window_row_offset(g, 1), window_row_offset(g, 2), window_row_offset(g, 3)};
     const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-    // Two window rows (r, r + off_h) of a chunk: their maximum m, its position b (base + 0-3:
-    // the first of equals stays) and the NaN test.
-    auto two_rows = [&](const T* r, int64_t x0, int32_t base, __m256& m, __m256& b, __m256& nan) {
-      __m256 c[2][2];
-      for (int j = 0; j < 2; ++j) {
-        const T* row = r + j * off_h;
-        prefetch_ahead<4096, 1>(row + x0);
-        for_window_row<2, 2, false>(row, x0, iw_n, 2, ninf, [&](int64_t kw, __m256 v) { c[j][kw] = v; });
-      }
-      __m256 m1 = _mm256_max_ps(c[1][1], c[1][0]);
-      m = _mm256_max_ps(c[0][1], c[0][0]);
-      nan = _mm256_or_ps(_mm256_cmp_ps(c[0][0], c[0][1], _CMP_UNORD_Q),
-                         _mm256_cmp_ps(c[1][0], c[1][1], _CMP_UNORD_Q));
-      if (kPos) {  // base + 2j, or + 2j + 1 where the odd cell is greater
-        b = _mm256_castsi256_ps(_mm256_sub_epi32(
-            _mm256_set1_epi32(base), _mm256_castps_si256(_mm256_cmp_ps(c[0][1], c[0][0], _CMP_GT_OQ))));
-        const __m256i b1 = _mm256_sub_epi32(
-            _mm256_set1_epi32(base + 2), _mm256_castps_si256(_mm256_cmp_ps(c[1][1], c[1][0], _CMP_GT_OQ)));
-        take_greater(m, b, m1, b1);
-      } else {
-        m = _mm256_max_ps(m1, m);
-      }
-    };
+    const First f1 = first;
+    const Second f2 = second;
+    PageBuffer<float> kept_buf(OH * chunks * 8 * kKept);
+    float* const kept = kept_buf.get();
     for (int64_t s = begin; s < end; ++s) {
-      const int64_t p = s / od_n, od = s % od_n;
-      const T* const a0 = in + (p * id_n + od * sd) * slice;
-      for (int64_t oh = 0, k = 0; oh < oh_n; ++oh) {
-        for (int64_t i = 0; i < ow_n; i += 8, ++k) {
-          const int64_t x0 = 2 * std::min(i, ow_n - 8);
-          __m256 m, b, nan;
-          two_rows(a0 + oh * step_h, x0, 0, m, b, nan);
-          _mm256_store_ps(km + k * 8, m);
-          if (kPos) _mm256_store_ps(kb + k * 8, b);
-          kept_nan[k] = _mm256_movemask_ps(nan) != 0;
-        }
-      }
-      const T* const b0 = a0 + off_d;
-      for (int64_t oh = 0, k = 0; oh < oh_n; ++oh) {
-        const int64_t o = (s * oh_n + oh) * ow_n;
-        T* const dst = st.at(out + o, ow_n);
-        for (int64_t i = 0; i < ow_n; i += 8, ++k) {
-          const int64_t ow0 = std::min(i, ow_n - 8), x0 = 2 * ow0;
-          __m256 m2, b2, nan;
-          two_rows(b0 + oh * step_h, x0, 4, m2, b2, nan);
-          __m256 m = _mm256_load_ps(km + k * 8), b = kPos ? _mm256_load_ps(kb + k * 8) : m;
-          if (kPos) {
-            take_greater(m, b, m2, _mm256_castps_si256(b2));
-          } else {
-            m = _mm256_max_ps(m2, m);
-          }
-          if (__builtin_expect((kept_nan[k] | _mm256_movemask_ps(nan)) != 0, 0)) {
-            m = ninf;
-            b = _mm256_setzero_ps();
-            for (int j = 0; j < 4; ++j) {
-              const T* row = a0 + oh * step_h + (j & 1) * off_h + (j >> 1) * off_d;
-              for_window_row<2, 2, false>(row, x0, iw_n, 2, ninf, [&](int64_t kw, __m256 v) {
-                take_torch(m, b, v, _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int32_t>(2 * j + kw))));
-              });
+      const T* const a0 = in + ((s / od_n) * id_n + s % od_n * sd) * slice;
+      for (int pass = 0; pass < 2; ++pass) {
+        float* kp = kept;
+        for (int64_t oh = 0; oh < oh_n; ++oh) {
+          const T* const row0 = a0 + oh * step_h;
+          const int64_t o_row = (s * oh_n + oh) * ow_n;
+          T* const dst = pass == 0 ? nullptr : st.at(out + o_row, ow_n);
+          for (int64_t i = 0; i < ow_n; i += 8, kp += 8 * kKept) {
+            const int64_t ow0 = std::min(i, ow_n - 8), x0 = 2 * ow0;
+            auto cells = [&](int j, __m256* c) __attribute__((always_inline)) {
+              prefetch_ahead<4096, 1>(row0 + off[j] + x0);
+              for_window_row<2, 2, false>(row0 + off[j], x0, iw_n, 2, ninf, [&](int64_t kw, __m256 v) { c[kw] = v; });
+            };
+            if (pass == 0) {
+              f1(kp, cells);
+            } else {
+              f2(kp, o_row + ow0, dst + ow0, cells);
             }
           }
-          store8<true>(dst + ow0, natural<2, T>(m), 8);
-          if (kPos) store_pos8(pos + o + ow0, _mm256_castps_si256(natural<2, T>(b)), 8);
         }
       }
     }
   });
+}
+
+// Max over 2 x 2 x 2 windows (for_tiles_w2_slices): the first slice's two-row maxima, positions
+// (0-3) and NaN test are kept, the second slice's (4-7) folded into them by take_greater (a later
+// slice wins only if greater, so the first of equal values stays). A chunk with a NaN in either
+// slice is redone by torch's compare-and-blend chain over its eight cells (rare).
+template <bool kPos, typename pos_t, typename T>
+void max_tiles_w2_slices(const T* in, T* out, pos_t* pos, const PoolGeometry& g, int64_t planes) {
+  // Window rows j0 and j0 + 1: their maximum m, its position b (2 j0 + 0-3, the first of equals)
+  // and the NaN test.
+  auto two_rows = [](auto&& cells, int j0, __m256& m, __m256& b, __m256& nan) __attribute__((always_inline)) {
+    __m256 c[2][2];
+    cells(j0, c[0]);
+    cells(j0 + 1, c[1]);
+    const __m256 m1 = _mm256_max_ps(c[1][1], c[1][0]);
+    m = _mm256_max_ps(c[0][1], c[0][0]);
+    nan = _mm256_or_ps(_mm256_cmp_ps(c[0][0], c[0][1], _CMP_UNORD_Q),
+                       _mm256_cmp_ps(c[1][0], c[1][1], _CMP_UNORD_Q));
+    if (kPos) {  // 2j, or 2j + 1 where the odd cell is greater
+      b = _mm256_castsi256_ps(_mm256_sub_epi32(
+          _mm256_set1_epi32(2 * j0), _mm256_castps_si256(_mm256_cmp_ps(c[0][1], c[0][0], _CMP_GT_OQ))));
+      const __m256i b1 = _mm256_sub_epi32(
+          _mm256_set1_epi32(2 * j0 + 2), _mm256_castps_si256(_mm256_cmp_ps(c[1][1], c[1][0], _CMP_GT_OQ)));
+      take_greater(m, b, m1, b1);
+    } else {
+      m = _mm256_max_ps(m1, m);
+    }
+  };
+  for_tiles_w2_slices<kPos ? 3 : 2>(
+      in, out, g, planes,
+      [=](float* kept, auto&& cells) {
+        __m256 m, b, nan;
+        two_rows(cells, 0, m, b, nan);
+        _mm256_store_ps(kept, m);
+        _mm256_store_ps(kept + 8, nan);
+        if (kPos) _mm256_store_ps(kept + 16, b);
+      },
+      [=](const float* kept, int64_t o, T* dst, auto&& cells) {
+        __m256 m2, b2, nan;
+        two_rows(cells, 2, m2, b2, nan);
+        __m256 m = _mm256_load_ps(kept), b = kPos ? _mm256_load_ps(kept + 16) : m;
+        if (kPos) {
+          take_greater(m, b, m2, _mm256_castps_si256(b2));
+        } else {
+          m = _mm256_max_ps(m2, m);
+        }
+        if (__builtin_expect(_mm256_movemask_ps(_mm256_or_ps(nan, _mm256_load_ps(kept + 8))) != 0, 0)) {
+          m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+          b = _mm256_setzero_ps();
+          for (int j = 0; j < 4; ++j) {
+            __m256 c[2];
+            cells(j, c);
+            for (int kw = 0; kw < 2; ++kw) {
+              take_torch(m, b, c[kw], _mm256_castsi256_ps(_mm256_set1_epi32(2 * j + kw)));
+            }
+          }
+        }
+        store8<true>(dst, natural<2, T>(m), 8);
+        if (kPos) store_pos8(pos + o, _mm256_castps_si256(natural<2, T>(b)), 8);
+      });
 }
 
 // NCHW float and half-type windows three cells wide at W stride 2 with at most one padded column
@@ -2552,7 +2577,7 @@ void max_fwd_planar(const scalar_t* in, scalar_t* out, pos_t* pos, const PoolGeo
       const int64_t nr = g.kernel[0] * g.kernel[1];
       if (nr == 1) max_tiles_w2<1, kPos>(in, out, pos, g, planes);
       if (nr == 2) max_tiles_w2<2, kPos>(in, out, pos, g, planes);
-      if (nr == 4 && g.kernel[0] == 2) {
+      if (nr == 4 && tiles_w2_slices_ok(g)) {
         max_tiles_w2_slices<kPos>(in, out, pos, g, planes);
       } else if (nr == 4) {
         max_tiles_w2<4, kPos>(in, out, pos, g, planes);
@@ -3367,23 +3392,41 @@ void avg_rows_fused(const T* in, T* out, const PoolGeometry& g, int64_t planes,
 
 // Every window lies inside the input, so every divisor is the window's size (or the override). A
 // power of two divides as a multiply by its reciprocal, which gives the same result (both exact
-// before the one rounding) without the divide's latency.
+// before the one rounding) without the divide's latency. Windows of 2 x 2 x 2 cells take
+// for_tiles_w2_slices, the cells added in the same order (NOTES §111).
 template <int NR, typename T>
 void avg_tiles_w2(const T* in, T* out, const PoolGeometry& g, int64_t planes,
                   int64_t divisor_override) {
   const int64_t d = divisor_override != 0 ? divisor_override : 2 * NR;
+  // The cells of window rows j0 .. j1 - 1 added to sum in scan order.
+  auto add_rows = [](__m256 sum, auto&& cells, int j0, int j1) __attribute__((always_inline)) {
+    for (int j = j0; j < j1; ++j) {
+      __m256 c[2];
+      cells(j, c);
+      sum = _mm256_add_ps(_mm256_add_ps(sum, c[0]), c[1]);
+    }
+    return sum;
+  };
   auto walk = [&](auto kPow2) {
     const __m256 divisor = _mm256_set1_ps(static_cast<float>(d));
     const __m256 recip = _mm256_set1_ps(1.f / static_cast<float>(d));
-    for_tiles_w2<NR>(in, out, g, planes, [=](int64_t, T* dst, auto&& cells) {
-      __m256 sum = _mm256_setzero_ps();
-      for (int j = 0; j < NR; ++j) {
-        __m256 c[2];
-        cells(j, c);
-        sum = _mm256_add_ps(_mm256_add_ps(sum, c[0]), c[1]);
-      }
+    auto finish = [=](__m256 sum, T* dst) __attribute__((always_inline)) {
       sum = natural<2, T>(sum);
       store8(dst, kPow2 ? _mm256_mul_ps(sum, recip) : _mm256_div_ps(sum, divisor), 8);
+    };
+    if constexpr (NR == 4) {
+      if (tiles_w2_slices_ok(g)) {  // the first slice's sums kept, the second's cells added on
+        for_tiles_w2_slices<1>(
+            in, out, g, planes,
+            [=](float* kept, auto&& cells) { _mm256_store_ps(kept, add_rows(_mm256_setzero_ps(), cells, 0, 2)); },
+            [=](const float* kept, int64_t, T* dst, auto&& cells) {
+              finish(add_rows(_mm256_load_ps(kept), cells, 2, 4), dst);
+            });
+        return;
+      }
+    }
+    for_tiles_w2<NR>(in, out, g, planes, [=](int64_t, T* dst, auto&& cells) {
+      finish(add_rows(_mm256_setzero_ps(), cells, 0, NR), dst);
     });
   };
   if (d > 0 && (d & (d - 1)) == 0 && d <= (int64_t{1} << 24)) {
