@@ -1423,10 +1423,23 @@ void for_tiles_w2(const T* in, T* out, const PoolGeometry& g, int64_t planes, co
   });
 }
 
+// A chunk of windows two cells wide over NR rows, redone by torch's compare-and-blend chain (it
+// holds a NaN): m and b become its maxima and their positions, cells(j, c) giving window row j's
+// even and odd cells.
+template <int NR, typename Cells>
+__attribute__((always_inline)) inline void max_w2_by_torch_chain(Cells&& cells, __m256& m, __m256& b) {
+  m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  b = _mm256_setzero_ps();
+  for (int j = 0; j < NR; ++j) {
+    __m256 c[2];
+    cells(j, c);
+    for (int kw = 0; kw < 2; ++kw) take_torch(m, b, c[kw], _mm256_castsi256_ps(_mm256_set1_epi32(2 * j + kw)));
+  }
+}
+
 template <int NR, bool kPos, typename pos_t, typename T>
 void max_tiles_w2(const T* in, T* out, pos_t* pos, const PoolGeometry& g, int64_t planes) {
   for_tiles_w2<NR>(in, out, g, planes, [=](int64_t o, T* dst, auto&& cells) {
-    const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
     __m256 nan = _mm256_setzero_ps();
     __m256 rm[NR], rb[NR];
     for (int j = 0; j < NR; ++j) {
@@ -1454,17 +1467,7 @@ void max_tiles_w2(const T* in, T* out, pos_t* pos, const PoolGeometry& g, int64_
       fold(0, 2);
     }
     __m256 m = rm[0], b = kPos ? rb[0] : _mm256_setzero_ps();
-    if (__builtin_expect(_mm256_movemask_ps(nan) != 0, 0)) {
-      m = ninf;
-      b = _mm256_setzero_ps();
-      for (int j = 0; j < NR; ++j) {
-        __m256 c[2];
-        cells(j, c);
-        for (int kw = 0; kw < 2; ++kw) {
-          take_torch(m, b, c[kw], _mm256_castsi256_ps(_mm256_set1_epi32(2 * j + kw)));
-        }
-      }
-    }
+    if (__builtin_expect(_mm256_movemask_ps(nan) != 0, 0)) max_w2_by_torch_chain<NR>(cells, m, b);
     store8<true>(dst, natural<2, T>(m), 8);
     if (kPos) store_pos8(pos + o, _mm256_castps_si256(natural<2, T>(b)), 8);
   });
@@ -1573,15 +1576,7 @@ void max_tiles_w2_slices(const T* in, T* out, pos_t* pos, const PoolGeometry& g,
           m = _mm256_max_ps(m2, m);
         }
         if (__builtin_expect(_mm256_movemask_ps(_mm256_or_ps(nan, _mm256_load_ps(kept + 8))) != 0, 0)) {
-          m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-          b = _mm256_setzero_ps();
-          for (int j = 0; j < 4; ++j) {
-            __m256 c[2];
-            cells(j, c);
-            for (int kw = 0; kw < 2; ++kw) {
-              take_torch(m, b, c[kw], _mm256_castsi256_ps(_mm256_set1_epi32(2 * j + kw)));
-            }
-          }
+          max_w2_by_torch_chain<4>(cells, m, b);
         }
         store8<true>(dst, natural<2, T>(m), 8);
         if (kPos) store_pos8(pos + o, _mm256_castps_si256(natural<2, T>(b)), 8);
