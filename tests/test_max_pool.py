@@ -306,8 +306,8 @@ def test_two_deep_windows_ties_zeros_nans(device, rng, dtype, shape):
     """2 x 2 x 2 windows read one depth slice at a time (rows of 8 to 32 outputs, a last chunk
     overlapping the one before, odd sizes that drop the last slice, row and column): values from a
     few integers, so that most windows hold ties within a slice and across the two, +0 and -0, and
-    NaNs in either slice. Values and the sign bits of zeros, NaNs, torch's indices (float32; half types: a cell
-    holding the maximum) and the gradient, without and with grad."""
+    NaNs in either slice. Values and the sign bits of zeros, NaNs, torch's indices (float32; half
+    types: a cell holding the maximum) and the gradient, without and with grad."""
     v = torch.randint(-3, 2, shape, generator=rng).to(torch.float32)
     v = torch.where((v == 0) & (torch.rand(shape, generator=rng) < 0.5), torch.tensor(-0.0), v)
     nan_at = torch.randperm(v.numel(), generator=rng)[: max(2, v.numel() // 300)]
