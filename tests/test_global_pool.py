@@ -26,6 +26,7 @@ from conftest import (
     python_with,
     ref_dtype,
     run_fwd_bwd,
+    to_layout,
 )
 
 ops = torch.ops.torchpool
@@ -311,6 +312,35 @@ def test_avg_of_many_short_planes(device, rng, cells, planes, dtype):
         ulp = 2.0 ** (-7 if dtype == torch.bfloat16 else -10)
         assert bool(((out.double() - ref).abs() <= ulp * ref.abs()).all())
     assert float(out.min()) > 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("nd", [1, 2, 3])
+@pytest.mark.parametrize("kind", ["max", "avg"])
+def test_planes_of_one_cell(device, rng, kind, nd, dtype):
+    """Planes of a single cell, in every layout (the CPU copies them, forward and backward, in
+    either layout): each result is its cell, each gradient its plane's, to the bit, against torch's
+    adaptive pools. 3 x 7000 planes, so the work is split; NaN, ±inf and ±0 among the cells, and an
+    upstream gradient that is not dense."""
+    shape = (3, 7000) + (1,) * nd
+    x = torch.randn(shape, generator=rng)
+    flat = x.view(-1)
+    flat[:6] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 1e30])
+    flat[-1] = float("nan")
+    pool = (GMAX if kind == "max" else GAVG)[nd]
+    adaptive = getattr(F, f"adaptive_{kind}_pool{nd}d")
+    for layout in layouts_for(x.dim()):
+        xl = to_layout(x.to(device, dtype), layout)
+        with torch.no_grad():
+            out_inf = pool(xl)
+        out, grad, g = run_fwd_bwd(pool, xl, gen=rng)
+        rout, rgrad, _ = run_fwd_bwd(lambda t: adaptive(t, 1).flatten(1), xl, g=g)
+        expected = xl.detach().reshape(3, 7000)
+        for o in (out_inf, out, rout):
+            assert_close(o, expected, exact=True, equal_nan=True)
+        assert_close(grad, g.reshape(shape), exact=True)
+        assert_close(grad, rgrad, exact=True)
+        check_strided_grad_outputs(pool, lambda t: adaptive(t, 1).flatten(1), xl, rng)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

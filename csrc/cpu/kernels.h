@@ -4674,16 +4674,24 @@ inline int64_t reduce_argmax_blocked(const T* __restrict src, int64_t n, T* valu
 
 constexpr int64_t kLanes = 16;  // independent partial results: vectorizable, and more accurate
 
+// Planes of one cell, in either layout (the two are the same then): a plane's maximum and its
+// average are its cell (x / 1 is x), and so is a gradient's one cell; a maximum's saved position
+// is 0 (pos may be null).
+template <typename scalar_t, typename pos_t>
+void one_cell_planes(const scalar_t* in, scalar_t* out, pos_t* pos, int64_t planes) {
+  at::parallel_for(0, planes, 16384, [&](int64_t begin, int64_t end) {
+    std::memcpy(static_cast<void*>(out + begin), in + begin, (end - begin) * sizeof(scalar_t));
+    if (pos) std::fill(pos + begin, pos + end, pos_t{0});
+  });
+}
+
 // pos (kPos): each maximum's cell, of the plane's global_position_dtype (common.h).
 template <typename scalar_t, bool kPos, typename pos_t>
 void global_max_planar(const scalar_t* in, scalar_t* out, pos_t* pos, int64_t planes,
                        int64_t P) {
   using acc_t = acc_type<scalar_t>;
-  if (P == 1) {  // a plane of one cell is its own maximum
-    at::parallel_for(0, planes, 16384, [&](int64_t begin, int64_t end) {
-      std::copy(in + begin, in + end, out + begin);
-      if (kPos) std::fill(pos + begin, pos + end, pos_t{0});
-    });
+  if (P == 1) {
+    one_cell_planes(in, out, kPos ? pos : nullptr, planes);
     return;
   }
 #if defined(TORCHPOOL_AVX2)
@@ -4875,6 +4883,10 @@ void global_max_cl(const scalar_t* in, scalar_t* out, pos_t* pos, int64_t N, int
 template <typename scalar_t>
 void global_avg_planar(const scalar_t* in, scalar_t* out, int64_t planes, int64_t P) {
   using acc_t = acc_type<scalar_t>;
+  if (P == 1) {
+    one_cell_planes(in, out, static_cast<uint8_t*>(nullptr), planes);
+    return;
+  }
 #if defined(TORCHPOOL_AVX2)
   if constexpr (kFusedType<scalar_t>) {
     // Short planes: eight at a time (sum_planes8); the half types' tails need planes of 8 or more.
@@ -5076,6 +5088,10 @@ template <typename scalar_t, bool kMax, typename pos_t>
 void global_bwd(const scalar_t* gout, const pos_t* pos, scalar_t* gin, int64_t N, int64_t C,
                 int64_t P, bool cl) {
   using acc_t = acc_type<scalar_t>;
+  if (P == 1) {  // each cell's gradient is its plane's (a maximum's position can only be 0)
+    one_cell_planes(gout, gin, static_cast<uint8_t*>(nullptr), N * C);
+    return;
+  }
   const int64_t rows = cl ? N * P : N * C;   // contiguous runs of the output
   const int64_t run = cl ? C : P;
   at::parallel_for(0, rows, grain_for(run), [&](int64_t begin, int64_t end) {

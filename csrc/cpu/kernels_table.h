@@ -93,6 +93,8 @@ inline void with_position_type(at::ScalarType t, F&& f) {
   }
 }
 
+// Planes of one cell take the planar kernels in either layout: the two layouts are the same then,
+// and those kernels copy such planes (one_cell_planes).
 inline void global_max_fwd(const Tensor& in, const Tensor& out, const Tensor* pos, bool cl) {
   const int64_t N = in.size(0), C = in.size(1), P = plane_cells(in.sizes());
   TORCHPOOL_DISPATCH(in, "global_max_pool", [&] {
@@ -101,12 +103,12 @@ inline void global_max_fwd(const Tensor& in, const Tensor& out, const Tensor* po
     if (pos) {
       with_position_type(pos->scalar_type(), [&](auto zero) {
         auto* p = pos->mutable_data_ptr<decltype(zero)>();
-        cl ? global_max_cl<scalar_t, true>(x, y, p, N, C, P)
+        cl && P > 1 ? global_max_cl<scalar_t, true>(x, y, p, N, C, P)
            : global_max_planar<scalar_t, true>(x, y, p, N * C, P);
       });
     } else {
       uint8_t* p = nullptr;
-      cl ? global_max_cl<scalar_t, false>(x, y, p, N, C, P)
+      cl && P > 1 ? global_max_cl<scalar_t, false>(x, y, p, N, C, P)
          : global_max_planar<scalar_t, false>(x, y, p, N * C, P);
     }
   });
@@ -117,7 +119,7 @@ inline void global_avg_fwd(const Tensor& in, const Tensor& out, bool cl) {
   TORCHPOOL_DISPATCH(in, "global_avg_pool", [&] {
     const scalar_t* x = in.const_data_ptr<scalar_t>();
     scalar_t* y = out.mutable_data_ptr<scalar_t>();
-    cl ? global_avg_cl(x, y, N, C, P) : global_avg_planar(x, y, N * C, P);
+    cl && P > 1 ? global_avg_cl(x, y, N, C, P) : global_avg_planar(x, y, N * C, P);
   });
 }
 
