@@ -37,13 +37,13 @@ using MaxPool = at::Tensor(const at::Tensor&, IntList, IntList, IntList, IntList
 using MaxPoolWithPos = Tensors(const at::Tensor&, IntList, IntList, IntList, IntList, IntList,
                                bool);
 using MaxPoolBackward = at::Tensor(const at::Tensor&, const at::Tensor&, IntList, IntList, IntList,
-                                   IntList, IntList, IntList, bool);
+                                   IntList, IntList, IntList, bool, std::optional<bool>);
 using MaxPoolIndices = at::Tensor(const at::Tensor&, IntList, IntList, IntList, IntList, IntList,
                                   IntList, bool);
 using AvgPool = at::Tensor(const at::Tensor&, IntList, IntList, IntList, IntList, bool, bool,
                            std::optional<int64_t>);
 using AvgPoolBackward = at::Tensor(const at::Tensor&, IntList, IntList, IntList, IntList, IntList,
-                                   bool, bool, std::optional<int64_t>);
+                                   bool, bool, std::optional<int64_t>, std::optional<bool>);
 using GlobalPool = at::Tensor(const at::Tensor&);
 using GlobalMaxPoolWithPos = Tensors(const at::Tensor&);
 using GlobalMaxPoolBackward = at::Tensor(const at::Tensor&, const at::Tensor&, IntList, bool);
@@ -233,21 +233,19 @@ struct MaxPool : torch::autograd::Function<MaxPool<kWithPos>> {
     const auto grad = grads[0].contiguous(a.layout());
     const auto grad_input = ops().max_pool_backward.call(
         grad, pos, a.size(), a.kernel(), a.stride(), a.pad_before(), a.pad_after(), a.dilation(),
-        a.ceil_mode());
-    // The op takes its layout from grad_output, which cannot tell channels_last from contiguous
-    // when the output has one channel or one cell.
-    return {grad_input.contiguous(a.layout()), {}, {}, {}, {}, {}, {}};
+        a.ceil_mode(), is_channels_last(a.layout()));
+    return {grad_input, {}, {}, {}, {}, {}, {}};
   }
 };
 
 struct MaxPoolBackward : torch::autograd::Function<MaxPoolBackward> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& grad, const at::Tensor& pos,
                             IntList size, IntList k, IntList s, IntList pb, IntList pa, IntList d,
-                            bool ceil) {
+                            bool ceil, std::optional<bool> cl) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    WindowArgs(size, k, s, pb, pa, d, ceil, layout_of(grad)).save(ctx);
+    WindowArgs(size, k, s, pb, pa, d, ceil, backward_layout(grad, size.size(), cl)).save(ctx);
     ctx->save_for_backward({pos});
-    return ops().max_pool_backward.call(grad, pos, size, k, s, pb, pa, d, ceil);
+    return ops().max_pool_backward.call(grad, pos, size, k, s, pb, pa, d, ceil, cl);
   }
 
   // d(grad_input)/d(grad_output) gathers each output's saved cell.
@@ -260,7 +258,7 @@ struct MaxPoolBackward : torch::autograd::Function<MaxPoolBackward> {
     const int64_t n = index.size(0), c = index.size(1);
     const auto picked =
         grads[0].reshape({n, c, -1}).gather(2, index.reshape({n, c, -1})).reshape(index.sizes());
-    return {picked, {}, {}, {}, {}, {}, {}, {}, {}};
+    return {picked, {}, {}, {}, {}, {}, {}, {}, {}, {}};
   }
 };
 
@@ -279,20 +277,21 @@ struct AvgPool : torch::autograd::Function<AvgPool> {
     const WindowArgs a(ctx);
     const auto grad_input = ops().avg_pool_backward.call(
         grads[0].contiguous(a.layout()), a.size(), a.kernel(), a.stride(), a.pad_before(),
-        a.pad_after(), a.ceil_mode(), count_include_pad(ctx), divisor_override(ctx));
-    return {grad_input.contiguous(a.layout()), {}, {}, {}, {}, {}, {}, {}};
+        a.pad_after(), a.ceil_mode(), count_include_pad(ctx), divisor_override(ctx),
+        is_channels_last(a.layout()));
+    return {grad_input, {}, {}, {}, {}, {}, {}, {}};
   }
 };
 
 struct AvgPoolBackward : torch::autograd::Function<AvgPoolBackward> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& grad, IntList size,
                             IntList k, IntList s, IntList pb, IntList pa, bool ceil, bool cip,
-                            std::optional<int64_t> divisor) {
+                            std::optional<int64_t> divisor, std::optional<bool> cl) {
     at::AutoDispatchBelowADInplaceOrView guard;
     const std::vector<int64_t> ones(k.size(), 1);
-    WindowArgs(size, k, s, pb, pa, ones, ceil, layout_of(grad)).save(ctx);
+    WindowArgs(size, k, s, pb, pa, ones, ceil, backward_layout(grad, size.size(), cl)).save(ctx);
     save_avg(ctx, cip, divisor);
-    return ops().avg_pool_backward.call(grad, size, k, s, pb, pa, ceil, cip, divisor);
+    return ops().avg_pool_backward.call(grad, size, k, s, pb, pa, ceil, cip, divisor, cl);
   }
 
   // The backward spreads each output's gradient over its window; its adjoint is the pool.
@@ -301,7 +300,7 @@ struct AvgPoolBackward : torch::autograd::Function<AvgPoolBackward> {
     const auto pooled = ops().avg_pool.call(
         grads[0].contiguous(a.layout()), a.kernel(), a.stride(), a.pad_before(), a.pad_after(),
         a.ceil_mode(), count_include_pad(ctx), divisor_override(ctx));
-    return {pooled, {}, {}, {}, {}, {}, {}, {}, {}};
+    return {pooled, {}, {}, {}, {}, {}, {}, {}, {}, {}};
   }
 };
 
@@ -326,12 +325,13 @@ std::tuple<at::Tensor, at::Tensor> max_pool_with_pos(const at::Tensor& self, Int
 }
 
 at::Tensor max_pool_backward(const at::Tensor& grad, const at::Tensor& pos, IntList size,
-                             IntList k, IntList s, IntList pb, IntList pa, IntList d, bool ceil) {
+                             IntList k, IntList s, IntList pb, IntList pa, IntList d, bool ceil,
+                             std::optional<bool> cl) {
   if (builds_graph(grad)) {
-    return MaxPoolBackward::apply(grad, pos, size, k, s, pb, pa, d, ceil);
+    return MaxPoolBackward::apply(grad, pos, size, k, s, pb, pa, d, ceil, cl);
   }
   at::AutoDispatchBelowADInplaceOrView guard;
-  return ops().max_pool_backward.call(grad, pos, size, k, s, pb, pa, d, ceil);
+  return ops().max_pool_backward.call(grad, pos, size, k, s, pb, pa, d, ceil, cl);
 }
 
 at::Tensor avg_pool(const at::Tensor& self, IntList k, IntList s, IntList pb, IntList pa,
@@ -345,12 +345,12 @@ at::Tensor avg_pool(const at::Tensor& self, IntList k, IntList s, IntList pb, In
 
 at::Tensor avg_pool_backward(const at::Tensor& grad, IntList size, IntList k, IntList s,
                              IntList pb, IntList pa, bool ceil, bool cip,
-                             std::optional<int64_t> divisor) {
+                             std::optional<int64_t> divisor, std::optional<bool> cl) {
   if (builds_graph(grad)) {
-    return AvgPoolBackward::apply(grad, size, k, s, pb, pa, ceil, cip, divisor);
+    return AvgPoolBackward::apply(grad, size, k, s, pb, pa, ceil, cip, divisor, cl);
   }
   at::AutoDispatchBelowADInplaceOrView guard;
-  return ops().avg_pool_backward.call(grad, size, k, s, pb, pa, ceil, cip, divisor);
+  return ops().avg_pool_backward.call(grad, size, k, s, pb, pa, ceil, cip, divisor, cl);
 }
 
 at::Tensor global_max_pool(const at::Tensor& self) {

@@ -5,6 +5,7 @@
 #include <c10/core/ScalarType.h>
 
 #include <limits>
+#include <optional>
 
 #include "geometry.h"
 
@@ -36,6 +37,15 @@ inline at::MemoryFormat channels_last_format(int64_t dim) {
   return dim == 5 ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::ChannelsLast;
 }
 
+// The layout of a window backward's grad_input of `dim` dims: channels_last or contiguous as
+// asked, else grad_output's (which cannot tell the two apart when the output has one channel or
+// one cell).
+inline at::MemoryFormat backward_layout(const at::Tensor& grad_output, int64_t dim,
+                                        std::optional<bool> channels_last) {
+  if (!channels_last.has_value()) return layout_of(grad_output);
+  return *channels_last ? channels_last_format(dim) : at::MemoryFormat::Contiguous;
+}
+
 // Dtype of the saved window position: one byte while the window has at most 256 cells.
 inline at::ScalarType position_dtype(const PoolGeometry& g) {
   return g.window_cells() <= 256 ? at::kByte : at::kInt;
@@ -46,6 +56,13 @@ inline at::ScalarType position_dtype(const PoolGeometry& g) {
 inline at::ScalarType global_position_dtype(int64_t cells) {
   return cells <= 256 ? at::kByte
                       : cells <= std::numeric_limits<int32_t>::max() ? at::kInt : at::kLong;
+}
+
+// A backward asked for channels_last needs a 2d or 3d pool's input (4 or 5 dims).
+inline void check_channels_last(const char* op, std::optional<bool> channels_last,
+                                c10::IntArrayRef input_size) {
+  TORCH_CHECK(!channels_last.value_or(false) || input_size.size() >= 4, op,
+              ": channels_last needs a 2d or 3d pool input, got shape ", detail::fmt(input_size));
 }
 
 // Checks that a gradient (or saved position) has the pool's output shape.

@@ -107,7 +107,8 @@ inline Tensor checked_pos(const char* op, const Tensor& pos, const PoolGeometry&
 template <typename B>
 Tensor max_pool_backward(const Tensor& grad_output, const Tensor& pos, IntArrayRef input_size,
                          IntArrayRef kernel, IntArrayRef stride, IntArrayRef pad_before,
-                         IntArrayRef pad_after, IntArrayRef dilation, bool ceil_mode) {
+                         IntArrayRef pad_after, IntArrayRef dilation, bool ceil_mode,
+                         std::optional<bool> channels_last) {
   const char* op = "max_pool_backward";
   check_floating(op, "grad_output", grad_output);
   B::check_same_device(op, grad_output, "grad_output", pos, "pos");
@@ -115,8 +116,9 @@ Tensor max_pool_backward(const Tensor& grad_output, const Tensor& pos, IntArrayR
       make_geometry(op, input_size, kernel, stride, pad_before, pad_after, dilation, ceil_mode);
   B::check_window(op, g);
   check_output_shape(op, "grad_output", grad_output, g, input_size);
+  check_channels_last(op, channels_last, input_size);
   const typename B::Guard guard(grad_output.device());
-  const auto fmt = layout_of(grad_output);
+  const auto fmt = backward_layout(grad_output, input_size.size(), channels_last);
   const Tensor go = grad_output.contiguous(fmt);
   const Tensor p = checked_pos(op, pos, g, input_size, fmt);
   Tensor gin = new_output<B>(input_size, grad_output.options().memory_format(fmt));
@@ -184,14 +186,16 @@ template <typename B>
 Tensor avg_pool_backward(const Tensor& grad_output, IntArrayRef input_size, IntArrayRef kernel,
                          IntArrayRef stride, IntArrayRef pad_before, IntArrayRef pad_after,
                          bool ceil_mode, bool count_include_pad,
-                         std::optional<int64_t> divisor_override) {
+                         std::optional<int64_t> divisor_override,
+                         std::optional<bool> channels_last) {
   const char* op = "avg_pool_backward";
   check_floating(op, "grad_output", grad_output);
   const PoolGeometry g = avg_geometry(op, input_size, kernel, stride, pad_before, pad_after,
                                       ceil_mode, divisor_override);
   check_output_shape(op, "grad_output", grad_output, g, input_size);
+  check_channels_last(op, channels_last, input_size);
   const typename B::Guard guard(grad_output.device());
-  const auto fmt = layout_of(grad_output);
+  const auto fmt = backward_layout(grad_output, input_size.size(), channels_last);
   const Tensor go = grad_output.contiguous(fmt);
   Tensor gin = new_output<B>(input_size, grad_output.options().memory_format(fmt));
   if (gin.numel() == 0) return gin;
@@ -261,8 +265,7 @@ Tensor global_grad_input(const char* op, const Tensor& grad_output, IntArrayRef 
                   grad_output.size(1) == input_size[1],
               op, ": grad_output must have shape (", input_size[0], ", ", input_size[1], "), got ",
               detail::fmt(grad_output.sizes()));
-  TORCH_CHECK(!channels_last || input_size.size() >= 4, op,
-              ": channels_last needs a 2d or 3d pool input, got shape ", detail::fmt(input_size));
+  check_channels_last(op, channels_last, input_size);
   const auto fmt = channels_last ? channels_last_format(input_size.size())
                                  : at::MemoryFormat::Contiguous;
   return new_output<B>(input_size, grad_output.options().memory_format(fmt));

@@ -26,8 +26,12 @@ TORCH_LIBRARY(torchpool, m) {
   // kernel, scan order), uint8 when the window has <= 256 cells, int32 otherwise.
   m.def("max_pool_with_pos(Tensor self, int[] kernel_size, int[] stride, int[] pad_before, "
         "int[] pad_after, int[] dilation, bool ceil_mode) -> (Tensor, Tensor)");
+  // The window backwards' channels_last: the layout of grad_input (and the order grad_output is
+  // read in). None takes grad_output's layout, which cannot tell channels_last from contiguous
+  // when the output has one channel or one cell.
   m.def("max_pool_backward(Tensor grad_output, Tensor pos, int[] input_size, int[] kernel_size, "
-        "int[] stride, int[] pad_before, int[] pad_after, int[] dilation, bool ceil_mode) -> Tensor");
+        "int[] stride, int[] pad_before, int[] pad_after, int[] dilation, bool ceil_mode, "
+        "bool? channels_last=None) -> Tensor");
   // Window positions -> int64 flat indices into the input's spatial plane (torch's return_indices).
   m.def("max_pool_indices(Tensor pos, int[] input_size, int[] kernel_size, int[] stride, "
         "int[] pad_before, int[] pad_after, int[] dilation, bool ceil_mode) -> Tensor");
@@ -35,7 +39,7 @@ TORCH_LIBRARY(torchpool, m) {
         "bool ceil_mode, bool count_include_pad, int? divisor_override) -> Tensor");
   m.def("avg_pool_backward(Tensor grad_output, int[] input_size, int[] kernel_size, int[] stride, "
         "int[] pad_before, int[] pad_after, bool ceil_mode, bool count_include_pad, "
-        "int? divisor_override) -> Tensor");
+        "int? divisor_override, bool? channels_last=None) -> Tensor");
   // Global pools reduce every spatial dim: (N, C, *spatial) -> (N, C).
   m.def("global_max_pool(Tensor self) -> Tensor");
   // Also the int64 flat index of the first maximum in the spatial plane.

@@ -171,6 +171,16 @@ def run_fwd_bwd(fn, x, g=None, gen=None):
     return out, leaf.grad, g
 
 
+def run_fwd_grad(fn, x, gen):
+    """As run_fwd_bwd, but the gradient as the backward returns it (torch.autograd.grad): a leaf's
+    .grad is restrided to the leaf's layout by autograd, so it cannot show the backward's."""
+    leaf = x.detach().requires_grad_()
+    out = fn(leaf)
+    g = grad_output_like(out, gen)
+    (grad,) = torch.autograd.grad(out, leaf, g)
+    return out, grad, g
+
+
 def strided_grad_output(out, kind, gen):
     """A non-dense upstream gradient for `out`: 'transposed' (dims stored in reverse order, so not
     dense in the output's layout) or 'sliced' (every other element along the last dim)."""
@@ -204,9 +214,23 @@ def check_layout_preserved(ours, x, layout, gen):
     fmt = torch.contiguous_format if layout == "contiguous" else channels_last_format(x.dim())
     with torch.no_grad():
         assert ours(x, 2).is_contiguous(memory_format=fmt)
-    out, grad, _ = run_fwd_bwd(lambda t: ours(t, 3, 2, 1), x, gen=gen)
+    out, grad, _ = run_fwd_grad(lambda t: ours(t, 3, 2, 1), x, gen)
     assert out.is_contiguous(memory_format=fmt)
     assert grad.is_contiguous(memory_format=fmt)
+
+
+def check_one_cell_output_layout(ours, ref, x, gen, dtype=None):
+    """A channels_last input pooled to a single output cell, an output that is contiguous as well:
+    the gradient is still channels_last (the backward is told the layout, not left to guess it
+    from grad_output), and the output and gradient equal ref's."""
+    k, rd = x.shape[2], ref_dtype(x.dtype)
+    out, grad, g = run_fwd_grad(lambda t: ours(t, k), x, gen)
+    rout, rgrad, _ = run_fwd_bwd(lambda t: ref(t, k), x.to(rd), g=g.to(rd))
+    assert out.is_contiguous() and out.shape[2:] == (1,) * (x.dim() - 2)
+    assert grad.is_contiguous(memory_format=channels_last_format(x.dim()))
+    assert not grad.is_contiguous()
+    assert_close(out, rout.to(x.dtype), dtype)
+    assert_close(grad, rgrad.to(x.dtype), dtype)
 
 
 def check_backward_deterministic(ours, ref, x, gen, reference_device=None):

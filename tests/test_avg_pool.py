@@ -16,6 +16,7 @@ from conftest import (
     assert_layout_follows,
     check_backward_deterministic,
     check_layout_preserved,
+    check_one_cell_output_layout,
     check_strided_grad_outputs,
     config_grid,
     make_input,
@@ -206,6 +207,14 @@ def test_empty_batch(device, nd):
 def test_layout_preserved(device, rng, nd, dtype, layout):
     x = make_input((2, 3) + SHAPES[nd][2:], dtype, device, layout, rng)
     check_layout_preserved(OURS[nd], x, layout, rng)
+
+
+@pytest.mark.parametrize("nd", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels", [3, 64])
+def test_one_cell_output_keeps_channels_last(device, rng, nd, dtype, channels):
+    x = make_input((4, channels) + (3,) * nd, dtype, device, "channels_last", rng)
+    check_one_cell_output_layout(OURS[nd], TORCH[nd], x, rng, dtype)
 
 
 def test_keras_worked_example(device):

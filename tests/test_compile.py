@@ -27,6 +27,8 @@ GEOMETRIES = {
     "1d-ceil-dilated": ((2, 3, 12), "contiguous", [3], [2], [1], [0], [2], True),
     "2d-asym": ((2, 3, 9, 10), "contiguous", [3, 2], [2, 1], [1, 0], [1, 1], [1, 2], True),
     "2d-channels_last": ((2, 4, 9, 10), "channels_last", [3, 3], [2, 2], [1, 1], [1, 1], [1, 1], False),
+    # One output cell: the output is contiguous too, so the backward ops are told the layout.
+    "2d-channels_last-one-cell": ((2, 4, 3, 3), "channels_last", [2, 2], [2, 2], [0, 0], [0, 0], [1, 1], False),
     "2d-wide-window": ((1, 2, 20, 19), "contiguous", [17, 17], [1, 1], [0, 0], [0, 0], [1, 1], False),
     "2d-empty-batch": ((0, 3, 8, 8), "contiguous", [2, 2], [2, 2], [0, 0], [0, 0], [1, 1], False),
     "3d": ((2, 3, 5, 6, 7), "contiguous", [2, 2, 3], [2, 1, 2], [0, 1, 1], [1, 1, 1], [1, 1, 1], True),
@@ -64,20 +66,23 @@ def sample(op_name, geometry, device, dtype=torch.float32):
     shape, layout, k, s, pb, pa, d, ceil = GEOMETRIES[geometry]
     x = _input(shape, layout, device, dtype)
     size = list(shape)
+    # The backward ops' channels_last: given for the channels_last samples, left to its default
+    # (grad_output's layout) for the others.
+    told = (True,) if layout == "channels_last" else ()
     if op_name == "max_pool":
         return (x, k, s, pb, pa, d, ceil)
     out, pos = ops.max_pool_with_pos(x, k, s, pb, pa, d, ceil)
     if op_name == "max_pool_with_pos":
         return (x, k, s, pb, pa, d, ceil)
     if op_name == "max_pool_backward":
-        return (_grad_like(out), pos, size, k, s, pb, pa, d, ceil)
+        return (_grad_like(out), pos, size, k, s, pb, pa, d, ceil, *told)
     if op_name == "max_pool_indices":
         return (pos, size, k, s, pb, pa, d, ceil)
     if op_name == "avg_pool":
         return (x, k, s, pb, pa, ceil, False, None)
     if op_name == "avg_pool_backward":
         out = ops.avg_pool(x, k, s, pb, pa, ceil, True, 5)
-        return (_grad_like(out), size, k, s, pb, pa, ceil, True, 5)
+        return (_grad_like(out), size, k, s, pb, pa, ceil, True, 5, *told)
     raise ValueError(op_name)
 
 
@@ -116,7 +121,8 @@ def test_opcheck_global_ops(device, op_name, geometry):
     torch.library.opcheck(getattr(ops, op_name).default, global_sample(op_name, geometry, device))
 
 
-@pytest.mark.parametrize("geometry", ["1d-ceil-dilated", "2d-asym", "2d-channels_last", "3d", "3d-channels_last"])
+@pytest.mark.parametrize("geometry", ["1d-ceil-dilated", "2d-asym", "2d-channels_last", "2d-channels_last-one-cell",
+                                      "3d", "3d-channels_last"])
 @pytest.mark.parametrize("op_name", ["max_pool", "max_pool_with_pos", "max_pool_backward", "avg_pool",
                                      "avg_pool_backward"])
 def test_window_ops_carry_their_autograd(device, op_name, geometry):

@@ -240,6 +240,38 @@ def test_raw_backward_ops_check_shapes(device):
         ops.global_avg_pool_backward(torch.randn(2, 4, device=device), list(x.shape), False)
 
 
+def test_raw_backward_ops_check_channels_last(device):
+    """The backward ops' channels_last needs a 2d or 3d pool's input (4 or 5 dims); told, it sets
+    grad_input's layout, even where grad_output's (one output cell) could be either."""
+    ops = torch.ops.torchpool
+    x = torch.randn(2, 3, 8, device=device)
+    out, pos = ops.max_pool_with_pos(x, [2], [2], [0], [0], [1], False)
+    g, size = torch.randn_like(out), list(x.shape)
+    rule = r": channels_last needs a 2d or 3d pool input, got shape \(2, 3, 8\)"
+    with pytest.raises(RuntimeError, match="max_pool_backward" + rule):
+        ops.max_pool_backward(g, pos, size, [2], [2], [0], [0], [1], False, True)
+    with pytest.raises(RuntimeError, match="avg_pool_backward" + rule):
+        ops.avg_pool_backward(g, size, [2], [2], [0], [0], False, True, None, True)
+    gg, gpos = ops.global_max_pool_with_pos(x)
+    with pytest.raises(RuntimeError, match="global_max_pool_backward" + rule):
+        ops.global_max_pool_backward(gg, gpos, size, True)
+    with pytest.raises(RuntimeError, match="global_avg_pool_backward" + rule):
+        ops.global_avg_pool_backward(gg, size, True)
+    # A 2d pool to one output cell: grad_output is contiguous and channels_last at once.
+    x = torch.randn(2, 3, 2, 2, device=device)
+    out, pos = ops.max_pool_with_pos(x, [2, 2], [2, 2], [0, 0], [0, 0], [1, 1], False)
+    g, size = torch.randn_like(out), list(x.shape)
+    for told in (None, False, True):
+        ours = ops.max_pool_backward(g, pos, size, [2, 2], [2, 2], [0, 0], [0, 0], [1, 1], False, told)
+        avg = ops.avg_pool_backward(g, size, [2, 2], [2, 2], [0, 0], [0, 0], False, True, None, told)
+        fmt = torch.channels_last if told else torch.contiguous_format
+        for grad in (ours, avg):
+            assert grad.is_contiguous(memory_format=fmt) and grad.is_contiguous() == (not told)
+        ref = ops.max_pool_backward(g, pos, size, [2, 2], [2, 2], [0, 0], [0, 0], [1, 1], False)
+        assert torch.equal(ours, ref) and (ours != 0).sum() == g.numel()
+        assert torch.equal(avg, g.expand(-1, -1, 2, 2) / 4)
+
+
 def test_raw_backward_ops_check_position_dtypes(device):
     """The saved positions must have the dtype the forward gives them: a window's position in one
     byte up to 256 cells (int32 above), the global max's cell in the plane's narrowest dtype on

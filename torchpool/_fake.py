@@ -30,10 +30,24 @@ def _max_pool_with_pos(self, kernel_size, stride, pad_before, pad_after, dilatio
             _empty(shape, self, fmt, dtype=_args.position_dtype(kernel_size)))
 
 
+def _requested_layout(input_size, channels_last):
+    """The layout a backward told `channels_last` writes grad_input in."""
+    if not channels_last:
+        return torch.contiguous_format
+    return torch.channels_last_3d if len(input_size) == 5 else torch.channels_last
+
+
+def _backward_layout(grad_output, input_size, channels_last):
+    """csrc/common.h's backward_layout: as asked, else grad_output's."""
+    if channels_last is None:
+        return _args.layout_of(grad_output)
+    return _requested_layout(input_size, channels_last)
+
+
 @torch.library.register_fake("torchpool::max_pool_backward")
 def _max_pool_backward(grad_output, pos, input_size, kernel_size, stride, pad_before, pad_after,
-                       dilation, ceil_mode):
-    return _empty(input_size, grad_output, _args.layout_of(grad_output))
+                       dilation, ceil_mode, channels_last=None):
+    return _empty(input_size, grad_output, _backward_layout(grad_output, input_size, channels_last))
 
 
 @torch.library.register_fake("torchpool::max_pool_indices")
@@ -51,8 +65,8 @@ def _avg_pool(self, kernel_size, stride, pad_before, pad_after, ceil_mode, count
 
 @torch.library.register_fake("torchpool::avg_pool_backward")
 def _avg_pool_backward(grad_output, input_size, kernel_size, stride, pad_before, pad_after,
-                       ceil_mode, count_include_pad, divisor_override):
-    return _empty(input_size, grad_output, _args.layout_of(grad_output))
+                       ceil_mode, count_include_pad, divisor_override, channels_last=None):
+    return _empty(input_size, grad_output, _backward_layout(grad_output, input_size, channels_last))
 
 
 def _global(self):
@@ -79,17 +93,11 @@ def _global_max_pool_with_pos(self):
     return _global(self), self.new_empty(self.shape[:2], dtype=_global_position_dtype(self))
 
 
-def _global_backward_layout(input_size, channels_last):
-    if not channels_last:
-        return torch.contiguous_format
-    return torch.channels_last_3d if len(input_size) == 5 else torch.channels_last
-
-
 @torch.library.register_fake("torchpool::global_max_pool_backward")
 def _global_max_pool_backward(grad_output, pos, input_size, channels_last):
-    return _empty(input_size, grad_output, _global_backward_layout(input_size, channels_last))
+    return _empty(input_size, grad_output, _requested_layout(input_size, channels_last))
 
 
 @torch.library.register_fake("torchpool::global_avg_pool_backward")
 def _global_avg_pool_backward(grad_output, input_size, channels_last):
-    return _empty(input_size, grad_output, _global_backward_layout(input_size, channels_last))
+    return _empty(input_size, grad_output, _requested_layout(input_size, channels_last))

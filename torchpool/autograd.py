@@ -20,11 +20,11 @@ from . import _args
 ops = torch.ops.torchpool
 
 
-def _in_layout(grad_input: torch.Tensor, layout: torch.memory_format) -> torch.Tensor:
-    """The backward ops take their layout from grad_output, which cannot tell channels_last from
-    contiguous when the output has a single channel or a single spatial cell; then the gradient
-    is converted to the input's layout here (a no-op otherwise)."""
-    return grad_input.contiguous(memory_format=layout)
+def _channels_last(layout: torch.memory_format) -> bool:
+    """The backward ops' channels_last for grad_input in `layout`: told, not taken from
+    grad_output, which cannot tell channels_last from contiguous when the output has a single
+    channel or a single spatial cell."""
+    return layout != torch.contiguous_format
 
 
 def _gather(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -63,7 +63,7 @@ class MaxPool(torch.autograd.Function):
 class MaxPoolBackward(torch.autograd.Function):
     @staticmethod
     def forward(grad, pos, input_shape, g, layout):
-        return _in_layout(ops.max_pool_backward.default(grad, pos, input_shape, *g), layout)
+        return ops.max_pool_backward.default(grad, pos, input_shape, *g, _channels_last(layout))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -103,11 +103,10 @@ class AvgPool(torch.autograd.Function):
 class AvgPoolBackward(torch.autograd.Function):
     @staticmethod
     def forward(grad, input_shape, layout, g, count_include_pad, divisor_override):
-        grad_input = ops.avg_pool_backward.default(grad, input_shape, g.kernel_size,
-                                                   g.stride, g.pad_before, g.pad_after,
-                                                   g.ceil_mode, count_include_pad,
-                                                   divisor_override)
-        return _in_layout(grad_input, layout)
+        return ops.avg_pool_backward.default(grad, input_shape, g.kernel_size, g.stride,
+                                             g.pad_before, g.pad_after, g.ceil_mode,
+                                             count_include_pad, divisor_override,
+                                             _channels_last(layout))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -120,10 +119,6 @@ class AvgPoolBackward(torch.autograd.Function):
         return grad_grad, None, None, None, None, None
 
 
-def _global_layout(input: torch.Tensor) -> bool:
-    return _args.layout_of(input) != torch.contiguous_format
-
-
 class GlobalMaxPool(torch.autograd.Function):
     """(N, C, *spatial) -> (N, C); backward sends the gradient to the first maximum."""
 
@@ -134,7 +129,7 @@ class GlobalMaxPool(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.input_shape = inputs[0].shape
-        ctx.channels_last = _global_layout(inputs[0])
+        ctx.channels_last = _channels_last(_args.layout_of(inputs[0]))
         ctx.save_for_backward(output[1])
         ctx.mark_non_differentiable(output[1])
 
@@ -170,7 +165,7 @@ class GlobalAvgPool(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.input_shape = inputs[0].shape
-        ctx.channels_last = _global_layout(inputs[0])
+        ctx.channels_last = _channels_last(_args.layout_of(inputs[0]))
 
     @staticmethod
     def backward(ctx, grad_output):
