@@ -2418,23 +2418,31 @@ inline void planes_to_cells8(const T* src, int64_t P, int64_t n, int64_t room, V
 }
 
 // The reverse: vectors t[c], c < P, to cells [0, P) of the n planes at dst (kExact: as storef).
-// Planes of whole vectors go by transposes; others, whose rows would end in masked stores, are
-// put together lane by lane (the n planes are n * P consecutive elements) and stored in whole
-// vectors.
+// Planes of whole vectors go by transposes straight to dst; others, whose rows would end in
+// masked stores, by the same transposes into a buffer of the n planes' n * P consecutive
+// elements, then stored in whole vectors. There the 8 cells from c of plane l go to l * P + c,
+// the last ones of each plane past its end, into the next plane's first cells: the columns of
+// vectors are written from the last to the first, so the first's stores come last and put those
+// cells right (NOTES §113).
 template <bool kExact, typename T>
 inline void cells_to_planes8(const V8* t, int64_t P, int64_t n, T* dst) {
+  auto transposed = [&](int64_t c, __m256* r) {
+    for (int64_t j = 0; j < 8; ++j) r[j] = t[c + j].get();
+    transpose8(r);
+  };
   if (P % 8 == 0) {
     for (int64_t c = 0; c < P; c += 8) {
       __m256 r[8];
-      for (int64_t j = 0; j < 8; ++j) r[j] = t[c + j].get();
-      transpose8(r);
+      transposed(c, r);
       for (int64_t l = 0; l < n; ++l) storef<kExact>(dst + l * P + c, r[l]);
     }
     return;
   }
-  float tmp[8 * kTinyPlaneCells + 8];  // + 8: the last vector load may pass the cells
-  for (int64_t l = 0; l < n; ++l) {
-    for (int64_t c = 0; c < P; ++c) tmp[l * P + c] = t[c].f[l];
+  float tmp[8 * kTinyPlaneCells + 8];  // + 8: the last plane's last vector passes its cells
+  for (int64_t c = (P - 1) / 8 * 8; c >= 0; c -= 8) {
+    __m256 r[8];
+    transposed(c, r);
+    for (int64_t l = 0; l < n; ++l) _mm256_storeu_ps(tmp + l * P + c, r[l]);
   }
   const int64_t total = n * P;
   for (int64_t i = 0; i < total; i += 8) {
