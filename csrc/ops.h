@@ -45,6 +45,9 @@ struct DefaultHooks {
   static at::ScalarType global_position_dtype(int64_t cells) {
     return torchpool::global_position_dtype(cells);
   }
+  // Checks that the global max's saved cells given to its backward lie in their planes of
+  // `cells` cells. None here: the CUDA kernels trust them (a check would wait for the device).
+  static void check_global_positions(const char*, const Tensor&, int64_t) {}
 };
 
 // Allocates an op's output.
@@ -285,6 +288,7 @@ Tensor global_max_pool_backward(const Tensor& grad_output, const Tensor& pos,
               " of shape ", detail::fmt(pos.sizes()));
   if (gin.numel() == 0) return gin;
   const Tensor p = pos.contiguous();
+  B::check_global_positions(op, p, plane_cells(input_size));
   B::global_bwd(grad_output.contiguous(), &p, gin, channels_last);
   return gin;
 }

@@ -272,6 +272,28 @@ def test_raw_backward_ops_check_channels_last(device):
         assert torch.equal(avg, g.expand(-1, -1, 2, 2) / 4)
 
 
+@pytest.mark.parametrize("spatial,bad", [((6, 6), 36), ((6, 6), 200), ((20, 20), 400), ((20, 20), -1)])
+def test_raw_global_max_backward_checks_cells(device, spatial, bad):
+    """Saved cells given to the global max backward outside their planes (of 36 cells: uint8
+    positions; of 400: int32) are refused with the value and the rule, not written out of bounds
+    (the CPU checks them; the CUDA kernels trust them)."""
+    if device != "cpu":
+        pytest.skip("the CPU op checks the saved cells")
+    ops = torch.ops.torchpool
+    x = torch.randn(4, 5, *spatial)
+    out, pos = ops.global_max_pool_with_pos(x)
+    cells = spatial[0] * spatial[1]
+    g = torch.randn_like(out)
+    wrong = pos.clone()
+    wrong[2, 3] = bad
+    with pytest.raises(RuntimeError, match=rf"global_max_pool_backward: pos must hold cells in \[0, {cells}\) "
+                                           rf"\(planes of {cells} cells\), got {bad} at flat index 13"):
+        ops.global_max_pool_backward(g, wrong, list(x.shape), False)
+    # The saved cells the forward gives pass, and the gradient lands on them.
+    grad = ops.global_max_pool_backward(g, pos, list(x.shape), False)
+    assert torch.equal(grad.reshape(4, 5, -1).gather(2, pos.long().unsqueeze(2)).squeeze(2), g)
+
+
 def test_raw_backward_ops_check_position_dtypes(device):
     """The saved positions must have the dtype the forward gives them: a window's position in one
     byte up to 256 cells (int32 above), the global max's cell in the plane's narrowest dtype on

@@ -1,6 +1,8 @@
 // CPU op registration: the op bodies are in ops.h, the kernels in the table of dispatch.h.
+#include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -11,9 +13,35 @@
 namespace torchpool::cpu {
 namespace {
 
+// The first of n saved cells outside [0, cells), or -1: one pass for the bounds, a second only
+// where one is outside.
+template <typename T>
+int64_t first_cell_outside(const T* p, int64_t n, int64_t cells) {
+  T lo = 0, hi = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    lo = std::min(lo, p[i]);
+    hi = std::max(hi, p[i]);
+  }
+  if (lo >= 0 && static_cast<int64_t>(hi) < cells) return -1;
+  int64_t i = 0;
+  while (p[i] >= 0 && static_cast<int64_t>(p[i]) < cells) ++i;
+  return i;
+}
+
 // Forwards each kernel call to the table picked for this CPU (signatures in dispatch.h); no
-// guard and no extra checks.
+// guard. The one check of its own: the global max backward writes each gradient at its saved
+// cell, so cells given to the op that lie outside their planes are refused, not written out of
+// bounds (one pass over N * C positions, next to the N * C * cells values the backward writes).
 struct Backend : ops::DefaultHooks {
+  static void check_global_positions(const char* op, const at::Tensor& pos, int64_t cells) {
+    AT_DISPATCH_INTEGRAL_TYPES(pos.scalar_type(), "check_global_positions", [&] {
+      const scalar_t* p = pos.const_data_ptr<scalar_t>();
+      const int64_t at = first_cell_outside(p, pos.numel(), cells);
+      TORCH_CHECK(at < 0, op, ": pos must hold cells in [0, ", cells, ") (planes of ", cells,
+                  " cells), got ", static_cast<int64_t>(p[at < 0 ? 0 : at]), " at flat index ",
+                  at);
+    });
+  }
   static at::Tensor empty(c10::IntArrayRef shape, const at::TensorOptions& options) {
     return empty_output(shape, options);
   }
