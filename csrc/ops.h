@@ -45,9 +45,6 @@ struct DefaultHooks {
   static at::ScalarType global_position_dtype(int64_t cells) {
     return torchpool::global_position_dtype(cells);
   }
-  // Checks that the global max's saved cells given to its backward lie in their planes of
-  // `cells` cells. None here: the CUDA kernels trust them (a check would wait for the device).
-  static void check_global_positions(const char*, const Tensor&, int64_t) {}
 };
 
 // Allocates an op's output.
