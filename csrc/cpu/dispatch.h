@@ -46,17 +46,13 @@ struct Tuning {
   // then each maximum's cell (Intel), or, for every type, eight planes' maxima and cells in one
   // pass over each plane (AMD, NOTES §97).
   bool argmax_after_max;
-  // The channels-last window forwards prefetch the input rows that the next output row adds, and
-  // the max backward the output rows that the next input row adds, into L2 (AMD: faster from
-  // memory, §92; Intel: not measured, off).
-  bool cl_next_rows_prefetch;
   // The channels-last max training forward keeps each maximum's position by a variable blend
   // (AMD: one instruction, §96) or by and + integer max (Intel, where the blend is two or three).
   bool positions_by_blend;
-  // Large float results whose cells (channels-last) or rows are whole cache lines go out by
-  // non-temporal stores straight from the registers (AMD: faster from memory, §99), or are staged
-  // like the others (Intel: not measured).
-  bool results_from_registers;
+  // The half types' global max backward over planes too long to stage zeroes a large result by
+  // non-temporal stores (Intel: memset wrote lines not in the cache at 15 GB/s, §114), or by one
+  // memset (AMD: not measured, left as it was).
+  bool half_max_zeros_stream;
 };
 const Tuning& tuning();
 

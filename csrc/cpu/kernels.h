@@ -1772,8 +1772,8 @@ void max_w3s2(const T* in, T* out, pos_t* pos, const PoolGeometry& g, int64_t pl
 // Software prefetch of a few ranges (whole rows) spread over the steps of a loop: add() the
 // ranges, then step(k, n) at each step k of n issues the next equal share of their cache lines,
 // in order, into L2. The channels-last window kernels read several rows side by side, each
-// IW * C values long: streams far apart, which AMD's hardware prefetchers do not keep ahead of
-// (NOTES §92). So while one row of results is computed, the rows that the next one adds are
+// IW * C values long: streams far apart, which the hardware prefetchers (AMD's, Intel's) do not
+// keep ahead of (NOTES §92, §114). So while one row of results is computed, the rows that the next one adds are
 // prefetched. Only for data of kAheadMinBytes or more, which comes from memory: from the last-level
 // cache the prefetches cost more than they saved; and never more than kMaxBytes at a time, which
 // would not stay in L2 until read.
@@ -1896,11 +1896,11 @@ class NanRows {
 // written cell by cell straight from the registers by non-temporal stores rather than staged
 // row by row: where its cells are whole cache lines (C a multiple of 16, the block aligned).
 // Staged rows go out in bursts of up to 32 KiB, during which the kernel's loads wait; stores
-// spread over the row do not hold them up, and skip the staging copy (NOTES §99). AMD tuning only
-// (Tuning::results_from_registers).
+// spread over the row do not hold them up, and skip the staging copy (NOTES §99; on the Xeon VM
+// too, §114).
 template <typename T>
 inline bool cells_stream_direct(const T* dst, int64_t C) {
-  return std::is_same_v<T, float> && tuning().results_from_registers && C % 16 == 0 &&
+  return std::is_same_v<T, float> && C % 16 == 0 &&
          reinterpret_cast<uintptr_t>(dst) % 64 == 0;
 }
 
@@ -1924,8 +1924,7 @@ void for_cl_windows(const PoolGeometry& g, int64_t N, int64_t C, const T* in, T*
   const bool streamed = forward_streams<T>(N * OD * OH * OW * C);
   const bool direct = streamed && cells_stream_direct(out, C);
   const bool staged = streamed && !direct;
-  const bool ahead = tuning().cl_next_rows_prefetch &&
-                     N * ID * IH * IW * C * static_cast<int64_t>(sizeof(T)) >= kAheadMinBytes;
+  const bool ahead = N * ID * IH * IW * C * static_cast<int64_t>(sizeof(T)) >= kAheadMinBytes;
   at::parallel_for(0, N * OD * OH, grain_for(OW * C * g.window_cells()), [&](int64_t begin, int64_t end) {
     StagedRuns<T> st(staged, staged_whole<T>(OW * C, kOutRunBytes));
     SpreadPrefetch next_rows;
@@ -2199,9 +2198,8 @@ void max_bwd_cl_fused(const T* gout, const uint8_t* pos, T* gin, const PoolGeome
   const bool streamed = streams<T>(N * ID * IH * IW * C);
   const bool direct = streamed && cells_stream_direct(gin, C);
   const bool stream_rows = streamed && !direct;
-  const bool ahead = tuning().cl_next_rows_prefetch &&
-                     (N * OD * OH * OW * C * static_cast<int64_t>(sizeof(T) + 1) +
-                      N * ID * IH * IW * C * static_cast<int64_t>(sizeof(T))) >= kAheadMinBytes;
+  const bool ahead = (N * OD * OH * OW * C * static_cast<int64_t>(sizeof(T) + 1) +
+                     N * ID * IH * IW * C * static_cast<int64_t>(sizeof(T))) >= kAheadMinBytes;
   at::parallel_for(0, N * ID * IH, grain_for(IW * C), [&](int64_t begin, int64_t end) {
     std::vector<int64_t> row_o, offs;
     std::vector<int32_t> row_k, ks;
@@ -2856,7 +2854,7 @@ __attribute__((always_inline)) inline void bwd_row_fused(T* row, int64_t IW, int
 // inside a row are 16 cells, and rows that start on cache lines (IW a multiple of 16, the block
 // aligned) with padding that keeps the chunks on them; rows of 4 KiB or more, so the row ends
 // that ordinary stores write are a small share (NOTES §99). A row is then what
-// cells_stream_direct asks of a channels-last cell (float, whole lines, AMD tuning).
+// cells_stream_direct asks of a channels-last cell (float, whole lines).
 template <typename T, int S>
 inline bool rows_stream_direct(const T* gin, int64_t IW, int64_t pad) {
   return S == 2 && pad % 16 == 0 && IW * static_cast<int64_t>(sizeof(T)) >= (4 << 10) &&
@@ -5000,14 +4998,14 @@ inline int64_t global_staged(int64_t n) {
                              : std::max<int64_t>(n, 8192 / static_cast<int64_t>(sizeof(T)));
 }
 
-// dst[0, n) = 0; `stream` (float only): by non-temporal stores, fenced so that ordinary stores
-// may follow.
+// dst[0, n) = 0; `stream` (float and the half types): by non-temporal stores, fenced so that
+// ordinary stores may follow.
 template <typename T>
 inline void zero_out(T* dst, int64_t n, bool stream) {
 #if defined(TORCHPOOL_AVX2)
-  if constexpr (std::is_same_v<T, float>) {
+  if constexpr (kFusedType<T>) {
     if (stream) {
-      stream_fill(dst, n, 0.0f);
+      stream_fill(dst, n, T(0));
       stream_fence();
       return;
     }
@@ -5116,10 +5114,12 @@ void global_bwd(const scalar_t* gout, const pos_t* pos, scalar_t* gin, int64_t N
     // long to stage, filled by non-temporal stores: on the Xeon VM, writing lines not in the cache
     // by ordinary stores ran at a third of that speed (NOTES §74). Otherwise one memset, whose
     // string stores write whole lines without reading them first: on the EPYC VM about twice the
-    // speed of vector stores, and of one memset per short plane (§47). The half types' averages
-    // stream only the fills of planes too long to stage (fills_stream, §77).
-    const bool stream = streams_out<scalar_t>(rows * run) ||
-                        (!kMax && !cl && fills_stream<scalar_t>(rows * run, run));
+    // speed of vector stores, and of one memset per short plane (§47). The half types stream
+    // only the fills of planes too long to stage (fills_stream): the averages' (§77), and where
+    // the tuning says (Intel), the max's zeros (§114).
+    const bool stream =
+        streams_out<scalar_t>(rows * run) ||
+        (!cl && fills_stream<scalar_t>(rows * run, run) && (!kMax || tuning().half_max_zeros_stream));
     // Large float max results with planes short enough to stage: each plane zeroed and given its
     // gradient in the staging buffer, then streamed out like the averages' (§79); stored into
     // lines just streamed out, the gradients each read their line back from memory first.

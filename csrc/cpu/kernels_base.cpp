@@ -50,8 +50,7 @@ const Kernels& kernels() {
 }
 
 const Tuning& tuning() {
-  static const Tuning intel{"intel", true, true, false, false, false},
-      amd{"amd", false, false, true, true, true};
+  static const Tuning intel{"intel", true, true, false, true}, amd{"amd", false, false, true, false};
   static const Tuning& chosen = [&]() -> const Tuning& {
     const char* force = std::getenv("TORCHPOOL_CPU_TUNE");
     if (force && std::strcmp(force, "intel") == 0) return intel;
