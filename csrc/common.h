@@ -37,13 +37,18 @@ inline at::MemoryFormat channels_last_format(int64_t dim) {
   return dim == 5 ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::ChannelsLast;
 }
 
+// The memory format of a tensor of `dim` dims, channels-last or contiguous.
+inline at::MemoryFormat layout_format(bool channels_last, int64_t dim) {
+  return channels_last ? channels_last_format(dim) : at::MemoryFormat::Contiguous;
+}
+
 // The layout of a window backward's grad_input of `dim` dims: channels_last or contiguous as
 // asked, else grad_output's (which cannot tell the two apart when the output has one channel or
 // one cell).
 inline at::MemoryFormat backward_layout(const at::Tensor& grad_output, int64_t dim,
                                         std::optional<bool> channels_last) {
   if (!channels_last.has_value()) return layout_of(grad_output);
-  return *channels_last ? channels_last_format(dim) : at::MemoryFormat::Contiguous;
+  return layout_format(*channels_last, dim);
 }
 
 // Dtype of the saved window position: one byte while the window has at most 256 cells.

@@ -266,8 +266,7 @@ Tensor global_grad_input(const char* op, const Tensor& grad_output, IntArrayRef 
               op, ": grad_output must have shape (", input_size[0], ", ", input_size[1], "), got ",
               detail::fmt(grad_output.sizes()));
   check_channels_last(op, channels_last, input_size);
-  const auto fmt = channels_last ? channels_last_format(input_size.size())
-                                 : at::MemoryFormat::Contiguous;
+  const auto fmt = layout_format(channels_last, input_size.size());
   return new_output<B>(input_size, grad_output.options().memory_format(fmt));
 }
 
