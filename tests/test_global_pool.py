@@ -468,6 +468,22 @@ def test_max_ties_in_short_planes(device, rng, n, dtype, train):
     assert torch.equal(torch.isnan(out), nan) and torch.equal(out[~nan], ref[~nan])
 
 
+@pytest.mark.parametrize("n", [16, 17, 33, 64, 100, 196, 255])
+@pytest.mark.parametrize("train", [False, True], ids=["infer", "train"])
+def test_max_ties_at_lane_distances(device, rng, n, train):
+    """Float planes of 16 to 255 cells, one plane for every pair of cells (a, a + d) with a in
+    steps of 3 and d a multiple of 8 up to 96: the maximum in both, so ties fall in the same lane
+    of the same vector chain (8 or 16 lanes, even and odd vectors, the plane's first vector, the
+    last partial one seen twice) and in different ones; the first cell must win. Values and
+    indices against torch's adaptive_max_pool1d; in training the gradient on torch's index."""
+    pairs = [(a, a + d) for d in range(8, 97, 8) for a in range(0, n - d, 3)]
+    x = -(torch.rand((1, len(pairs), n), generator=rng) + 1.0)
+    for p, cells in enumerate(pairs):
+        x[0, p, list(cells)] = 0.5 + p
+    out, ref = global_max_against_torch(x.to(device), train, rng)
+    assert torch.equal(out, ref)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n", [4096, 4100, 4133, 6151, 8200])
 @pytest.mark.parametrize("train", [False, True], ids=["infer", "train"])
@@ -525,10 +541,6 @@ def _cpu_vendor():
     return _cpuinfo("vendor_id")
 
 
-def _python_with_tuning(tune, code):
-    return python_with(code, TORCHPOOL_CPU_TUNE=tune)
-
-
 # Three calls that each pick the CPU kernels, printing the first line of each one's error.
 _THREE_CALLS = (
     "import torch, torchpool, torchpool.functional as tpf\n"
@@ -578,26 +590,38 @@ def test_max_saves_each_cell_in_the_fewest_bytes(device, rng, layout, side, dtyp
 
 def test_cpu_kernels_named():
     """torchpool.cpu_kernels() names the instruction set and the tuning in use; without
-    TORCHPOOL_CPU_TUNE the tuning follows the CPU's vendor."""
+    TORCHPOOL_CPU_TUNE the tuning follows the CPU's vendor, and the Intel tuning on a CPU with
+    AVX-512F takes the AVX2 kernels' AVX-512 parts ("avx2+avx512")."""
     import torchpool
 
     k = torchpool.cpu_kernels()
-    assert k["isa"] in ("avx2", "base") and k["tuning"] in ("intel", "amd")
+    assert k["isa"] in ("avx2", "avx2+avx512", "base") and k["tuning"] in ("intel", "amd")
     if "TORCHPOOL_CPU_TUNE" not in os.environ and _cpu_vendor() in ("AuthenticAMD", "GenuineIntel"):
         assert k["tuning"] == ("amd" if _cpu_vendor() == "AuthenticAMD" else "intel")
+    flags = set((_cpuinfo("flags") or "").split())
+    if not os.environ.get("TORCHPOOL_CPU_ISA") and {"avx2", "fma"} <= flags:
+        avx512 = k["tuning"] == "intel" and "avx512f" in flags
+        assert k["isa"] == ("avx2+avx512" if avx512 else "avx2")
 
 
-@pytest.mark.parametrize("tune", ["intel", "amd"])
-def test_cpu_tunings(device, tune):
+# (TORCHPOOL_CPU_TUNE, TORCHPOOL_CPU_ISA): Intel's tuning with its AVX-512 argmax where the CPU
+# has AVX-512F, and without it (its two passes); AMD's (one pass in AVX2)
+TUNINGS = [("intel", ""), ("intel", "avx2"), ("amd", "")]
+
+
+@pytest.mark.parametrize("tune,isa", TUNINGS, ids=["intel", "intel-avx2", "amd"])
+def test_cpu_tunings(device, tune, isa):
     """Each vendor tuning of the CPU kernels (TORCHPOOL_CPU_TUNE=intel or amd: the float
-    reductions' prefetch, the short planes' argmax in one pass or two) passes this file's tests of
-    short and long planes and of parity with torch, whichever CPU runs them."""
+    reductions' prefetch, the short planes' argmax in one pass or two, in AVX-512 or AVX2) passes
+    this file's tests of short and long planes and of parity with torch, whichever CPU runs
+    them."""
     if device != "cpu":
         pytest.skip("the tunings are the CPU kernels'")
-    named = _python_with_tuning(tune, "import torchpool; print(torchpool.cpu_kernels()['tuning'])")
+    env = dict(TORCHPOOL_CPU_TUNE=tune, TORCHPOOL_CPU_ISA=isa)
+    named = python_with("import torchpool; print(torchpool.cpu_kernels()['tuning'])", **env)
     assert named.stdout.strip() == tune, named.stderr[-2000:]
     assert_tests_pass_with(Path(__file__).name, "short_planes or long_planes or global_matches_torch",
-                           TORCHPOOL_CPU_TUNE=tune)
+                           **env)
 
 
 def test_cpu_tuning_bad_value(device):
@@ -622,7 +646,7 @@ def test_cpu_isa_choices(device):
         pytest.skip("no /proc/cpuinfo flags to tell whether the CPU has AVX2")
     if platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma"} <= set(flags.split()):
         forced = python_with(code, TORCHPOOL_CPU_ISA="avx2")
-        assert forced.stdout.strip() == "avx2", forced.stderr[-2000:]
+        assert forced.stdout.strip() == "avx2", forced.stderr[-2000:]  # without the AVX-512 parts
     else:
         _assert_every_call_fails("TORCHPOOL_CPU_ISA=avx2: this CPU (or this build) has no AVX2",
                                  TORCHPOOL_CPU_ISA="avx2")

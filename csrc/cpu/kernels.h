@@ -4588,6 +4588,66 @@ inline int argmax_planes8(const T* __restrict src, int64_t n, T* __restrict out,
   return merge_argmax8(src, n, m, at, nan, out, pos);
 }
 
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f")
+// argmax_planes8 for float planes of 16 <= n < 2^31 cells in AVX-512, where the tuning takes it
+// (Intel, whose variable blend is several instructions: NOTES §115): 16 cells a vector, each
+// lane's greater-than a mask register and its cell kept by a masked move, two chains (even and
+// odd vectors), the plane's last partial vector loaded as its last 16 cells (cells seen twice
+// keep the earlier); then per plane its maximum and the smallest cell among the lanes holding it,
+// by reductions. cells[p] is plane p's cell; returns the mask of planes holding a NaN, whose
+// cells are left for the caller. Only pointers cross from the AVX2 callers, which do not inline
+// it. +0 and -0 compare equal, so a zero maximum is the first zero.
+__attribute__((noinline)) inline int argmax_planes8_avx512(const float* __restrict src, int64_t n,
+                                                           int32_t* __restrict cells, bool pf) {
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i sixteen = _mm512_set1_epi32(16), step = _mm512_set1_epi32(32);
+  const int64_t full = n / 16 * 16;
+  int has_nan = 0;
+  for (int p = 0; p < 8; ++p) {
+    const float* s = src + p * n;
+    __m512 a0 = _mm512_loadu_ps(s), a1 = a0;
+    __m512i c0 = lane, c1 = lane, i0 = _mm512_add_epi32(lane, sixteen);
+    __mmask16 nan = _mm512_cmp_ps_mask(a0, a0, _CMP_UNORD_Q);
+    int64_t i = 16;
+    for (; i + 32 <= full; i += 32) {
+      if (pf) {
+        _mm_prefetch(reinterpret_cast<const char*>(s + i) + 2048, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(s + i) + 2048 + 64, _MM_HINT_T0);
+      }
+      const __m512 v0 = _mm512_loadu_ps(s + i), v1 = _mm512_loadu_ps(s + i + 16);
+      c0 = _mm512_mask_mov_epi32(c0, _mm512_cmp_ps_mask(v0, a0, _CMP_GT_OQ), i0);
+      c1 = _mm512_mask_mov_epi32(c1, _mm512_cmp_ps_mask(v1, a1, _CMP_GT_OQ),
+                                 _mm512_add_epi32(i0, sixteen));
+      a0 = _mm512_max_ps(v0, a0);
+      a1 = _mm512_max_ps(v1, a1);
+      nan |= _mm512_cmp_ps_mask(v0, v1, _CMP_UNORD_Q);
+      i0 = _mm512_add_epi32(i0, step);
+    }
+    const int64_t rest[2] = {i < full ? i : -1, full < n ? n - 16 : -1};
+    for (const int64_t at : rest) {
+      if (at < 0) continue;
+      const __m512 v = _mm512_loadu_ps(s + at);
+      c0 = _mm512_mask_mov_epi32(c0, _mm512_cmp_ps_mask(v, a0, _CMP_GT_OQ),
+                                 _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int32_t>(at))));
+      a0 = _mm512_max_ps(v, a0);
+      nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    }
+    if (nan) {
+      has_nan |= 1 << p;
+      continue;
+    }
+    // The two chains of each lane merged: the larger value, or the smaller cell of equal ones.
+    const __m512 m = _mm512_max_ps(a1, a0);
+    __m512i c = _mm512_mask_mov_epi32(c0, _mm512_cmp_ps_mask(a1, a0, _CMP_GT_OQ), c1);
+    c = _mm512_mask_mov_epi32(c, _mm512_cmp_ps_mask(a1, a0, _CMP_EQ_OQ), _mm512_min_epi32(c0, c1));
+    const __mmask16 top = _mm512_cmp_ps_mask(m, _mm512_set1_ps(_mm512_reduce_max_ps(m)), _CMP_EQ_OQ);
+    cells[p] = _mm512_mask_reduce_min_epi32(top, c);
+  }
+  return has_nan;
+}
+#pragma GCC pop_options
+
 // Eight planes of 2 to 7 cells: plane p as one vector m[p], its cells in lanes 0 .. n-1 and -inf
 // in the others (the lanes past a plane never hold its maximum ahead of its own cells: they are
 // -inf and come after them), nan[p] its NaNs. Reads 8 cells from each plane's start, so up to
@@ -4736,6 +4796,31 @@ void global_max_planar(const scalar_t* in, scalar_t* out, pos_t* pos, int64_t pl
             for (; redo != 0; redo &= redo - 1) single(pl + __builtin_ctz(redo));
           },
           single);
+      return;
+    }
+  }
+  // Float short planes with positions where the tuning says (Intel) and the CPU has AVX-512:
+  // eight planes' maxima and cells in one pass over each plane (NOTES §115); a plane holding a
+  // NaN redone alone.
+  if constexpr (kPos && std::is_same_v<scalar_t, float>) {
+    if (P >= 16 && P < 256 && tuning().argmax_avx512 && avx512_parts()) {
+      const bool pf = reductions_prefetch<scalar_t>();
+      for_plane_groups8(
+          planes, P,
+          [=](int64_t pl) {
+            alignas(32) int32_t c[8];
+            const int nan = argmax_planes8_avx512(in + pl * P, P, c, pf);
+            for (int j = 0; j < 8; ++j) {
+              const int64_t q = pl + j;
+              if (nan >> j & 1) {
+                pos[q] = reduce_argmax(in + q * P, P, out + q);
+              } else {
+                pos[q] = c[j];
+                out[q] = in[q * P + c[j]];  // the cell itself (+0 and -0 compare equal)
+              }
+            }
+          },
+          [=](int64_t q) { pos[q] = reduce_argmax(in + q * P, P, out + q); });
       return;
     }
   }

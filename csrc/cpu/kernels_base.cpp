@@ -21,13 +21,18 @@ namespace torchpool::cpu {
 
 const Kernels& kernels_base() { return base_isa::table("base"); }
 
+namespace {
+bool avx512_allowed = false;  // set once, by kernels()'s choice
+}  // namespace
+
 const Kernels& kernels() {
   static const Kernels& chosen = [&]() -> const Kernels& {
     // The tuning first, on the calling thread: a bad TORCHPOOL_CPU_TUNE fails the op call here,
     // never inside a kernel's parallel region.
     tuning();
-    // TORCHPOOL_CPU_ISA: unset or empty for the fastest table this CPU runs, "base" for the
-    // portable one, "avx2" to insist on AVX2 (an error where the CPU or the build lacks it).
+    // TORCHPOOL_CPU_ISA: unset or empty for the fastest table this CPU runs (with the AVX2 table's
+    // AVX-512 parts where the CPU has AVX-512F), "base" for the portable one, "avx2" to insist on
+    // AVX2 without the AVX-512 parts (an error where the CPU or the build lacks AVX2).
     const char* force = std::getenv("TORCHPOOL_CPU_ISA");
     const bool any = !force || !*force;
     const bool base_only = !any && std::strcmp(force, "base") == 0;
@@ -37,7 +42,10 @@ const Kernels& kernels() {
 #if defined(__x86_64__) || defined(_M_X64)
     __builtin_cpu_init();
     const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    if (!base_only && has_avx2) return kernels_avx2();
+    if (!base_only && has_avx2) {
+      avx512_allowed = any && __builtin_cpu_supports("avx512f");
+      return kernels_avx2();
+    }
 #else
     const bool has_avx2 = false;
 #endif
@@ -49,8 +57,14 @@ const Kernels& kernels() {
   return chosen;
 }
 
+bool avx512_parts() {
+  kernels();
+  return avx512_allowed;
+}
+
 const Tuning& tuning() {
-  static const Tuning intel{"intel", true, true, false, true}, amd{"amd", false, false, true, false};
+  static const Tuning intel{"intel", true, true, true, false, true},
+      amd{"amd", false, false, false, true, false};
   static const Tuning& chosen = [&]() -> const Tuning& {
     const char* force = std::getenv("TORCHPOOL_CPU_TUNE");
     if (force && std::strcmp(force, "intel") == 0) return intel;

@@ -55,8 +55,13 @@ struct Backend : ops::DefaultHooks {
   template <typename... A> static void global_bwd(const A&... a) { kernels().global_bwd(a...); }
 };
 
-// The instruction set and the tuning of the kernels picked for this CPU.
-std::vector<std::string> cpu_kernels() { return {kernels().isa, tuning().name}; }
+// The instruction set and the tuning of the kernels picked for this CPU ("avx2+avx512" where the
+// tuning takes the AVX2 table's AVX-512 parts).
+std::vector<std::string> cpu_kernels() {
+  std::string isa = kernels().isa;
+  if (avx512_parts() && tuning().argmax_avx512) isa += "+avx512";
+  return {isa, tuning().name};
+}
 
 }  // namespace
 
