@@ -37,9 +37,9 @@ using MaxPool = at::Tensor(const at::Tensor&, IntList, IntList, IntList, IntList
 using MaxPoolWithPos = Tensors(const at::Tensor&, IntList, IntList, IntList, IntList, IntList,
                                bool);
 using MaxPoolBackward = at::Tensor(const at::Tensor&, const at::Tensor&, IntList, IntList, IntList,
-                                   IntList, IntList, IntList, bool, std::optional<bool>);
+                                   IntList, IntList, IntList, bool, std::optional<bool>, bool);
 using MaxPoolIndices = at::Tensor(const at::Tensor&, IntList, IntList, IntList, IntList, IntList,
-                                  IntList, bool);
+                                  IntList, bool, bool);
 using AvgPool = at::Tensor(const at::Tensor&, IntList, IntList, IntList, IntList, bool, bool,
                            std::optional<int64_t>);
 using AvgPoolBackward = at::Tensor(const at::Tensor&, IntList, IntList, IntList, IntList, IntList,
@@ -233,7 +233,7 @@ struct MaxPool : torch::autograd::Function<MaxPool<kWithPos>> {
     const auto grad = grads[0].contiguous(a.layout());
     const auto grad_input = ops().max_pool_backward.call(
         grad, pos, a.size(), a.kernel(), a.stride(), a.pad_before(), a.pad_after(), a.dilation(),
-        a.ceil_mode(), is_channels_last(a.layout()));
+        a.ceil_mode(), is_channels_last(a.layout()), /*check_pos=*/false);
     return {grad_input, {}, {}, {}, {}, {}, {}};
   }
 };
@@ -241,24 +241,25 @@ struct MaxPool : torch::autograd::Function<MaxPool<kWithPos>> {
 struct MaxPoolBackward : torch::autograd::Function<MaxPoolBackward> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& grad, const at::Tensor& pos,
                             IntList size, IntList k, IntList s, IntList pb, IntList pa, IntList d,
-                            bool ceil, std::optional<bool> cl) {
+                            bool ceil, std::optional<bool> cl, bool check_pos) {
     at::AutoDispatchBelowADInplaceOrView guard;
     WindowArgs(size, k, s, pb, pa, d, ceil, backward_layout(grad, size.size(), cl)).save(ctx);
     ctx->save_for_backward({pos});
-    return ops().max_pool_backward.call(grad, pos, size, k, s, pb, pa, d, ceil, cl);
+    return ops().max_pool_backward.call(grad, pos, size, k, s, pb, pa, d, ceil, cl, check_pos);
   }
 
-  // d(grad_input)/d(grad_output) gathers each output's saved cell.
+  // d(grad_input)/d(grad_output) gathers each output's saved cell (positions the forward
+  // checked, or was told were the forward's own).
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const WindowArgs a(ctx);
     const auto pos = ctx->get_saved_variables()[0];
     const auto index = ops().max_pool_indices.call(pos, a.size(), a.kernel(), a.stride(),
                                                   a.pad_before(), a.pad_after(), a.dilation(),
-                                                  a.ceil_mode());
+                                                  a.ceil_mode(), /*check_pos=*/false);
     const int64_t n = index.size(0), c = index.size(1);
     const auto picked =
         grads[0].reshape({n, c, -1}).gather(2, index.reshape({n, c, -1})).reshape(index.sizes());
-    return {picked, {}, {}, {}, {}, {}, {}, {}, {}, {}};
+    return {picked, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}};
   }
 };
 
@@ -326,12 +327,12 @@ std::tuple<at::Tensor, at::Tensor> max_pool_with_pos(const at::Tensor& self, Int
 
 at::Tensor max_pool_backward(const at::Tensor& grad, const at::Tensor& pos, IntList size,
                              IntList k, IntList s, IntList pb, IntList pa, IntList d, bool ceil,
-                             std::optional<bool> cl) {
+                             std::optional<bool> cl, bool check_pos) {
   if (builds_graph(grad)) {
-    return MaxPoolBackward::apply(grad, pos, size, k, s, pb, pa, d, ceil, cl);
+    return MaxPoolBackward::apply(grad, pos, size, k, s, pb, pa, d, ceil, cl, check_pos);
   }
   at::AutoDispatchBelowADInplaceOrView guard;
-  return ops().max_pool_backward.call(grad, pos, size, k, s, pb, pa, d, ceil, cl);
+  return ops().max_pool_backward.call(grad, pos, size, k, s, pb, pa, d, ceil, cl, check_pos);
 }
 
 at::Tensor avg_pool(const at::Tensor& self, IntList k, IntList s, IntList pb, IntList pa,

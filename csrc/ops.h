@@ -9,6 +9,9 @@
 //     backend takes large ones from its cache of freed blocks, cpu/output_cache.h);
 //   * B::global_position_dtype(cells), the dtype of the global max's saved cells
 //     (global_position_dtype of common.h in DefaultHooks);
+//   * B::check_max_positions(op, pos, g, cl) and B::check_global_positions(op, pos, cells), the
+//     checks of the saved positions given to the max backwards (not in DefaultHooks: each device
+//     says what it checks);
 //   * the kernels, with the signatures of cpu::Kernels (csrc/cpu/dispatch.h): all tensors dense
 //     in the layout given by `cl`, outputs allocated, `pos` null when no position is written.
 //     Only the kernels of the registered op families are needed.
@@ -108,7 +111,7 @@ template <typename B>
 Tensor max_pool_backward(const Tensor& grad_output, const Tensor& pos, IntArrayRef input_size,
                          IntArrayRef kernel, IntArrayRef stride, IntArrayRef pad_before,
                          IntArrayRef pad_after, IntArrayRef dilation, bool ceil_mode,
-                         std::optional<bool> channels_last) {
+                         std::optional<bool> channels_last, bool check_pos) {
   const char* op = "max_pool_backward";
   check_floating(op, "grad_output", grad_output);
   B::check_same_device(op, grad_output, "grad_output", pos, "pos");
@@ -123,6 +126,7 @@ Tensor max_pool_backward(const Tensor& grad_output, const Tensor& pos, IntArrayR
   const Tensor p = checked_pos(op, pos, g, input_size, fmt);
   Tensor gin = new_output<B>(input_size, grad_output.options().memory_format(fmt));
   if (gin.numel() == 0) return gin;
+  if (check_pos) B::check_max_positions(op, p, g, is_channels_last(fmt));
   B::max_bwd(go, p, gin, g, is_channels_last(fmt));
   return gin;
 }
@@ -130,7 +134,7 @@ Tensor max_pool_backward(const Tensor& grad_output, const Tensor& pos, IntArrayR
 template <typename B>
 Tensor max_pool_indices(const Tensor& pos, IntArrayRef input_size, IntArrayRef kernel,
                         IntArrayRef stride, IntArrayRef pad_before, IntArrayRef pad_after,
-                        IntArrayRef dilation, bool ceil_mode) {
+                        IntArrayRef dilation, bool ceil_mode, bool check_pos) {
   const char* op = "max_pool_indices";
   const PoolGeometry g =
       make_geometry(op, input_size, kernel, stride, pad_before, pad_after, dilation, ceil_mode);
@@ -140,6 +144,7 @@ Tensor max_pool_indices(const Tensor& pos, IntArrayRef input_size, IntArrayRef k
   const Tensor p = checked_pos(op, pos, g, input_size, fmt);
   Tensor idx = new_output<B>(p.sizes(), p.options().dtype(at::kLong).memory_format(fmt));
   if (idx.numel() == 0) return idx;
+  if (check_pos) B::check_max_positions(op, p, g, is_channels_last(fmt));
   B::max_indices(p, idx, g, is_channels_last(fmt));
   return idx;
 }

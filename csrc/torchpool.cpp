@@ -29,12 +29,15 @@ TORCH_LIBRARY(torchpool, m) {
   // The window backwards' channels_last: the layout of grad_input (and the order grad_output is
   // read in). None takes grad_output's layout, which cannot tell channels_last from contiguous
   // when the output has one channel or one cell.
+  // check_pos: refuse a position outside its window or on a window cell in the padding (the CPU
+  // checks; a pass over the positions). The forwards never write one: their autograd skips it.
   m.def("max_pool_backward(Tensor grad_output, Tensor pos, int[] input_size, int[] kernel_size, "
         "int[] stride, int[] pad_before, int[] pad_after, int[] dilation, bool ceil_mode, "
-        "bool? channels_last=None) -> Tensor");
+        "bool? channels_last=None, *, bool check_pos=True) -> Tensor");
   // Window positions -> int64 flat indices into the input's spatial plane (torch's return_indices).
   m.def("max_pool_indices(Tensor pos, int[] input_size, int[] kernel_size, int[] stride, "
-        "int[] pad_before, int[] pad_after, int[] dilation, bool ceil_mode) -> Tensor");
+        "int[] pad_before, int[] pad_after, int[] dilation, bool ceil_mode, *, "
+        "bool check_pos=True) -> Tensor");
   m.def("avg_pool(Tensor self, int[] kernel_size, int[] stride, int[] pad_before, int[] pad_after, "
         "bool ceil_mode, bool count_include_pad, int? divisor_override) -> Tensor");
   m.def("avg_pool_backward(Tensor grad_output, int[] input_size, int[] kernel_size, int[] stride, "

@@ -1,5 +1,7 @@
 """Every invalid argument raises one clear error that names the function, the argument, the value
 and the rule: ValueError for bad values, TypeError for bad types, RuntimeError from the raw ops."""
+import itertools
+import math
 import re
 
 import pytest
@@ -315,3 +317,97 @@ def test_raw_backward_ops_check_position_dtypes(device):
     with pytest.raises(RuntimeError, match=r"global_max_pool_backward: pos must be a (Byte|Long) tensor of shape "
                                            r"\(2, 3\) \(the cells of planes of \d+\), got Int"):
         ops.global_max_pool_backward(gout, wrong, shape, False)
+
+
+# (input's spatial size, kernel, stride, pad_before, pad_after, dilation, ceil_mode): borders cut
+# on every side, asymmetric ('same'-style) padding, dilation, 3d, and windows of more than 256
+# cells (int32 positions).
+WINDOW_CASES = [
+    ((11,), [3], [2], [1], [1], [1], True),
+    ((9, 10), [3, 3], [2, 2], [1, 1], [1, 1], [1, 1], False),
+    ((7, 9), [2, 3], [2, 2], [0, 1], [1, 1], [1, 1], False),
+    ((10, 11), [3, 3], [2, 2], [1, 1], [1, 1], [2, 2], True),
+    ((5, 6, 7), [3, 3, 3], [2, 2, 2], [1, 1, 1], [1, 1, 1], [1, 1, 1], True),
+    ((2,), [2], [1], [1], [1], [3], False),  # the one window misses the input
+    ((17, 18), [16, 17], [4, 4], [8, 8], [8, 8], [1, 1], False),
+]
+
+
+def window_cell_input(case, out_at, k):
+    """Where window cell k of the output at spatial index out_at lies in the input (per dim), and
+    whether the window has a cell inside the input in every dim."""
+    size, kernel, stride, pad, _, dilation, _ = case
+    cell, coords, hits = [], [], True
+    for kk in reversed(kernel):
+        cell.insert(0, k % kk)
+        k //= kk
+    for d in range(len(size)):
+        starts = [out_at[d] * stride[d] - pad[d] + j * dilation[d] for j in range(kernel[d])]
+        hits = hits and any(0 <= c < size[d] for c in starts)
+        coords.append(starts[cell[d]])
+    return coords, hits
+
+
+@pytest.mark.parametrize("case", WINDOW_CASES, ids=lambda c: "x".join(map(str, c[0])) + f"-k{c[1][0]}")
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_raw_max_backward_checks_positions(device, case, channels_last):
+    """A saved window position given to max_pool_backward or max_pool_indices must name a cell of
+    its window that lies inside the input: one outside the window, or on a cell in the padding,
+    is refused with its index, its value and the rule. Every other one sends its gradient to that
+    cell (and gives its flat index), computed here from the geometry; an output whose window
+    misses the input (torch gives it -inf) sends none, whatever it names. check_pos=False (the
+    autograd's, for the forward's own positions) skips the check and changes nothing else."""
+    if device != "cpu":
+        pytest.skip("the CPU op checks the saved positions")
+    size, kernel = case[0], case[1]
+    nd = len(size)
+    if channels_last and nd == 1:
+        pytest.skip("no channels_last for 1d")
+    ops = torch.ops.torchpool
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, *size)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last if nd == 2 else torch.channels_last_3d)
+    geometry = list(case[1:])
+    out, pos = ops.max_pool_with_pos(x, *geometry)
+    cells = math.prod(kernel)
+    assert pos.dtype == (torch.uint8 if cells <= 256 else torch.int32)
+    # Every output of plane (1, 2), all of its window's cells where they are few, and a spread of
+    # them otherwise, with the values just past each end of the range.
+    outputs = list(itertools.product(*(range(n) for n in out.shape[2:])))
+    if cells > 256:
+        outputs, tried = outputs[:3] + outputs[-2:], list(range(0, cells, 7)) + [cells - 1, cells, -1]
+    else:
+        tried = list(range(cells)) + [cells, 255]
+    for out_at in outputs:
+        for k in tried:
+            wrong = pos.clone()
+            wrong[(1, 2) + out_at] = k
+            g = torch.zeros_like(out)
+            g[(1, 2) + out_at] = 1.5
+            index = re.escape(str([1, 2, *out_at]))
+            if not 0 <= k < cells:
+                rule = rf"pos must hold window cells in \[0, {cells}\) \(windows of {cells} cells\); pos{index} is {k}"
+                raised = True
+            else:
+                coords, hits = window_cell_input(case, out_at, k)
+                inside = all(0 <= c < n for c, n in zip(coords, size))
+                rule = (r"pos must name window cells inside the input, not in its padding; "
+                        rf"pos{index} is {k}, window cell \(.*\), which lies at "
+                        + re.escape(str(tuple(coords))).replace(",\\)", ",?\\)"))
+                raised = hits and not inside
+            if raised:
+                with pytest.raises(RuntimeError, match="max_pool_backward: " + rule):
+                    ops.max_pool_backward(g, wrong, list(x.shape), *geometry)
+                with pytest.raises(RuntimeError, match="max_pool_indices: " + rule):
+                    ops.max_pool_indices(wrong, list(x.shape), *geometry)
+                continue
+            grad = ops.max_pool_backward(g, wrong, list(x.shape), *geometry)
+            assert torch.equal(grad, ops.max_pool_backward(g, wrong, list(x.shape), *geometry, check_pos=False))
+            want = torch.zeros(x.shape)
+            if hits:
+                want[(1, 2) + tuple(coords)] = 1.5
+            assert torch.equal(grad, want), (out_at, k)
+            if hits:
+                flat = ops.max_pool_indices(wrong, list(x.shape), *geometry)[(1, 2) + out_at]
+                assert flat == sum(c * math.prod(size[d + 1:]) for d, c in enumerate(coords))

@@ -46,13 +46,13 @@ def _backward_layout(grad_output, input_size, channels_last):
 
 @torch.library.register_fake("torchpool::max_pool_backward")
 def _max_pool_backward(grad_output, pos, input_size, kernel_size, stride, pad_before, pad_after,
-                       dilation, ceil_mode, channels_last=None):
+                       dilation, ceil_mode, channels_last=None, *, check_pos=True):
     return _empty(input_size, grad_output, _backward_layout(grad_output, input_size, channels_last))
 
 
 @torch.library.register_fake("torchpool::max_pool_indices")
 def _max_pool_indices(pos, input_size, kernel_size, stride, pad_before, pad_after, dilation,
-                      ceil_mode):
+                      ceil_mode, *, check_pos=True):
     return _empty(pos.shape, pos, _args.layout_of(pos), dtype=torch.int64)
 
 

@@ -63,7 +63,8 @@ class MaxPool(torch.autograd.Function):
 class MaxPoolBackward(torch.autograd.Function):
     @staticmethod
     def forward(grad, pos, input_shape, g, layout):
-        return ops.max_pool_backward.default(grad, pos, input_shape, *g, _channels_last(layout))
+        return ops.max_pool_backward.default(grad, pos, input_shape, *g, _channels_last(layout),
+                                             check_pos=False)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -74,7 +75,7 @@ class MaxPoolBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_grad_input):
         (pos,) = ctx.saved_tensors
-        index = ops.max_pool_indices(pos, ctx.input_shape, *ctx.g)
+        index = ops.max_pool_indices(pos, ctx.input_shape, *ctx.g, check_pos=False)
         return _gather(grad_grad_input, index), None, None, None, None
 
 

@@ -88,7 +88,7 @@ def _max_pool(fn, nd, input, kernel_size, stride, padding, dilation, ceil_mode, 
         out = ops.max_pool(x, *g)
     if not return_indices:
         return out if batched else out.squeeze(0)
-    indices = ops.max_pool_indices(pos, x.shape, *g)
+    indices = ops.max_pool_indices(pos, x.shape, *g, check_pos=False)  # the forward's own
     if not batched:
         out, indices = out.squeeze(0), indices.squeeze(0)
     return out, indices

@@ -8,31 +8,73 @@
 
 #include "cpu/dispatch.h"
 #include "cpu/output_cache.h"
+#include "cpu/position_check.h"
 #include "ops.h"
 
 namespace torchpool::cpu {
 namespace {
 
-// The first of n saved cells outside [0, cells), or -1: one pass for the bounds, a second only
-// where one is outside.
-template <typename T>
-int64_t first_cell_outside(const T* p, int64_t n, int64_t cells) {
-  T lo = 0, hi = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    lo = std::min(lo, p[i]);
-    hi = std::max(hi, p[i]);
+// "[n, c, d, h, w]", the logical index of flat element e of a max pool's positions (the spatial
+// dims the user gave).
+std::string position_index(int64_t e, const PoolGeometry& g, int64_t C, bool cl) {
+  const int64_t OP = g.out_plane();
+  const int64_t plane = cl ? e / (OP * C) * C + e % C : e / OP;
+  const int64_t s = cl ? (e / C) % OP : e % OP;
+  const int64_t at[] = {plane / C, plane % C, s / (g.out[1] * g.out[2]), (s / g.out[2]) % g.out[1],
+                        s % g.out[2]};
+  std::string out = "[";
+  for (int i = 0; i < 5; ++i) {
+    if (i >= 2 && i < 2 + kDims - g.ndim) continue;
+    out += (out.size() > 1 ? ", " : "") + std::to_string(at[i]);
   }
-  if (lo >= 0 && static_cast<int64_t>(hi) < cells) return -1;
-  int64_t i = 0;
-  while (p[i] >= 0 && static_cast<int64_t>(p[i]) < cells) ++i;
-  return i;
+  return out + "]";
+}
+
+// "(a, b)": the last g.ndim of three values.
+std::string spatial(const int64_t (&v)[kDims], const PoolGeometry& g) {
+  std::string out = "(";
+  for (int d = kDims - g.ndim; d < kDims; ++d) {
+    out += (d > kDims - g.ndim ? ", " : "") + std::to_string(v[d]);
+  }
+  return out + ")";
 }
 
 // Forwards each kernel call to the table picked for this CPU (signatures in dispatch.h); no
-// guard. The one check of its own: the global max backward writes each gradient at its saved
-// cell, so cells given to the op that lie outside their planes are refused, not written out of
-// bounds (one pass over N * C positions, next to the N * C * cells values the backward writes).
+// guard. Its own checks are of the saved positions given to the max backwards, which the
+// forwards would not have written (position_check.h):
+//   * the global max backward writes each gradient at its saved cell, so cells outside their
+//     planes are refused, not written out of bounds (one pass over N * C positions, next to the
+//     N * C * cells values the backward writes);
+//   * the window max backward (and max_pool_indices) refuses a position outside its window or on
+//     a window cell in the padding (one pass over the positions, then one over those of the
+//     border windows).
 struct Backend : ops::DefaultHooks {
+  static void check_max_positions(const char* op, const at::Tensor& pos, const PoolGeometry& g,
+                                  bool cl) {
+    const int64_t N = pos.size(0), C = pos.size(1);
+    AT_DISPATCH_INTEGRAL_TYPES(pos.scalar_type(), "check_max_positions", [&] {
+      const scalar_t* p = pos.const_data_ptr<scalar_t>();
+      const auto bad =
+          cl ? find_misplaced_position(p, g, N, C) : find_misplaced_position(p, g, N * C, 1);
+      if (bad.index < 0) return;
+      const int64_t k = static_cast<int64_t>(p[bad.index]);
+      const std::string where =
+          "pos" + position_index(bad.index, g, C, cl) + " is " + std::to_string(k);
+      TORCH_CHECK(!bad.outside_window, op, ": pos must hold window cells in [0, ",
+                  g.window_cells(), ") (windows of ", g.window_cells(), " cells); ", where);
+      const int64_t e = cl ? bad.index / C : bad.index;
+      const int64_t s = e % g.out_plane();
+      const int64_t o[kDims] = {s / (g.out[1] * g.out[2]), (s / g.out[2]) % g.out[1], s % g.out[2]};
+      const int64_t cell[kDims] = {k / (g.kernel[1] * g.kernel[2]), (k / g.kernel[2]) % g.kernel[1],
+                                   k % g.kernel[2]};
+      int64_t in[kDims];
+      for (int d = 0; d < kDims; ++d) in[d] = g.input_coord(d, o[d], cell[d]);
+      TORCH_CHECK(false, op, ": pos must name window cells inside the input, not in its padding; ",
+                  where, ", window cell ", spatial(cell, g), ", which lies at ", spatial(in, g),
+                  " of an input of size ", spatial(g.in, g));
+    });
+  }
+
   static void check_global_positions(const char* op, const at::Tensor& pos, int64_t cells) {
     AT_DISPATCH_INTEGRAL_TYPES(pos.scalar_type(), "check_global_positions", [&] {
       const scalar_t* p = pos.const_data_ptr<scalar_t>();

@@ -362,9 +362,10 @@ struct Hooks {
   // The global max kernels write each maximum's cell as int64, whatever the plane's size.
   static at::ScalarType global_position_dtype(int64_t) { return at::kLong; }
 
-  // The saved cells given to the global max backward are not checked here (the CPU backend
-  // checks them): reading them back would wait for the device.
+  // The saved positions given to the max backwards are not checked here (the CPU backend checks
+  // them): reading them back would wait for the device.
   static void check_global_positions(const char*, const at::Tensor&, int64_t) {}
+  static void check_max_positions(const char*, const at::Tensor&, const PoolGeometry&, bool) {}
 
   // The max pool kernels number the cells of a window with 32-bit ints.
   static void check_window(const char* op, const PoolGeometry& g) {
