@@ -468,10 +468,11 @@ def test_max_ties_in_short_planes(device, rng, n, dtype, train):
     assert torch.equal(torch.isnan(out), nan) and torch.equal(out[~nan], ref[~nan])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n", [16, 17, 33, 64, 100, 196, 255])
 @pytest.mark.parametrize("train", [False, True], ids=["infer", "train"])
-def test_max_ties_at_lane_distances(device, rng, n, train):
-    """Float planes of 16 to 255 cells, one plane for every pair of cells (a, a + d) with a in
+def test_max_ties_at_lane_distances(device, rng, n, dtype, train):
+    """Planes of 16 to 255 cells, one plane for every pair of cells (a, a + d) with a in
     steps of 3 and d a multiple of 8 up to 96: the maximum in both, so ties fall in the same lane
     of the same vector chain (8 or 16 lanes, even and odd vectors, the plane's first vector, the
     last partial one seen twice) and in different ones; the first cell must win. Values and
@@ -480,7 +481,7 @@ def test_max_ties_at_lane_distances(device, rng, n, train):
     x = -(torch.rand((1, len(pairs), n), generator=rng) + 1.0)
     for p, cells in enumerate(pairs):
         x[0, p, list(cells)] = 0.5 + p
-    out, ref = global_max_against_torch(x.to(device), train, rng)
+    out, ref = global_max_against_torch(x.to(device, dtype), train, rng)
     assert torch.equal(out, ref)
 
 
@@ -620,7 +621,8 @@ def test_cpu_tunings(device, tune, isa):
     env = dict(TORCHPOOL_CPU_TUNE=tune, TORCHPOOL_CPU_ISA=isa)
     named = python_with("import torchpool; print(torchpool.cpu_kernels()['tuning'])", **env)
     assert named.stdout.strip() == tune, named.stderr[-2000:]
-    assert_tests_pass_with(Path(__file__).name, "short_planes or long_planes or global_matches_torch",
+    assert_tests_pass_with(Path(__file__).name,
+                           "short_planes or long_planes or lane_distances or global_matches_torch",
                            **env)
 
 

@@ -46,9 +46,10 @@ struct Tuning {
   // then each maximum's cell (Intel), or, for every type, eight planes' maxima and cells in one
   // pass over each plane (AMD, NOTES §97).
   bool argmax_after_max;
-  // Where the CPU has AVX-512 (avx512_parts), the float global max with positions over planes of
-  // 16 to 255 cells takes §97's one pass, in AVX-512, instead of the above (Intel: masked moves
-  // where AVX2 blends; faster than the two passes, NOTES §115; AMD: not measured, off).
+  // Where the CPU has AVX-512 (avx512_parts), the global max with positions over planes of 16 to
+  // 255 cells takes §97's one pass, in AVX-512, instead of the above (Intel: masked moves where
+  // AVX2 blends; faster than the two passes, NOTES §115, and for the half types than the AVX2
+  // scan of each plane, §117; AMD: not measured, off).
   bool argmax_avx512;
   // The channels-last max training forward keeps each maximum's position by a variable blend
   // (AMD: one instruction, §96) or by and + integer max (Intel, where the blend is two or three).

@@ -4590,32 +4590,50 @@ inline int argmax_planes8(const T* __restrict src, int64_t n, T* __restrict out,
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c,avx512f")
-// argmax_planes8 for float planes of 16 <= n < 2^31 cells in AVX-512, where the tuning takes it
-// (Intel, whose variable blend is several instructions: NOTES §115): 16 cells a vector, each
+// 16 cells as floats (the half types converted in registers).
+template <typename T>
+inline __m512 load16f(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_loadu_ps(p);
+  } else {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    } else {
+      return _mm512_cvtph_ps(h);
+    }
+  }
+}
+
+// argmax_planes8 for planes of 16 <= n < 2^31 cells in AVX-512, where the tuning takes it
+// (Intel, whose variable blend is several instructions: NOTES §115, 117): 16 cells a vector, each
 // lane's greater-than a mask register and its cell kept by a masked move, two chains (even and
 // odd vectors), the plane's last partial vector loaded as its last 16 cells (cells seen twice
 // keep the earlier); then per plane its maximum and the smallest cell among the lanes holding it,
 // by reductions. cells[p] is plane p's cell; returns the mask of planes holding a NaN, whose
 // cells are left for the caller. Only pointers cross from the AVX2 callers, which do not inline
 // it. +0 and -0 compare equal, so a zero maximum is the first zero.
-__attribute__((noinline)) inline int argmax_planes8_avx512(const float* __restrict src, int64_t n,
-                                                           int32_t* __restrict cells, bool pf) {
+template <typename T>
+__attribute__((noinline)) int argmax_planes8_avx512(const T* __restrict src, int64_t n,
+                                                    int32_t* __restrict cells, bool pf) {
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i sixteen = _mm512_set1_epi32(16), step = _mm512_set1_epi32(32);
   const int64_t full = n / 16 * 16;
   int has_nan = 0;
   for (int p = 0; p < 8; ++p) {
-    const float* s = src + p * n;
-    __m512 a0 = _mm512_loadu_ps(s), a1 = a0;
+    const T* s = src + p * n;
+    __m512 a0 = load16f(s), a1 = a0;
     __m512i c0 = lane, c1 = lane, i0 = _mm512_add_epi32(lane, sixteen);
     __mmask16 nan = _mm512_cmp_ps_mask(a0, a0, _CMP_UNORD_Q);
     int64_t i = 16;
     for (; i + 32 <= full; i += 32) {
       if (pf) {
         _mm_prefetch(reinterpret_cast<const char*>(s + i) + 2048, _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(s + i) + 2048 + 64, _MM_HINT_T0);
+        if (sizeof(T) == 4) {  // 32 cells: two lines
+          _mm_prefetch(reinterpret_cast<const char*>(s + i) + 2048 + 64, _MM_HINT_T0);
+        }
       }
-      const __m512 v0 = _mm512_loadu_ps(s + i), v1 = _mm512_loadu_ps(s + i + 16);
+      const __m512 v0 = load16f(s + i), v1 = load16f(s + i + 16);
       c0 = _mm512_mask_mov_epi32(c0, _mm512_cmp_ps_mask(v0, a0, _CMP_GT_OQ), i0);
       c1 = _mm512_mask_mov_epi32(c1, _mm512_cmp_ps_mask(v1, a1, _CMP_GT_OQ),
                                  _mm512_add_epi32(i0, sixteen));
@@ -4627,7 +4645,7 @@ __attribute__((noinline)) inline int argmax_planes8_avx512(const float* __restri
     const int64_t rest[2] = {i < full ? i : -1, full < n ? n - 16 : -1};
     for (const int64_t at : rest) {
       if (at < 0) continue;
-      const __m512 v = _mm512_loadu_ps(s + at);
+      const __m512 v = load16f(s + at);
       c0 = _mm512_mask_mov_epi32(c0, _mm512_cmp_ps_mask(v, a0, _CMP_GT_OQ),
                                  _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int32_t>(at))));
       a0 = _mm512_max_ps(v, a0);
@@ -4799,10 +4817,10 @@ void global_max_planar(const scalar_t* in, scalar_t* out, pos_t* pos, int64_t pl
       return;
     }
   }
-  // Float short planes with positions where the tuning says (Intel) and the CPU has AVX-512:
-  // eight planes' maxima and cells in one pass over each plane (NOTES §115); a plane holding a
-  // NaN redone alone.
-  if constexpr (kPos && std::is_same_v<scalar_t, float>) {
+  // Short planes with positions where the tuning says (Intel) and the CPU has AVX-512: eight
+  // planes' maxima and cells in one pass over each plane (NOTES §115, the half types §117); a
+  // plane holding a NaN redone alone.
+  if constexpr (kPos && kFusedType<scalar_t>) {
     if (P >= 16 && P < 256 && tuning().argmax_avx512 && avx512_parts()) {
       const bool pf = reductions_prefetch<scalar_t>();
       for_plane_groups8(
