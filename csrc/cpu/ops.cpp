@@ -32,11 +32,7 @@ std::string position_index(int64_t e, const PoolGeometry& g, int64_t C, bool cl)
 
 // "(a, b)": the last g.ndim of three values.
 std::string spatial(const int64_t (&v)[kDims], const PoolGeometry& g) {
-  std::string out = "(";
-  for (int d = kDims - g.ndim; d < kDims; ++d) {
-    out += (d > kDims - g.ndim ? ", " : "") + std::to_string(v[d]);
-  }
-  return out + ")";
+  return detail::fmt({v + kDims - g.ndim, static_cast<size_t>(g.ndim)});
 }
 
 // Forwards each kernel call to the table picked for this CPU (signatures in dispatch.h); no
