@@ -357,7 +357,7 @@ inline void storef(c10::Half* p, __m256 v) {
 // Stores 16 elements at p: cell 2j from lane j of a, cell 2j + 1 from lane j of b (kExact: as
 // storef). bfloat16 packs each pair into one 32-bit lane: one store, no lane moves.
 template <bool kExact = false, typename T>
-inline void store_pairs(T* p, __m256 a, __m256 b) {
+__attribute__((always_inline)) inline void store_pairs(T* p, __m256 a, __m256 b) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     if constexpr (!kExact) {
       // Without NaNs (one compare for both vectors) the rounding alone, b's rounded bits kept
@@ -2742,7 +2742,8 @@ __attribute__((always_inline)) inline void bwd_row_fused(T* row, int64_t IW, int
   __m256 prev[8];  // each column's contributions of the previous chunk
   for (int64_t kw = S; kw < KW; ++kw) prev[kw] = _mm256_setzero_ps();
   __m256 C[8];
-  // The previous chunk's cells in order (float): the row's last chunk rewrites some of them.
+  // The previous chunk's cells, kept for the row's last chunk, which rewrites some of them: in
+  // order (float), or as its even and odd cells (the half types).
   __m256 last_lo = _mm256_setzero_ps(), last_hi = _mm256_setzero_ps();
   // Rows of 8 * S cells or more take no masked stores (slow on AMD: NOTES §90). The first chunk
   // writes whole vectors from the row's start, the cells past its own into the next chunk's,
@@ -2817,6 +2818,9 @@ __attribute__((always_inline)) inline void bwd_row_fused(T* row, int64_t IW, int
       _mm256_maskstore_ps(row + x0, lanes_inside(x0, IW), a);
       if (S == 2) _mm256_maskstore_ps(row + x0 + 8, lanes_inside(x0 + 8, IW), b);
     } else {
+      const __m256 prev_even = last_lo, prev_odd = last_hi;
+      last_lo = even;
+      last_hi = odd;
       if (kInside || (x0 >= 0 && x0 + 8 * S <= IW)) {
         if constexpr (S == 2) {
           store_pairs(row + x0, even, odd);
@@ -2825,8 +2829,29 @@ __attribute__((always_inline)) inline void bwd_row_fused(T* row, int64_t IW, int
         }
         return;
       }
-      // The half types at the row's edges: the chunk converted in registers into a stack row,
-      // its cells inside the row copied out.
+      if (wide) {
+        // As float's edges, in the chunks' own order: the first chunk writes cells 0 .. 8 * S
+        // from its cell t = -x0 on, the last the row's last 8 * S cells, from the previous
+        // chunk's cell t = IW - x0 on (its own follow). Even cells of the result then are
+        // cells t + 2j of the pair of chunks, odd ones t + 2j + 1.
+        const bool first = x0 < 0;
+        const int64_t t = first ? -x0 : IW - x0;
+        const __m256 lo_even = first ? even : prev_even, lo_odd = first ? odd : prev_odd;
+        T* dst = first ? row : row + IW - 8 * S;
+        if constexpr (S == 2) {
+          const int64_t q = t >> 1;
+          if (t & 1) {
+            store_pairs(dst, funnel8(lo_odd, odd, q), funnel8(lo_even, even, q + 1));
+          } else {
+            store_pairs(dst, funnel8(lo_even, even, q), funnel8(lo_odd, odd, q));
+          }
+        } else {
+          storef(dst, funnel8(lo_even, even, t));
+        }
+        return;
+      }
+      // The half types in rows shorter than 8 * S: the chunk converted in registers into a
+      // stack row, its cells inside the row copied out.
       T cells[8 * S];
       if constexpr (S == 2) {
         store_pairs(cells, even, odd);
