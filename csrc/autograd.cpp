@@ -46,7 +46,7 @@ using AvgPoolBackward = at::Tensor(const at::Tensor&, IntList, IntList, IntList,
                                    bool, bool, std::optional<int64_t>, std::optional<bool>);
 using GlobalPool = at::Tensor(const at::Tensor&);
 using GlobalMaxPoolWithPos = Tensors(const at::Tensor&);
-using GlobalMaxPoolBackward = at::Tensor(const at::Tensor&, const at::Tensor&, IntList, bool);
+using GlobalMaxPoolBackward = at::Tensor(const at::Tensor&, const at::Tensor&, IntList, bool, bool);
 using GlobalAvgPoolBackward = at::Tensor(const at::Tensor&, IntList, bool);
 }  // namespace sig
 
@@ -124,16 +124,16 @@ struct GlobalMaxPool : torch::autograd::Function<GlobalMaxPool<kWithPos>> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto pos = ctx->get_saved_variables()[0];
     return {ops().global_max_pool_backward.call(grads[0], pos, input_size(ctx),
-                                                 channels_last(ctx))};
+                                                 channels_last(ctx), /*check_pos=*/false)};
   }
 };
 
 struct GlobalMaxPoolBackward : torch::autograd::Function<GlobalMaxPoolBackward> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& grad, const at::Tensor& pos,
-                            c10::IntArrayRef size, bool cl) {
+                            c10::IntArrayRef size, bool cl, bool check_pos) {
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->save_for_backward({pos});
-    return ops().global_max_pool_backward.call(grad, pos, size, cl);
+    return ops().global_max_pool_backward.call(grad, pos, size, cl, check_pos);
   }
 
   // d(grad_input)/d(grad_output) picks each plane's saved cell (saved in the plane's narrowest
@@ -142,7 +142,8 @@ struct GlobalMaxPoolBackward : torch::autograd::Function<GlobalMaxPoolBackward> 
     const auto pos = ctx->get_saved_variables()[0];
     const auto planes = grads[0].reshape({pos.size(0), pos.size(1), -1});
     const auto cells = pos.to(at::kLong).unsqueeze(-1);
-    return {planes.gather(2, cells).squeeze(-1), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {planes.gather(2, cells).squeeze(-1), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor()};
   }
 };
 
@@ -372,12 +373,12 @@ std::tuple<at::Tensor, at::Tensor> global_max_pool_with_pos(const at::Tensor& se
 }
 
 at::Tensor global_max_pool_backward(const at::Tensor& grad, const at::Tensor& pos,
-                                    c10::IntArrayRef size, bool cl) {
+                                    c10::IntArrayRef size, bool cl, bool check_pos) {
   if (builds_graph(grad)) {
-    return GlobalMaxPoolBackward::apply(grad, pos, size, cl);
+    return GlobalMaxPoolBackward::apply(grad, pos, size, cl, check_pos);
   }
   at::AutoDispatchBelowADInplaceOrView guard;
-  return ops().global_max_pool_backward.call(grad, pos, size, cl);
+  return ops().global_max_pool_backward.call(grad, pos, size, cl, check_pos);
 }
 
 at::Tensor global_avg_pool(const at::Tensor& self) {

@@ -277,7 +277,7 @@ Tensor global_grad_input(const char* op, const Tensor& grad_output, IntArrayRef 
 
 template <typename B>
 Tensor global_max_pool_backward(const Tensor& grad_output, const Tensor& pos,
-                                IntArrayRef input_size, bool channels_last) {
+                                IntArrayRef input_size, bool channels_last, bool check_pos) {
   const char* op = "global_max_pool_backward";
   B::check_same_device(op, grad_output, "grad_output", pos, "pos");
   const typename B::Guard guard(grad_output.device());
@@ -289,7 +289,7 @@ Tensor global_max_pool_backward(const Tensor& grad_output, const Tensor& pos,
               " of shape ", detail::fmt(pos.sizes()));
   if (gin.numel() == 0) return gin;
   const Tensor p = pos.contiguous();
-  B::check_global_positions(op, p, plane_cells(input_size));
+  if (check_pos) B::check_global_positions(op, p, plane_cells(input_size));
   B::global_bwd(grad_output.contiguous(), &p, gin, channels_last);
   return gin;
 }

@@ -29,8 +29,9 @@ TORCH_LIBRARY(torchpool, m) {
   // The window backwards' channels_last: the layout of grad_input (and the order grad_output is
   // read in). None takes grad_output's layout, which cannot tell channels_last from contiguous
   // when the output has one channel or one cell.
-  // check_pos: refuse a position outside its window or on a window cell in the padding (the CPU
-  // checks; a pass over the positions). The forwards never write one: their autograd skips it.
+  // check_pos: refuse a position outside its window or on a window cell in the padding (on the
+  // CPU a pass over the positions; on other devices a few elementwise ops and a read back, which
+  // waits for the device). The forwards never write one: their autograd skips the check.
   m.def("max_pool_backward(Tensor grad_output, Tensor pos, int[] input_size, int[] kernel_size, "
         "int[] stride, int[] pad_before, int[] pad_after, int[] dilation, bool ceil_mode, "
         "bool? channels_last=None, *, bool check_pos=True) -> Tensor");
@@ -47,8 +48,14 @@ TORCH_LIBRARY(torchpool, m) {
   m.def("global_max_pool(Tensor self) -> Tensor");
   // Also the int64 flat index of the first maximum in the spatial plane.
   m.def("global_max_pool_with_pos(Tensor self) -> (Tensor, Tensor)");
+  // check_pos: refuse a cell outside the plane (as max_pool_backward's).
   m.def("global_max_pool_backward(Tensor grad_output, Tensor pos, int[] input_size, "
-        "bool channels_last) -> Tensor");
+        "bool channels_last, *, bool check_pos=True) -> Tensor");
   m.def("global_avg_pool(Tensor self) -> Tensor");
   m.def("global_avg_pool_backward(Tensor grad_output, int[] input_size, bool channels_last) -> Tensor");
+  // The checks of check_pos=True as every device but the CPU makes them (positions.h), on any
+  // device: they raise the ops' errors, under their own names.
+  m.def("_check_max_positions(Tensor pos, int[] input_size, int[] kernel_size, int[] stride, "
+        "int[] pad_before, int[] pad_after, int[] dilation, bool ceil_mode) -> ()");
+  m.def("_check_global_positions(Tensor pos, int[] input_size) -> ()");
 }

@@ -278,22 +278,27 @@ def test_raw_backward_ops_check_channels_last(device):
 @pytest.mark.parametrize("spatial,bad", [((6, 6), 36), ((6, 6), 200), ((20, 20), 400), ((20, 20), -1)])
 def test_raw_global_max_backward_checks_cells(device, spatial, bad):
     """Saved cells given to the global max backward outside their planes (of 36 cells: uint8
-    positions; of 400: int32) are refused with the value and the rule, not written out of bounds
-    (the CPU checks them; the CUDA kernels trust them)."""
-    if device != "cpu":
-        pytest.skip("the CPU op checks the saved cells")
+    positions on the CPU; of 400: int32) are refused with the value and the rule, not written out
+    of bounds. The CPU checks in a pass of its own, other devices with the ATen ops of
+    _check_global_positions, which the CPU runs here too."""
     ops = torch.ops.torchpool
-    x = torch.randn(4, 5, *spatial)
+    x = torch.randn(4, 5, *spatial, device=device)
     out, pos = ops.global_max_pool_with_pos(x)
     cells = spatial[0] * spatial[1]
     g = torch.randn_like(out)
     wrong = pos.clone()
     wrong[2, 3] = bad
-    with pytest.raises(RuntimeError, match=rf"global_max_pool_backward: pos must hold cells in \[0, {cells}\) "
-                                           rf"\(planes of {cells} cells\), got {bad} at flat index 13"):
+    wrong[3, 1] = cells  # a later one: the first is named
+    rule = rf"pos must hold cells in \[0, {cells}\) \(planes of {cells} cells\), got {bad} at flat index 13"
+    with pytest.raises(RuntimeError, match="global_max_pool_backward: " + rule):
         ops.global_max_pool_backward(g, wrong, list(x.shape), False)
-    # The saved cells the forward gives pass, and the gradient is torch's adaptive max's.
+    with pytest.raises(RuntimeError, match="_check_global_positions: " + rule):
+        ops._check_global_positions(wrong, list(x.shape))
+    # The saved cells the forward gives pass, with or without the check, and the gradient is
+    # torch's adaptive max's.
+    ops._check_global_positions(pos, list(x.shape))
     grad = ops.global_max_pool_backward(g, pos, list(x.shape), False)
+    assert torch.equal(grad, ops.global_max_pool_backward(g, pos, list(x.shape), False, check_pos=False))
     leaf = x.clone().requires_grad_()
     torch.nn.functional.adaptive_max_pool2d(leaf, 1).flatten(1).backward(g)
     assert torch.equal(grad, leaf.grad) and (grad != 0).sum() == g.numel()
@@ -356,16 +361,16 @@ def test_raw_max_backward_checks_positions(device, case, channels_last):
     is refused with its index, its value and the rule. Every other one sends its gradient to that
     cell (and gives its flat index), computed here from the geometry; an output whose window
     misses the input (torch gives it -inf) sends none, whatever it names. check_pos=False (the
-    autograd's, for the forward's own positions) skips the check and changes nothing else."""
-    if device != "cpu":
-        pytest.skip("the CPU op checks the saved positions")
+    autograd's, for the forward's own positions) skips the check and changes nothing else. The
+    CPU checks in passes of its own, other devices with the ATen ops of _check_max_positions,
+    which the CPU runs here too."""
     size, kernel = case[0], case[1]
     nd = len(size)
     if channels_last and nd == 1:
         pytest.skip("no channels_last for 1d")
     ops = torch.ops.torchpool
     torch.manual_seed(0)
-    x = torch.randn(2, 3, *size)
+    x = torch.randn(2, 3, *size, device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last if nd == 2 else torch.channels_last_3d)
     geometry = list(case[1:])
@@ -401,13 +406,96 @@ def test_raw_max_backward_checks_positions(device, case, channels_last):
                     ops.max_pool_backward(g, wrong, list(x.shape), *geometry)
                 with pytest.raises(RuntimeError, match="max_pool_indices: " + rule):
                     ops.max_pool_indices(wrong, list(x.shape), *geometry)
+                with pytest.raises(RuntimeError, match="_check_max_positions: " + rule):
+                    ops._check_max_positions(wrong, list(x.shape), *geometry)
                 continue
+            ops._check_max_positions(wrong, list(x.shape), *geometry)
             grad = ops.max_pool_backward(g, wrong, list(x.shape), *geometry)
             assert torch.equal(grad, ops.max_pool_backward(g, wrong, list(x.shape), *geometry, check_pos=False))
-            want = torch.zeros(x.shape)
+            want = torch.zeros(x.shape, device=device)
             if hits:
                 want[(1, 2) + tuple(coords)] = 1.5
             assert torch.equal(grad, want), (out_at, k)
             if hits:
                 flat = ops.max_pool_indices(wrong, list(x.shape), *geometry)[(1, 2) + out_at]
                 assert flat == sum(c * math.prod(size[d + 1:]) for d, c in enumerate(coords))
+
+
+@pytest.mark.parametrize("case", WINDOW_CASES, ids=lambda c: "x".join(map(str, c[0])) + f"-k{c[1][0]}")
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_raw_max_backward_names_the_first_misplaced_position(device, case, channels_last):
+    """With several misplaced positions, the error names the first in memory order (channels-last:
+    channels innermost), one outside its window before any in the padding, however far apart.
+    The expected one is found here by walking the positions in that order."""
+    size, kernel = case[0], case[1]
+    nd = len(size)
+    if channels_last and nd == 1:
+        pytest.skip("no channels_last for 1d")
+    ops = torch.ops.torchpool
+    cells = math.prod(kernel)
+    fmt = torch.channels_last if nd == 2 else torch.channels_last_3d
+    gen = torch.Generator().manual_seed(len(size) * 100 + kernel[0])
+    x = torch.randn(3, 4, *size, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=fmt)
+    geometry = list(case[1:])
+    out, pos = ops.max_pool_with_pos(x, *geometry)
+    out_shape = list(out.shape[2:])
+    spatial = list(itertools.product(*(range(n) for n in out_shape)))
+    # Every logical index in memory order.
+    if channels_last:
+        order = [(n, c, *s) for n in range(3) for s in spatial for c in range(4)]
+    else:
+        order = [(n, c, *s) for n in range(3) for c in range(4) for s in spatial]
+    padded = [(at, k) for at in spatial for k in range(cells)
+              if window_cell_input(case, at, k)[1]
+              and not all(0 <= c < n for c, n in zip(window_cell_input(case, at, k)[0], size))]
+    highest = 255 if pos.dtype == torch.uint8 else cells + 1000
+    for _ in range(8):
+        wrong = pos.clone()
+        planted = {}
+        for _ in range(int(torch.randint(1, 5, (), generator=gen))):
+            i = order[int(torch.randint(len(order), (), generator=gen))]
+            if not padded or torch.rand((), generator=gen) < 0.4:  # outside the window
+                v = int(torch.randint(cells, highest + 1, (), generator=gen))
+            else:
+                at, v = padded[int(torch.randint(len(padded), (), generator=gen))]
+                i = i[:2] + at
+            wrong[i] = v
+            planted[i] = v
+        outside = [i for i in order if not 0 <= planted.get(i, 0) < cells]
+        misplaced = [i for i in order if i in planted and (not 0 <= planted[i] < cells or (
+            window_cell_input(case, i[2:], planted[i])[1]
+            and not all(0 <= c < n for c, n in zip(window_cell_input(case, i[2:], planted[i])[0], size))))]
+        first = (outside or misplaced)[0]
+        index = re.escape(str(list(first)))
+        rule = rf": pos must .*; pos{index} is {planted[first]}(,|$)"
+        with pytest.raises(RuntimeError, match="max_pool_backward" + rule):
+            ops.max_pool_backward(torch.ones_like(out), wrong, list(x.shape), *geometry)
+        with pytest.raises(RuntimeError, match="max_pool_indices" + rule):
+            ops.max_pool_indices(wrong, list(x.shape), *geometry)
+        with pytest.raises(RuntimeError, match="_check_max_positions" + rule):
+            ops._check_max_positions(wrong, list(x.shape), *geometry)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_raw_max_check_of_many_positions(device, channels_last):
+    """More than the 4 Mi positions the ATen check takes a round: a misplaced position found in a
+    later round is named by its own index, and one outside its window wins over an earlier one in
+    the padding there too."""
+    ops = torch.ops.torchpool
+    size, geometry = [4, 16, 599, 1199], ([3, 3], [2, 2], [1, 1], [1, 1], [1, 1], False)
+    pos = torch.full((4, 16, 300, 600), 4, dtype=torch.uint8, device=device)  # the centre: inside
+    if channels_last:
+        pos = pos.contiguous(memory_format=torch.channels_last)
+    for f in (ops.max_pool_indices, ops._check_max_positions):
+        f(pos, size, *geometry)
+    pos[3, 5, 0, 77] = 1  # window cell (0, 1) of the first output row: input row -1
+    rule = r"pos\[3, 5, 0, 77\] is 1, window cell \(0, 1\), which lies at \(-1, 154\)"
+    for name in ("max_pool_indices", "_check_max_positions"):
+        with pytest.raises(RuntimeError, match=name + ": pos must name window cells inside the input.*" + rule):
+            getattr(ops, name)(pos, size, *geometry)
+    pos[3, 9, 299, 599] = 9
+    for name in ("max_pool_indices", "_check_max_positions"):
+        with pytest.raises(RuntimeError, match=name + r": pos must hold window cells .*; pos\[3, 9, 299, 599\] is 9$"):
+            getattr(ops, name)(pos, size, *geometry)

@@ -94,7 +94,7 @@ def _global_max_pool_with_pos(self):
 
 
 @torch.library.register_fake("torchpool::global_max_pool_backward")
-def _global_max_pool_backward(grad_output, pos, input_size, channels_last):
+def _global_max_pool_backward(grad_output, pos, input_size, channels_last, *, check_pos=True):
     return _empty(input_size, grad_output, _requested_layout(input_size, channels_last))
 
 

@@ -143,7 +143,8 @@ class GlobalMaxPool(torch.autograd.Function):
 class GlobalMaxPoolBackward(torch.autograd.Function):
     @staticmethod
     def forward(grad, pos, input_shape, channels_last):
-        return ops.global_max_pool_backward.default(grad, pos, input_shape, channels_last)
+        return ops.global_max_pool_backward.default(grad, pos, input_shape, channels_last,
+                                                    check_pos=False)
 
     @staticmethod
     def setup_context(ctx, inputs, output):

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "geometry.h"
+#include "positions.h"
 
 namespace torchpool::cpu {
 
@@ -155,15 +156,9 @@ int64_t first_outside_box(const T* p, int64_t n, const BorderWindows::Box& b,
   return -1;
 }
 
-// A misplaced saved position: its flat index in the position tensor, and whether it lies outside
-// its window (not in [0, cells)) or names one of its window's cells that lie in the padding.
-struct MisplacedPosition {
-  int64_t index = -1;
-  bool outside_window = false;
-};
-
 // Finds the first (lowest flat index) saved position of a max pool's forward that names no cell
-// of its window inside the input. `planes` blocks of g.out_plane() spatial outputs of `group`
+// of its window inside the input (its value left to the caller), as misplaced_window_position
+// does with ATen ops. `planes` blocks of g.out_plane() spatial outputs of `group`
 // positions each: N * C planes of group 1 in NCHW, N planes of group C in channels-last. A pass
 // over all positions for the bounds, then one over the outputs of border windows.
 template <typename T>
@@ -181,7 +176,7 @@ MisplacedPosition find_misplaced_position(const T* p, const PoolGeometry& g, int
     const int64_t at = first_cell_outside(p + begin, end - begin, g.window_cells());
     if (at >= 0) lower(begin + at);
   });
-  if (first.load() != kNone) return {first.load(), true};
+  if (first.load() != kNone) return {first.load(), 0, true};
   const BorderWindows border(g);
   if (border.runs.empty()) return {};
   int64_t per_plane = 0;
@@ -199,7 +194,7 @@ MisplacedPosition find_misplaced_position(const T* p, const PoolGeometry& g, int
       }
     }
   });
-  return {first.load() == kNone ? -1 : first.load(), false};
+  return {first.load() == kNone ? -1 : first.load(), 0, false};
 }
 
 }  // namespace torchpool::cpu

@@ -22,6 +22,7 @@
 #include <utility>
 
 #include "common.h"
+#include "positions.h"
 
 namespace torchpool::cuda {
 
@@ -362,10 +363,16 @@ struct Hooks {
   // The global max kernels write each maximum's cell as int64, whatever the plane's size.
   static at::ScalarType global_position_dtype(int64_t) { return at::kLong; }
 
-  // The saved positions given to the max backwards are not checked here (the CPU backend checks
-  // them): reading them back would wait for the device.
-  static void check_global_positions(const char*, const at::Tensor&, int64_t) {}
-  static void check_max_positions(const char*, const at::Tensor&, const PoolGeometry&, bool) {}
+  // The saved positions given to the max backwards, checked by ATen ops on the device
+  // (positions.h): a few elementwise kernels and a read back, which waits for the device. The
+  // autograd's backward passes check_pos=False and skips them.
+  static void check_global_positions(const char* op, const at::Tensor& pos, int64_t cells) {
+    refuse_global_position(op, misplaced_global_position(pos, cells), cells);
+  }
+  static void check_max_positions(const char* op, const at::Tensor& pos, const PoolGeometry& g,
+                                  bool cl) {
+    refuse_window_position(op, misplaced_window_position(pos, g, cl), g, pos.size(1), cl);
+  }
 
   // The max pool kernels number the cells of a window with 32-bit ints.
   static void check_window(const char* op, const PoolGeometry& g) {
