@@ -24,6 +24,7 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -275,6 +276,21 @@ Tensor global_grad_input(const char* op, const Tensor& grad_output, IntArrayRef 
   return new_output<B>(input_size, grad_output.options().memory_format(fmt));
 }
 
+// Checks the saved cells given for an input of input_size (already checked): dtype `dtype` (or
+// any integer dtype where it is not given), shape (N, C); returns them contiguous.
+inline Tensor checked_global_pos(const char* op, const Tensor& pos, IntArrayRef input_size,
+                                 std::optional<at::ScalarType> dtype) {
+  const IntArrayRef nc = input_size.slice(0, 2);
+  const bool dtype_ok = dtype ? pos.scalar_type() == *dtype
+                              : at::isIntegralType(pos.scalar_type(), /*includeBool=*/false);
+  TORCH_CHECK(dtype_ok && pos.sizes() == nc, op, ": pos must be a",
+              dtype ? std::string(" ") + c10::toString(*dtype) : std::string("n integer"),
+              " tensor of shape ", detail::fmt(nc), " (the cells of planes of ",
+              plane_cells(input_size), "), got ", pos.scalar_type(), " of shape ",
+              detail::fmt(pos.sizes()));
+  return pos.contiguous();
+}
+
 template <typename B>
 Tensor global_max_pool_backward(const Tensor& grad_output, const Tensor& pos,
                                 IntArrayRef input_size, bool channels_last, bool check_pos) {
@@ -282,13 +298,9 @@ Tensor global_max_pool_backward(const Tensor& grad_output, const Tensor& pos,
   B::check_same_device(op, grad_output, "grad_output", pos, "pos");
   const typename B::Guard guard(grad_output.device());
   Tensor gin = global_grad_input<B>(op, grad_output, input_size, channels_last);
-  const auto pos_dtype = B::global_position_dtype(plane_cells(input_size));
-  TORCH_CHECK(pos.scalar_type() == pos_dtype && pos.sizes() == grad_output.sizes(), op,
-              ": pos must be a ", pos_dtype, " tensor of shape ", detail::fmt(grad_output.sizes()),
-              " (the cells of planes of ", plane_cells(input_size), "), got ", pos.scalar_type(),
-              " of shape ", detail::fmt(pos.sizes()));
+  const Tensor p = checked_global_pos(op, pos, input_size,
+                                      B::global_position_dtype(plane_cells(input_size)));
   if (gin.numel() == 0) return gin;
-  const Tensor p = pos.contiguous();
   if (check_pos) B::check_global_positions(op, p, plane_cells(input_size));
   B::global_bwd(grad_output.contiguous(), &p, gin, channels_last);
   return gin;

@@ -166,8 +166,11 @@ void check_max_positions(const at::Tensor& pos, c10::IntArrayRef input_size,
 
 void check_global_positions(const at::Tensor& pos, c10::IntArrayRef input_size) {
   const char* op = "_check_global_positions";
+  check_global_input(op, input_size);
   const int64_t cells = plane_cells(input_size);
-  refuse_global_position(op, misplaced_global_position(pos.contiguous(), cells), cells);
+  // Any integer dtype: the CPU saves the plane's narrowest, CUDA int64.
+  const at::Tensor p = ops::checked_global_pos(op, pos, input_size, std::nullopt);
+  refuse_global_position(op, misplaced_global_position(p, cells), cells);
 }
 
 }  // namespace

@@ -14,6 +14,7 @@ from conftest import (
     ROW_END_WINDOWS,
     assert_close,
     assert_layout_follows,
+    assert_tests_pass_with,
     check_backward_deterministic,
     check_layout_preserved,
     check_one_cell_output_layout,
@@ -390,9 +391,10 @@ def test_two_deep_windows(device, rng, dtype, kw, shape):
     assert_close(grad, rgrad.to(dtype), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(2, 3, 17, 17), (1, 2, 35, 35), (1, 1, 2, 8)])
 @pytest.mark.parametrize("count_include_pad", [False, True])
-def test_stride1_box_row_ends_hold_inf_and_nan(device, rng, shape, count_include_pad):
+def test_stride1_box_row_ends_hold_inf_and_nan(device, rng, dtype, shape, count_include_pad):
     """3 x 3 windows at stride 1, padding 1, whose rows' first and last cells hold +inf, -inf and NaN:
     the CPU's forward sums a plane's rows as one run of cells, so a row's last cell sees the next
     row's first until it is redone alone; its backward loads them beside the padding, masked.
@@ -403,11 +405,11 @@ def test_stride1_box_row_ends_hold_inf_and_nan(device, rng, shape, count_include
     x[..., 0] = torch.where(torch.rand(shape[:-1], generator=rng) < 0.3, float("inf"), x[..., 0])
     x[..., W - 1] = torch.where(torch.rand(shape[:-1], generator=rng) < 0.3, -float("inf"), x[..., W - 1])
     x[..., H // 2, W - 1] = float("nan")
-    x = x.to(device)
+    x = x.to(device=device, dtype=dtype)
     kw = dict(kernel_size=3, stride=1, padding=1, count_include_pad=count_include_pad)
     g = torch.randn(shape, generator=rng)
     g[..., H - 1, 0] = float("nan")
-    g = g.to(device)
+    g = g.to(device=device, dtype=dtype)
     (out, grad), (rout, rgrad) = [
         run_fwd_bwd(lambda t: f(t, **kw), x, g=g)[:2] for f in (tpf.avg_pool2d, F.avg_pool2d)
     ]
@@ -418,7 +420,33 @@ def test_stride1_box_row_ends_hold_inf_and_nan(device, rng, shape, count_include
         assert torch.equal(torch.isinf(o), torch.isinf(r)) and torch.equal(o[torch.isinf(o)], r[torch.isinf(r)])
         fin = torch.isfinite(r)
         assert bool(fin.any()) and bool((~fin).any())
-        assert_close(o[fin], r[fin], torch.float32)
+        assert_close(o[fin], r[fin], dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 3, 1, 16), (2, 3, 2, 8), (3, 2, 9, 13), (2, 4, 35, 35),
+                                   (1, 2, 45, 45), (1, 2, 46, 45)])
+@pytest.mark.parametrize("kw", [dict(count_include_pad=False), dict(), dict(divisor_override=5)])
+def test_half_stride1_3x3_forward(device, rng, dtype, shape, kw):
+    """3 x 3 windows at stride 1, padding 1, in the half types over planes of 16 to 2048 cells
+    (read as one run, widened to float, where the CPU's tuning takes that walk) and one over: the
+    forward is torch's on the float64 input, rounded to the dtype."""
+    x = make_input(shape, dtype, device, "contiguous", rng)
+    kw = dict(kernel_size=3, stride=1, padding=1, **kw)
+    with torch.no_grad():
+        out = tpf.avg_pool2d(x, **kw)
+    assert_close(out, F.avg_pool2d(x.double(), **kw).to(dtype), dtype)
+
+
+@pytest.mark.parametrize("tune", ["intel", "amd"])
+def test_cpu_tunings_stride1_3x3(device, tune):
+    """Each vendor tuning of the CPU kernels (TORCHPOOL_CPU_TUNE=intel or amd: the half types'
+    3 x 3 stride-1 forward over small planes as flat runs, or down columns) passes this file's
+    tests of that forward, whichever CPU runs them."""
+    if device != "cpu":
+        pytest.skip("the tunings are the CPU kernels'")
+    assert_tests_pass_with("test_avg_pool.py", "(half_stride1 or box_row_ends) and not tunings",
+                           TORCHPOOL_CPU_TUNE=tune)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -297,6 +297,14 @@ def test_raw_global_max_backward_checks_cells(device, spatial, bad):
     # The saved cells the forward gives pass, with or without the check, and the gradient is
     # torch's adaptive max's.
     ops._check_global_positions(pos, list(x.shape))
+    # The private check refuses what is not a tensor of cells for the input's planes.
+    shape_rule = r"_check_global_positions: pos must be an integer tensor of shape \(4, 5\) "
+    with pytest.raises(RuntimeError, match=shape_rule + rf"\(the cells of planes of {cells}\), got Float of shape \(4, 5\)"):
+        ops._check_global_positions(pos.float(), list(x.shape))
+    with pytest.raises(RuntimeError, match=shape_rule + r".*got \w+ of shape \(4, 4\)"):
+        ops._check_global_positions(pos[:, :4], list(x.shape))
+    with pytest.raises(RuntimeError, match=r"_check_global_positions: expected an input with 1 to 3 spatial dims"):
+        ops._check_global_positions(pos, [4, 5])
     grad = ops.global_max_pool_backward(g, pos, list(x.shape), False)
     assert torch.equal(grad, ops.global_max_pool_backward(g, pos, list(x.shape), False, check_pos=False))
     leaf = x.clone().requires_grad_()

@@ -58,6 +58,13 @@ struct Tuning {
   // non-temporal stores (Intel: memset wrote lines not in the cache at 15 GB/s, §114), or by one
   // memset (AMD: not measured, left as it was).
   bool half_max_zeros_stream;
+  // The 3 x 3 stride-1 average forward over small planes read as flat runs (avg_planes_flat3)
+  // prefetches the next plane as it starts each one, and takes the half types too (Intel: float
+  // 15 % faster from memory, where the hardware prefetchers left its reads waiting; the half
+  // types, widened into a buffer first, were slower from memory than box_rows_rolling without
+  // it; NOTES §121). AMD: off, its float forward read at the read ceiling without it (not
+  // measured there).
+  bool flat_avg_prefetch;
 };
 const Tuning& tuning();
 

@@ -3750,29 +3750,34 @@ void box_rows_rolling(const T* src, T* dst, int64_t planes, int64_t SH, int64_t 
 }
 
 // The forward of 3 x 3 windows at stride 1 with a padding of one (outputs the size of the input,
-// as inception's) over small float planes: box_rows_rolling walks a chunk of 8 columns down a plane
+// as inception's) over small planes: box_rows_rolling walks a chunk of 8 columns down a plane
 // of 35 rows and spends much of its time outside the sums (the edge chunks' masked loads, a last
 // chunk overlapping the one before, loads and stores split across cache lines at every row's odd
 // offset: 0.33 ns a cell in L2, one thread). Here each plane is read as one flat run of cells, its
 // rows' 3-cell sums go into a buffer in L1 (the two cells at each row's ends, whose loads reached
 // into the neighbouring rows, redone alone), then each output is the sum of its column's 3 row
 // sums, times its reciprocal: the sums of box_rows_rolling in the same order, so the same results
-// to the bit. The backward stays with box_rows_rolling: its source cells each multiplied by their
-// own reciprocal first, this walk was slower from memory (NOTES §110).
+// to the bit. The half types' plane is widened into a float buffer first; they take this walk
+// only where the tuning prefetches each next plane (Tuning::flat_avg_prefetch, NOTES §121). The
+// backward stays with box_rows_rolling: its source cells each multiplied by their own reciprocal
+// first, this walk was slower from memory (NOTES §110).
 inline bool avg_flat3_ok(const PoolGeometry& g) {
   return rolling_avg_ok(g) && g.kernel[2] == 3 && g.pad[1] == 1 && g.pad[2] == 1 &&
          g.in[1] * g.in[2] >= 16 && g.in[1] * g.in[2] <= kFlatAvgCells;
 }
 
-inline void avg_planes_flat3(const float* in, float* out, int64_t planes, int64_t H, int64_t W,
-                             const float* const* rc) {
+template <typename T>
+void avg_planes_flat3(const T* in, T* out, int64_t planes, int64_t H, int64_t W,
+                      const float* const* rc) {
   const int64_t n = H * W;
-  const bool staged = forward_streams<float>(planes * n);
+  const bool staged = forward_streams<T>(planes * n), prefetch = tuning().flat_avg_prefetch;
   at::parallel_for(0, planes, grain_for(n * 9), [&](int64_t begin, int64_t end) {
-    StagedRuns<float> st(staged, staged_whole<float>(n, kOutRunBytes));
+    StagedRuns<T> st(staged, staged_whole<T>(n, kOutRunBytes));
     const int64_t n_n = n, w_n = W, h_n = H;
-    // The reciprocals as one flat plane; the row sums with a row of zeros before and after.
+    // The reciprocals as one flat plane; the row sums with a row of zeros before and after; the
+    // half types' plane widened to float.
     PageBuffer<float> rcp(n_n), sums((h_n + 2) * w_n);
+    PageBuffer<float> wide = std::is_same_v<T, float> ? PageBuffer<float>() : PageBuffer<float>(n_n);
     float* const r = rcp.get();
     for (int64_t y = 0; y < h_n; ++y) std::copy(rc[y], rc[y] + w_n, r + y * w_n);
     float* const hb = sums.get();
@@ -3785,7 +3790,22 @@ inline void avg_planes_flat3(const float* in, float* out, int64_t planes, int64_
     const __m256i up = _mm256_setr_epi32(7, 0, 1, 2, 3, 4, 5, 6), down = _mm256_setr_epi32(1, 2, 3, 4, 5, 6, 7, 0);
     const __m256 zero = _mm256_setzero_ps();
     for (int64_t p = begin; p < end; ++p) {
-      const float* const s = in + p * n_n;
+      if (prefetch && p + 1 < end) {
+        const char* next = reinterpret_cast<const char*>(in + (p + 1) * n_n);
+        for (int64_t b = 0; b < n_n * static_cast<int64_t>(sizeof(T)); b += 64) {
+          _mm_prefetch(next + b, _MM_HINT_T0);
+        }
+      }
+      const float* s;
+      if constexpr (std::is_same_v<T, float>) {
+        s = in + p * n_n;
+      } else {
+        for (int64_t j = 0; j < n_n; j += 8) {
+          const int64_t at = std::min(j, last);
+          _mm256_storeu_ps(wide.get() + at, loadf(in + p * n_n + at));
+        }
+        s = wide.get();
+      }
       // Row sums: cells i - 1 and i + 1 taken across row ends.
       auto row3 = [&](int64_t at, __m256 left, __m256 right) __attribute__((always_inline)) {
         _mm256_storeu_ps(h + at, _mm256_add_ps(_mm256_add_ps(left, _mm256_loadu_ps(s + at)), right));
@@ -3800,12 +3820,12 @@ inline void avg_planes_flat3(const float* in, float* out, int64_t planes, int64_
         h[y] = (0.f + s[y]) + s[y + 1];
         h[y + w_n - 1] = (s[y + w_n - 2] + s[y + w_n - 1]) + 0.f;
       }
-      float* const d = st.at(out + p * n_n, n_n);
+      T* const d = st.at(out + p * n_n, n_n);
       for (int64_t j = 0; j < n_n; j += 8) {
         const int64_t at = std::min(j, last);
         const __m256 v = _mm256_add_ps(
             _mm256_add_ps(_mm256_loadu_ps(hb + at), _mm256_loadu_ps(h + at)), _mm256_loadu_ps(h + w_n + at));
-        _mm256_storeu_ps(d + at, _mm256_mul_ps(v, _mm256_loadu_ps(r + at)));
+        storef(d + at, _mm256_mul_ps(v, _mm256_loadu_ps(r + at)));
       }
     }
   });
@@ -3816,8 +3836,8 @@ void avg_rows_rolling(const T* in, T* out, const PoolGeometry& g, int64_t planes
                       bool count_include_pad, int64_t divisor_override) {
   const AvgTables t(g, false, count_include_pad, divisor_override);
   const RowReciprocals rr(g, t);
-  if constexpr (std::is_same_v<T, float>) {
-    if (avg_flat3_ok(g)) return avg_planes_flat3(in, out, planes, g.in[1], g.in[2], rr.row.data());
+  if (avg_flat3_ok(g) && (std::is_same_v<T, float> || tuning().flat_avg_prefetch)) {
+    return avg_planes_flat3(in, out, planes, g.in[1], g.in[2], rr.row.data());
   }
   box_rows_rolling<K, false>(in, out, planes, g.in[1], g.in[2], g.out[1], g.out[2], -g.pad[1],
                              -g.pad[2], rr.row.data());

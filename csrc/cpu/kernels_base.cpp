@@ -63,8 +63,8 @@ bool avx512_parts() {
 }
 
 const Tuning& tuning() {
-  static const Tuning intel{"intel", true, true, true, false, true},
-      amd{"amd", false, false, false, true, false};
+  static const Tuning intel{"intel", true, true, true, false, true, true},
+      amd{"amd", false, false, false, true, false, false};
   static const Tuning& chosen = [&]() -> const Tuning& {
     const char* force = std::getenv("TORCHPOOL_CPU_TUNE");
     if (force && std::strcmp(force, "intel") == 0) return intel;

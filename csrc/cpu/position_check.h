@@ -156,11 +156,11 @@ int64_t first_outside_box(const T* p, int64_t n, const BorderWindows::Box& b,
   return -1;
 }
 
-// Finds the first (lowest flat index) saved position of a max pool's forward that names no cell
-// of its window inside the input (its value left to the caller), as misplaced_window_position
-// does with ATen ops. `planes` blocks of g.out_plane() spatial outputs of `group`
-// positions each: N * C planes of group 1 in NCHW, N planes of group C in channels-last. A pass
-// over all positions for the bounds, then one over the outputs of border windows.
+// Finds the first (lowest flat index) saved position of a max pool's forward that names no cell of
+// its window inside the input (its value left to the caller), as misplaced_window_position does
+// with ATen ops. `planes` blocks of g.out_plane() spatial outputs of `group` positions each: N * C
+// planes of group 1 in NCHW, N planes of group C in channels-last. A pass over all positions for
+// the bounds, then one over the outputs of border windows.
 template <typename T>
 MisplacedPosition find_misplaced_position(const T* p, const PoolGeometry& g, int64_t planes,
                                           int64_t group) {
