@@ -105,13 +105,22 @@ def test_large_global_gradient(case, kind):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_large_half_global_average_gradient(dtype):
-    """Half-type global averages from 8 MiB with planes too long to stage: filled by non-temporal
-    stores (lines cut at both ends of every plane), into memory that held another gradient's
-    nonzeros just before, against torch's adaptive average in float64."""
-    shape = (4, 48, 211, 223)
+@pytest.mark.parametrize("shape, layout", [
+    ((4, 48, 211, 223), "contiguous"),  # planes too long to stage
+    ((64, 2048, 7, 7), "contiguous"),   # planes of 49 cells: two planes in some vectors
+    ((5, 65536, 4, 4), "contiguous"),   # planes of one vector's 16 cells
+    ((3, 100003, 1, 17), "contiguous"),  # 17 cells: planes and tasks cut across lines
+    ((2, 300000, 3, 5), "contiguous"),  # 15 cells: under a vector, written plane by plane
+    ((64, 2048, 7, 7), "channels_last"),  # rows of whole lines
+    ((5, 40, 211, 211), "channels_last"),  # rows of 40 cells: not whole lines
+])
+def test_large_half_global_average_gradient(dtype, shape, layout):
+    """Half-type global averages from 8 MiB: NCHW planes of 16 cells or more, and channels-last
+    rows of whole lines, written by non-temporal stores (lines cut at both ends of every range),
+    the others as before, into memory that held another gradient's nonzeros just before, against
+    torch's adaptive average in float64."""
     gen = torch.Generator().manual_seed(211)
-    x = make_input(shape, dtype, gen=gen)
+    x = to_layout(make_input(shape, dtype, gen=gen), layout)
     assert x.numel() * x.element_size() >= 8 * MIB
     cells = shape[2] * shape[3]
     for _ in range(2):
@@ -123,6 +132,7 @@ def test_large_half_global_average_gradient(dtype):
                                        x.double(), g.double())
         assert_close(y, y_ref.to(dtype), dtype)
         assert_close(gx, gx_ref.to(dtype), dtype)
+        assert gx.stride() == x.stride()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

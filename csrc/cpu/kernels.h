@@ -5121,6 +5121,12 @@ inline bool fills_stream(int64_t elems, int64_t plane) {
   return kFusedType<T> && !std::is_same_v<T, float> && plane > StagedRuns<T>::kCap &&
          elems * static_cast<int64_t>(sizeof(T)) >= kStreamBytes / 4;
 }
+// The half types' average gradients stream from 8 MiB of result, as fills_stream: NCHW planes of
+// 16 cells or more, channels-last rows of whole lines, written as float's (NOTES §122).
+template <typename T>
+inline bool half_means_stream(int64_t elems) {
+  return elems * static_cast<int64_t>(sizeof(T)) >= kStreamBytes / 4;
+}
 template <typename T>
 using Staged = StagedRuns<T>;
 #else
@@ -5190,19 +5196,29 @@ inline void fill_out(T* dst, int64_t n, T v, bool stream) {
 }
 
 #if defined(TORCHPOOL_AVX2)
-// The float average's large NCHW gradient, planes begin .. end of P >= 8 cells: plane r is
-// gout[r] / P throughout. Written straight out, whole lines by non-temporal stores (the partial
-// lines at the range's ends by ordinary ones), each vector of 8 cells built in registers: at
-// most two planes meet in it, blended where one ends. Staged instead, short planes cost a fill
-// and a copy each, and the copy's loads wait on the fill's stores (NOTES §93).
-inline void stream_plane_means(float* gin, const float* gout, int64_t begin, int64_t end,
-                               int64_t P) {
-  float* const d = gin + begin * P;
+// The average's large NCHW gradient, planes begin .. end of P cells, P at least a vector's
+// (8 floats, 16 of the half types): plane r is gout[r] / P throughout (the half types: the float
+// quotient rounded). Written straight out, whole lines by non-temporal stores (the partial lines
+// at the range's ends by ordinary ones), each vector built in registers: at most two planes meet
+// in it, blended where one ends. Staged instead, short planes cost a fill and a copy each, and
+// the copy's loads wait on the fill's stores (NOTES §93).
+template <typename T>
+void stream_plane_means(T* gin, const T* gout, int64_t begin, int64_t end, int64_t P) {
+  constexpr int64_t kVec = 32 / sizeof(T);
+  T* const d = gin + begin * P;
   const int64_t n = (end - begin) * P;
   const float count = static_cast<float>(P);
-  auto mean = [&](int64_t r) { return r < end ? gout[r] / count : 0.0f; };
+  auto mean = [&](int64_t r) { return static_cast<T>(r < end ? static_cast<float>(gout[r]) / count : 0.0f); };
+  // v in every lane of a vector.
+  auto splat = [](T v) {
+    if constexpr (sizeof(T) == 2) {
+      return _mm256_set1_epi16(static_cast<int16_t>(v.x));
+    } else {
+      return _mm256_castps_si256(_mm256_set1_ps(v));
+    }
+  };
   int64_t r = begin, next = P;  // the plane of the cells being written; where the next starts
-  float v = mean(r);
+  T v = mean(r);
   auto scalar_to = [&](int64_t i, int64_t stop) {
     for (; i < stop; ++i) {
       if (i == next) {
@@ -5213,23 +5229,28 @@ inline void stream_plane_means(float* gin, const float* gout, int64_t begin, int
     }
   };
   const int64_t head =
-      std::min<int64_t>(n, (64 - reinterpret_cast<uintptr_t>(d) % 64) % 64 / sizeof(float));
+      std::min<int64_t>(n, (64 - reinterpret_cast<uintptr_t>(d) % 64) % 64 / sizeof(T));
   scalar_to(0, head);
-  const int64_t body_end = head + (n - head) / 16 * 16;
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  __m256 cur = _mm256_set1_ps(v), after = _mm256_set1_ps(mean(r + 1));
-  for (int64_t i = head; i < body_end; i += 8) {
-    // next >= i: a plane of 8 cells or more ends in a vector at most once.
-    __m256 x = cur;
-    if (next < i + 8) {
-      const __m256i from = _mm256_set1_epi32(static_cast<int32_t>(next - i - 1));
-      x = _mm256_blendv_ps(cur, after, _mm256_castsi256_ps(_mm256_cmpgt_epi32(lane, from)));
+  const int64_t body_end = head + (n - head) / (2 * kVec) * (2 * kVec);
+  const __m256i lane = sizeof(T) == 2
+      ? _mm256_setr_epi16(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
+      : _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  __m256i cur = splat(v), after = splat(mean(r + 1));
+  for (int64_t i = head; i < body_end; i += kVec) {
+    // next >= i: a plane of a vector's cells or more ends in a vector at most once.
+    __m256i x = cur;
+    if (next < i + kVec) {
+      const int32_t last = static_cast<int32_t>(next - i - 1);  // the ending plane's last lane
+      const __m256i later = sizeof(T) == 2
+          ? _mm256_cmpgt_epi16(lane, _mm256_set1_epi16(static_cast<int16_t>(last)))
+          : _mm256_cmpgt_epi32(lane, _mm256_set1_epi32(last));
+      x = _mm256_blendv_epi8(cur, after, later);
       ++r;
       next += P;
       cur = after;
-      after = _mm256_set1_ps(mean(r + 1));
+      after = splat(mean(r + 1));
     }
-    _mm256_stream_ps(d + i, x);
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i), x);
   }
   v = mean(r);
   scalar_to(body_end, n);
@@ -5262,9 +5283,9 @@ void global_bwd(const scalar_t* gout, const pos_t* pos, scalar_t* gin, int64_t N
     // long to stage, filled by non-temporal stores: on the Xeon VM, writing lines not in the cache
     // by ordinary stores ran at a third of that speed (NOTES §74). Otherwise one memset, whose
     // string stores write whole lines without reading them first: on the EPYC VM about twice the
-    // speed of vector stores, and of one memset per short plane (§47). The half types stream
-    // only the fills of planes too long to stage (fills_stream): the averages' (§77), and where
-    // the tuning says (Intel), the max's zeros (§114).
+    // speed of vector stores, and of one memset per short plane (§47). The half types stage
+    // nothing: their averages write large results as float's do, straight out (§77, §122), and
+    // where the tuning says (Intel), the max's zeros of planes too long to stage stream (§114).
     const bool stream =
         streams_out<scalar_t>(rows * run) ||
         (!cl && fills_stream<scalar_t>(rows * run, run) && (!kMax || tuning().half_max_zeros_stream));
@@ -5273,19 +5294,24 @@ void global_bwd(const scalar_t* gout, const pos_t* pos, scalar_t* gin, int64_t N
     // lines just streamed out, the gradients each read their line back from memory first.
     const bool stage_max = kMax && !cl && stream && run <= Staged<scalar_t>::kCap;
 #if defined(TORCHPOOL_AVX2)
-    if constexpr (!kMax && std::is_same_v<scalar_t, float>) {
-      if (stream && !cl && run >= 8) {
+    if constexpr (!kMax && kFusedType<scalar_t>) {
+      // The averages' large results: float's where streams_out says, the half types' where
+      // half_means_stream does (NOTES §122).
+      const bool means_stream = kHalf ? half_means_stream<scalar_t>(rows * run) : stream;
+      if (means_stream && !cl && run >= 32 / static_cast<int64_t>(sizeof(scalar_t))) {
         stream_plane_means(gin, gout, begin, end, run);
         return;
       }
-      if (stream && cl && C % StagedRuns<float>::kLineCells == 0) {
+      if (means_stream && cl && C % StagedRuns<scalar_t>::kLineCells == 0) {
         // Channels-last rows of whole lines: each sample's C means worked out once, then copied
         // straight out to each of its cells (NOTES §93).
         for (int64_t r = begin; r < end; ++r) {
           if (r / P != scaled_n) {
             scaled_n = r / P;
-            const float* g = gout + scaled_n * C;
-            for (int64_t c = 0; c < C; ++c) scaled[c] = g[c] / static_cast<float>(P);
+            const scalar_t* g = gout + scaled_n * C;
+            for (int64_t c = 0; c < C; ++c) {
+              scaled[c] = static_cast<scalar_t>(static_cast<float>(g[c]) / static_cast<float>(P));
+            }
           }
           stream_copy(gin + r * C, scaled.data(), C);
         }
