@@ -3777,7 +3777,8 @@ void avg_planes_flat3(const T* in, T* out, int64_t planes, int64_t H, int64_t W,
     // The reciprocals as one flat plane; the row sums with a row of zeros before and after; the
     // half types' plane widened to float.
     PageBuffer<float> rcp(n_n), sums((h_n + 2) * w_n);
-    PageBuffer<float> wide = std::is_same_v<T, float> ? PageBuffer<float>() : PageBuffer<float>(n_n);
+    PageBuffer<float> wide =
+        std::is_same_v<T, float> ? PageBuffer<float>() : PageBuffer<float>(n_n);
     float* const r = rcp.get();
     for (int64_t y = 0; y < h_n; ++y) std::copy(rc[y], rc[y] + w_n, r + y * w_n);
     float* const hb = sums.get();
@@ -5208,7 +5209,9 @@ void stream_plane_means(T* gin, const T* gout, int64_t begin, int64_t end, int64
   T* const d = gin + begin * P;
   const int64_t n = (end - begin) * P;
   const float count = static_cast<float>(P);
-  auto mean = [&](int64_t r) { return static_cast<T>(r < end ? static_cast<float>(gout[r]) / count : 0.0f); };
+  auto mean = [&](int64_t r) {
+    return static_cast<T>(r < end ? static_cast<float>(gout[r]) / count : 0.0f);
+  };
   // v in every lane of a vector.
   auto splat = [](T v) {
     if constexpr (sizeof(T) == 2) {
